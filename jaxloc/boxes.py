@@ -1,0 +1,106 @@
+"""THE box convention of jaxloc, conversions between box formats, and IoU.
+
+Convention (used by every module): a box is 4 numbers `(xmin, ymin, xmax, ymax)`
+normalised by the canvas size, so a box inside the canvas lies in [0, 1]. `x`
+runs along image columns (width), `y` along rows (height). By default the box is
+the seed's *patch box*: the full 28x28 square that was pasted, i.e. for a digit
+pasted with its top-left pixel at column `xmin_px`, row `ymin_px`:
+
+    box = (xmin_px, ymin_px, xmin_px + 28, ymin_px + 28) / canvas_size
+
+so `xmax` is exclusive in pixel terms (pixel columns xmin_px .. xmin_px+27 are
+covered). Other formats exist only at the edges (plots, COCO JSON) and are
+reached through the explicit functions below, each with a round-trip test.
+
+Shape letters: B batch, K object slots, N boxes.
+"""
+
+import jax
+import jax.numpy as jnp
+
+# Index of each coordinate in the last axis of a box array.
+XMIN, YMIN, XMAX, YMAX = 0, 1, 2, 3
+
+
+def patch_box(xmin_px: jax.Array, ymin_px: jax.Array, size_px, canvas_size: int) -> jax.Array:
+  """Normalised xyxy box of a `size_px` square pasted at pixel offset (xmin_px, ymin_px)."""
+  xmin = jnp.asarray(xmin_px, jnp.float32)
+  ymin = jnp.asarray(ymin_px, jnp.float32)
+  size = jnp.asarray(size_px, jnp.float32)
+  return jnp.stack([xmin, ymin, xmin + size, ymin + size], axis=-1) / canvas_size
+
+
+def area(box_Nx4: jax.Array) -> jax.Array:
+  """Area of xyxy boxes (zero for degenerate boxes)."""
+  w = jnp.maximum(box_Nx4[..., XMAX] - box_Nx4[..., XMIN], 0.0)
+  h = jnp.maximum(box_Nx4[..., YMAX] - box_Nx4[..., YMIN], 0.0)
+  return w * h
+
+
+def iou(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Elementwise intersection over union of xyxy boxes `a[..., 4]` and `b[..., 4]`.
+
+  `a` and `b` must have the same shape (no silent broadcasting). Predicted boxes
+  with xmax < xmin count as empty. Two empty boxes have IoU 0.
+  """
+  if a.shape != b.shape:
+    raise ValueError(f"iou needs boxes of one shape, got {a.shape} and {b.shape}")
+  ix = jnp.maximum(
+    jnp.minimum(a[..., XMAX], b[..., XMAX]) - jnp.maximum(a[..., XMIN], b[..., XMIN]), 0.0
+  )
+  iy = jnp.maximum(
+    jnp.minimum(a[..., YMAX], b[..., YMAX]) - jnp.maximum(a[..., YMIN], b[..., YMIN]), 0.0
+  )
+  inter = ix * iy
+  union = area(a) + area(b) - inter
+  return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+
+
+def pairwise_iou(a_Nx4: jax.Array, b_Mx4: jax.Array) -> jax.Array:
+  """IoU of every box in `a` [..., N, 4] with every box in `b` [..., M, 4] -> [..., N, M]."""
+  n, m = a_Nx4.shape[-2], b_Mx4.shape[-2]
+  a = jnp.repeat(a_Nx4[..., :, None, :], m, axis=-2)
+  b = jnp.repeat(b_Mx4[..., None, :, :], n, axis=-3)
+  return iou(a, b)
+
+
+def xyxy_to_xywh(box: jax.Array) -> jax.Array:
+  """(xmin, ymin, xmax, ymax) -> (xmin, ymin, width, height); the COCO format."""
+  return jnp.concatenate([box[..., :2], box[..., 2:] - box[..., :2]], axis=-1)
+
+
+def xywh_to_xyxy(box: jax.Array) -> jax.Array:
+  """(xmin, ymin, width, height) -> (xmin, ymin, xmax, ymax)."""
+  return jnp.concatenate([box[..., :2], box[..., :2] + box[..., 2:]], axis=-1)
+
+
+def xyxy_to_cxcywh(box: jax.Array) -> jax.Array:
+  """(xmin, ymin, xmax, ymax) -> (centre x, centre y, width, height)."""
+  return jnp.concatenate([(box[..., :2] + box[..., 2:]) / 2, box[..., 2:] - box[..., :2]], axis=-1)
+
+
+def cxcywh_to_xyxy(box: jax.Array) -> jax.Array:
+  """(centre x, centre y, width, height) -> (xmin, ymin, xmax, ymax)."""
+  return jnp.concatenate(
+    [box[..., :2] - box[..., 2:] / 2, box[..., :2] + box[..., 2:] / 2], axis=-1
+  )
+
+
+def xyxy_to_yxyx(box: jax.Array) -> jax.Array:
+  """(xmin, ymin, xmax, ymax) -> (ymin, xmin, ymax, xmax); the TF image-ops order."""
+  return box[..., jnp.array([1, 0, 3, 2])]
+
+
+def yxyx_to_xyxy(box: jax.Array) -> jax.Array:
+  """(ymin, xmin, ymax, xmax) -> (xmin, ymin, xmax, ymax)."""
+  return box[..., jnp.array([1, 0, 3, 2])]
+
+
+def to_pixels(box: jax.Array, canvas_size: int) -> jax.Array:
+  """Normalised xyxy -> pixel xyxy on a square canvas of side `canvas_size`."""
+  return box * canvas_size
+
+
+def from_pixels(box_px: jax.Array, canvas_size: int) -> jax.Array:
+  """Pixel xyxy on a square canvas -> normalised xyxy."""
+  return jnp.asarray(box_px, jnp.float32) / canvas_size

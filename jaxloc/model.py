@@ -1,0 +1,74 @@
+"""The seed's backbone (three conv + average-pool stages, one dense layer) and its heads.
+
+    image [B,75,75,1] -> Conv(16,3x3,VALID,relu) -> AvgPool(2) -> Conv(32) -> AvgPool
+      -> Conv(64) -> AvgPool -> Flatten [B,3136] -> Dense(128,relu)
+      -> class head Dense(10) (logits) and box head Dense(4) (normalised xyxy, linear)
+
+426,638 parameters at 75x75x1, exactly as the Keras model summary.
+
+`Conv3x3` has the parameters of `flax.linen.Conv(features, (3, 3), padding="VALID")`
+(`kernel` [3,3,Cin,Cout], `bias` [Cout]) but computes the convolution as one
+matrix product over 3x3 patches. XLA:CPU runs that, and the matrix products of
+its gradient, several times faster than its native convolution; the tests check
+that outputs and gradients match `jax.lax.conv_general_dilated`.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def avg_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
+  """2x2 average pool, stride 2, VALID (an odd last row/column is dropped, as in Keras)."""
+  b, h, w, c = x_BxHxWxC.shape
+  x = x_BxHxWxC[:, : h // 2 * 2, : w // 2 * 2]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+class Conv3x3(nn.Module):
+  """3x3 VALID convolution, stride 1, as a patches x kernel matrix product."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    b, h, w, c = x_BxHxWxC.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    ho, wo = h - 2, w - 2  # VALID padding: 75 -> 73, as in the reference model summary
+    rows = np.arange(ho)[:, None] + np.arange(3)[None, :]  # [Ho, 3]
+    cols = np.arange(wo)[:, None] + np.arange(3)[None, :]  # [Wo, 3]
+    # One gather builds all 3x3 patches: [B, Ho, Wo, 3, 3, C] (cheaper than 9 slices + concat).
+    patches = x_BxHxWxC[:, rows[:, None, :, None], cols[None, :, None, :]]
+    y = patches.reshape(b * ho * wo, 9 * c) @ kernel.reshape(9 * c, self.features)
+    return (y + bias[None, :]).reshape(b, ho, wo, self.features)
+
+
+class Localizer(nn.Module):
+  """Seed backbone + class head + box head. Returns {'logits': [B,C], 'box': [B,4]}."""
+
+  num_classes: int = 10
+  conv_features: Sequence[int] = (16, 32, 64)
+  dense_features: int = 128
+
+  @nn.compact
+  def __call__(self, image_BxHxWx1: jax.Array) -> dict[str, jax.Array]:
+    x = image_BxHxWx1
+    for features in self.conv_features:
+      x = avg_pool_2x2(nn.relu(Conv3x3(features)(x)))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(self.dense_features)(x))
+    logits = nn.Dense(self.num_classes, name="class_head")(x)
+    box = nn.Dense(4, name="box_head")(x)
+    return {"logits": logits, "box": box}
+
+
+def num_params(params) -> int:
+  return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+
+
+def init_params(key: jax.Array, model: nn.Module, canvas_size: int):
+  return model.init(key, jnp.zeros((1, canvas_size, canvas_size, 1), jnp.float32))["params"]

@@ -1,0 +1,81 @@
+"""Figures of a run: loss curves (as in the seed's figure) and boxes on validation canvases.
+
+Matplotlib is used with the Agg backend; figures are written atomically.
+"""
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxloc import workdir  # noqa: E402
+from jaxloc.metrics import IOU_THRESHOLD  # noqa: E402
+
+
+def _save(fig, path: str) -> None:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+  plt.close(fig)
+  workdir.write_bytes_atomic(path, buf.getvalue())
+
+
+def plot_curves(history: list[dict], path: str) -> None:
+  """Train and validation class / box loss per epoch from the evaluation records."""
+  epochs = [r["epoch"] for r in history]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for ax, part in zip(axes, ("class_loss", "box_loss"), strict=True):
+    ax.plot(epochs, [r[f"train/{part}"] for r in history], "o-", label="train")
+    ax.plot(epochs, [r[f"val/{part}"] for r in history], "o-", label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_title(part.replace("_", " "))
+    ax.legend()
+  _save(fig, path)
+
+
+def _rect(ax, box_px, color):
+  x0, y0, x1, y1 = box_px
+  ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec=color, lw=1.5))
+
+
+def plot_predictions(
+  image_NxHxW: np.ndarray,
+  true_box_Nx4: np.ndarray,
+  pred_box_Nx4: np.ndarray,
+  pred_label_N: np.ndarray,
+  iou_N: np.ndarray,
+  path: str,
+  *,
+  true_label_N: np.ndarray | None = None,
+  cols: int = 8,
+) -> None:
+  """Grid of canvases: true box green, predicted box red, predicted digit and IoU below.
+
+  The IoU is written in red when below the seed's 0.6 threshold.
+  """
+  n, size = image_NxHxW.shape[0], image_NxHxW.shape[1]
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for i, ax in enumerate(axes.flat[:n]):
+    ax.imshow(image_NxHxW[i], cmap="gray", vmin=0, vmax=1)
+    _rect(ax, true_box_Nx4[i] * size, "lime")
+    _rect(ax, pred_box_Nx4[i] * size, "red")
+    label = f"pred {int(pred_label_N[i])}"
+    if true_label_N is not None and int(true_label_N[i]) != int(pred_label_N[i]):
+      label += f" (true {int(true_label_N[i])})"
+    ax.set_title(label, fontsize=8, y=-0.22)
+    low = iou_N[i] < IOU_THRESHOLD
+    ax.text(
+      0.02,
+      0.98,
+      f"IoU {iou_N[i]:.2f}",
+      transform=ax.transAxes,
+      va="top",
+      fontsize=7,
+      color="red" if low else "white",
+    )
+  _save(fig, path)
