@@ -157,7 +157,8 @@ def prepare_workdir(path: str) -> None:
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
-    raise UserError(f"cannot create workdir {path!r}: {e.strerror}; choose another --workdir")
+    msg = f"cannot create workdir {path!r}: {e.strerror}; choose another --workdir"
+    raise UserError(msg) from None
   if not os.access(path, os.W_OK):
     raise UserError(f"workdir {path!r} is not writable; choose another --workdir")
   if os.path.exists(os.path.join(path, workdir.METRICS)):
