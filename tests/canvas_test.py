@@ -1,0 +1,80 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxloc import canvas
+from jaxloc.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def digits():
+  rng = np.random.default_rng(0)
+  d = rng.integers(0, 256, (50, 28, 28)).astype(np.uint8)
+  d[:, :3] = 0  # some zero rows, like real digits
+  return jnp.asarray(d), jnp.asarray(rng.integers(0, 10, 50), jnp.int32)
+
+
+def test_shapes_dtypes_range(digits):
+  b = canvas.sample_batch(jax.random.key(0), *digits, batch_size=16, canvas_size=75)
+  assert b["image"].shape == (16, 75, 75, 1) and b["image"].dtype == jnp.float32
+  assert b["label"].shape == (16,) and b["label"].dtype == jnp.int32
+  assert b["box"].shape == (16, 4) and b["box"].dtype == jnp.float32
+  assert float(b["image"].min()) >= 0.0 and float(b["image"].max()) <= 1.0
+
+
+def test_same_key_same_batch_different_key_different_batch(digits):
+  a = canvas.sample_batch(jax.random.key(1), *digits, batch_size=8)
+  b = canvas.sample_batch(jax.random.key(1), *digits, batch_size=8)
+  c = canvas.sample_batch(jax.random.key(2), *digits, batch_size=8)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  assert not np.array_equal(a["image"], c["image"])
+  assert not np.array_equal(a["box"], c["box"])
+
+
+def test_patch_at_box_equals_digit_and_ink_inside(digits):
+  d, y = digits
+  idx = jnp.arange(20) % 50
+  xy = canvas.sample_offsets(jax.random.key(3), 20, 75)
+  b = canvas.render(d[idx], y[idx], xy, canvas_size=75)
+  for i in range(20):
+    x0, y0, x1, y1 = np.rint(np.asarray(b["box"][i]) * 75).astype(int)
+    assert (x1 - x0, y1 - y0) == (28, 28)
+    image = np.asarray(b["image"][i, :, :, 0])
+    # The patch at the box is the digit: every pixel maps back to its uint8 value.
+    np.testing.assert_allclose(image[y0:y1, x0:x1] * 255, np.asarray(d[idx[i]]), atol=1e-4)
+    outside = image.copy()
+    outside[y0:y1, x0:x1] = 0
+    assert not outside.any(), "ink outside the box"
+
+
+def test_offsets_cover_full_range():
+  xy = np.asarray(canvas.sample_offsets(jax.random.key(0), 20000, 75))
+  assert xy.min() == 0 and xy.max() == 75 - 28
+  assert set(np.unique(xy[:, 0])) == set(range(48)) == set(np.unique(xy[:, 1]))
+
+
+def test_canvas_equal_to_digit_size(digits):
+  b = canvas.sample_batch(jax.random.key(0), *digits, batch_size=4, canvas_size=28)
+  np.testing.assert_allclose(b["box"], np.tile([0, 0, 1, 1], (4, 1)))
+
+
+def test_canvas_smaller_than_digit_is_rejected():
+  with pytest.raises(UserError, match="smaller than a 28x28 digit"):
+    canvas.check_canvas_size(20)
+
+
+def test_scaled_paste_stays_in_its_square():
+  digit = jnp.full((1, 1, 28, 28), 255, jnp.uint8)
+  image = canvas.paste(
+    digit, jnp.array([[[5, 7]]]), jnp.array([[14]]), jnp.array([[True]]), canvas_size=40
+  )[0, :, :, 0]
+  ink = np.argwhere(np.asarray(image) > 0)
+  assert ink.min(0).tolist() == [7, 5] and ink.max(0).tolist() == [20, 18]
+
+
+def test_validation_offsets_are_fixed():
+  a = canvas.validation_offsets(jax.random.key(0), 100, 75)
+  b = canvas.validation_offsets(jax.random.key(0), 100, 75)
+  np.testing.assert_array_equal(a, b)

@@ -1,0 +1,45 @@
+"""Shared test set-up: loud rank promotion, and a small MNIST directory for every test."""
+
+import gzip
+import os
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def write_idx(path: str, array: np.ndarray, *, magic: int | None = None, gz: bool = True) -> None:
+  """Writes a uint8 IDX file (gzip when `gz`), as the MNIST distribution does."""
+  if magic is None:
+    magic = 0x00000800 | array.ndim
+  data = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+  data += array.astype(np.uint8).tobytes()
+  opener = gzip.open if gz else open
+  with opener(path, "wb") as f:
+    f.write(data)
+
+
+def fake_mnist(directory: str, n_train: int = 60, n_test: int = 40, seed: int = 0) -> str:
+  """Digit-like IDX files: a bright blob per image whose position encodes nothing."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  for prefix, n in (("train", n_train), ("t10k", n_test)):
+    images = np.zeros((n, 28, 28), np.uint8)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    for i, label in enumerate(labels):
+      images[i, 4 + label : 20 + label // 2, 6:22] = rng.integers(100, 256)
+    write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"), images)
+    write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), labels)
+  return directory
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> str:
+  """Real MNIST when JAXLOC_MNIST_DIR is set (CI: ../shared/data/mnist), else small fakes."""
+  env = os.environ.get("JAXLOC_MNIST_DIR")
+  if env and os.path.isdir(env):
+    return env
+  return fake_mnist(str(tmp_path_factory.mktemp("mnist")))

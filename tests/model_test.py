@@ -1,0 +1,60 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxloc import model
+
+
+def test_parameter_count_matches_keras_summary():
+  params = model.init_params(jax.random.key(0), model.Localizer(), 75)
+  assert model.num_params(params) == 426_638
+  shapes = jax.tree_util.tree_map(lambda p: p.shape, params)
+  assert shapes["Dense_0"]["kernel"] == (3136, 128)
+  assert shapes["class_head"]["kernel"] == (128, 10)
+  assert shapes["box_head"]["kernel"] == (128, 4)
+
+
+def test_output_shapes():
+  net = model.Localizer()
+  params = model.init_params(jax.random.key(0), net, 75)
+  out = net.apply({"params": params}, jnp.zeros((3, 75, 75, 1)))
+  assert out["logits"].shape == (3, 10) and out["box"].shape == (3, 4)
+
+
+def _reference_conv(x, kernel, bias):
+  y = jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    (1, 1),
+    "VALID",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=jax.lax.Precision.HIGHEST,
+  )
+  return y + bias[None, None, None, :]
+
+
+def test_conv3x3_matches_lax_conv_and_its_gradient():
+  key_x, key_p = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(key_x, (2, 11, 9, 3))
+  conv = model.Conv3x3(5)
+  params = conv.init(key_p, x)["params"]
+  ref = nn.Conv(5, (3, 3), padding="VALID")
+  ref_params = ref.init(key_p, x)["params"]
+  assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(jnp.shape, ref_params)
+  ours = lambda p, x: conv.apply({"params": p}, x)
+  theirs = lambda p, x: _reference_conv(x, p["kernel"], p["bias"])
+  np.testing.assert_allclose(ours(params, x), theirs(params, x), rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(jax.random.key(2), (2, 9, 7, 5))
+  loss = lambda f: lambda p, x: jnp.sum(f(p, x) * g)
+  ours_g = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+  theirs_g = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree_util.tree_leaves(ours_g), jax.tree_util.tree_leaves(theirs_g)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_avg_pool_drops_odd_edge():
+  x = jnp.arange(25, dtype=jnp.float32).reshape(1, 5, 5, 1)
+  y = model.avg_pool_2x2(x)
+  assert y.shape == (1, 2, 2, 1)
+  np.testing.assert_allclose(y[0, :, :, 0], [[3, 5], [13, 15]])

@@ -1,0 +1,174 @@
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import digit
+from jaxloc import canvas, train, workdir
+from jaxloc.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(mnist_dir, **overrides):
+  config = digit.get_config()
+  config.mnist_dir = mnist_dir
+  config.epochs = 2
+  config.steps_per_epoch = 3
+  config.batch_size = 8
+  config.num_val = 40
+  config.eval_batch_size = 16
+  config.log_every = 2
+  config.num_plot = 4
+  config.update(overrides)
+  return config
+
+
+def _digits(n=32):
+  rng = np.random.default_rng(0)
+  return (
+    jax.numpy.asarray(rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)),
+    jax.numpy.asarray(rng.integers(0, 10, n), jax.numpy.int32),
+  )
+
+
+def test_loss_falls_when_overfitting_one_batch():
+  config = digit.get_config()
+  state = train.create_train_state(jax.random.key(0), config)
+  batch = canvas.sample_batch(jax.random.key(1), *_digits(), batch_size=8)
+  step = jax.jit(train.train_step)
+  losses = []
+  for _ in range(40):
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+  assert losses[-1] < 0.2 * losses[0], losses
+
+
+def test_train_step_traces_once():
+  config = digit.get_config()
+  state = train.create_train_state(jax.random.key(0), config)
+  traces = []
+
+  def counted(state, batch):
+    traces.append(1)
+    return train.train_step(state, batch)
+
+  step = jax.jit(counted, donate_argnums=0)
+  for i in range(3):
+    batch = canvas.sample_batch(jax.random.key(i), *_digits(), batch_size=8)
+    state, _ = step(state, batch)
+  assert len(traces) == 1
+
+
+def test_same_seed_same_parameters(mnist_dir, tmp_path):
+  a = train.train_and_evaluate(small_config(mnist_dir), str(tmp_path / "a"))
+  b = train.train_and_evaluate(small_config(mnist_dir), str(tmp_path / "b"))
+  pa = (tmp_path / "a" / workdir.PARAMS).read_bytes()
+  pb = (tmp_path / "b" / workdir.PARAMS).read_bytes()
+  assert pa == pb
+  assert a["accuracy"] == b["accuracy"] and a["mean_iou"] == b["mean_iou"]
+  c = train.train_and_evaluate(small_config(mnist_dir, seed=1), str(tmp_path / "c"))
+  assert (tmp_path / "c" / workdir.PARAMS).read_bytes() != pa
+  assert c["num_val"] == 40
+
+
+def test_end_to_end_run_writes_every_output(mnist_dir, tmp_path):
+  run = tmp_path / "run"
+  final = train.train_and_evaluate(small_config(mnist_dir), str(run))
+  for name in (
+    "config.json",
+    "metrics.jsonl",
+    "params.msgpack",
+    "metrics.json",
+    "curves.png",
+    "predictions.png",
+  ):
+    assert (run / name).stat().st_size > 0, name
+  on_disk = workdir.read_json(str(run / "metrics.json"))
+  assert on_disk == json.loads(json.dumps(final))
+  for key in (
+    "accuracy",
+    "mean_iou",
+    "median_iou",
+    "iou_at_0_6",
+    "num_params",
+    "train_images_per_s",
+    "wall_s",
+  ):
+    assert key in on_disk
+  assert on_disk["num_params"] == 426_638 and on_disk["steps"] == 6
+  records = workdir.read_jsonl(str(run / "metrics.jsonl"))
+  evals = [r for r in records if "val/accuracy" in r]
+  assert [r["epoch"] for r in evals] == [1, 2]
+  assert [r["step"] for r in records if "val/accuracy" not in r] == [
+    2,
+    3,
+    4,
+    6,
+  ]  # every 2nd step and each epoch end
+  assert workdir.read_json(str(run / "config.json"))["batch_size"] == 8
+
+
+def test_evaluation_ignores_padding_of_last_batch(mnist_dir, tmp_path):
+  config = small_config(mnist_dir)
+  _, _, val = train.load_data(config)
+  state = train.create_train_state(jax.random.key(0), config)
+  eval_fn = functools.partial(train.evaluate, state.apply_fn, state.params, val, canvas_size=75)
+  a, per_a = eval_fn(batch_size=40)
+  b, per_b = eval_fn(batch_size=16)  # 16 + 16 + 8 real canvases, 8 padded
+  assert a["num_val"] == b["num_val"] == 40 and len(per_b["iou"]) == 40
+  for k in a:
+    assert a[k] == pytest.approx(b[k], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
+    ("batch_size", 0, "batch_size=0 must be a positive integer"),
+    ("epochs", -1, "epochs=-1 must be a positive integer"),
+    ("steps_per_epoch", 0, "steps_per_epoch=0 must be a positive integer"),
+    ("canvas_size", 20, "smaller than a 28x28 digit"),
+    ("learning_rate", 0.0, "learning_rate=0.0 must be positive"),
+  ],
+)
+def test_bad_config_is_rejected(field, value, match, tmp_path):
+  with pytest.raises(UserError, match=match):
+    train.train_and_evaluate(small_config("", **{field: value}), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  path = tmp_path / "file"
+  path.write_text("keep me")
+  with pytest.raises(UserError, match="is a file"):
+    train.train_and_evaluate(small_config(""), str(path))
+  assert path.read_text() == "keep me"
+
+
+def test_finished_workdir_is_not_overwritten(mnist_dir, tmp_path):
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "metrics.json").write_text('{"accuracy": 0.99}')
+  with pytest.raises(UserError, match="already holds a finished run"):
+    train.train_and_evaluate(small_config(mnist_dir), str(run))
+  assert (run / "metrics.json").read_text() == '{"accuracy": 0.99}'
+
+
+def test_command_line_error_is_one_line_exit_2(tmp_path):
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.train",
+    "--config=experiments/configs/digit.py",
+    f"--workdir={tmp_path}/run",
+    "--config.batch_size=0",
+  ]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  assert proc.returncode == 2
+  assert "error: config.batch_size=0 must be a positive integer" in proc.stderr
+  assert "Traceback" not in proc.stderr
