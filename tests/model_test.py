@@ -49,7 +49,9 @@ def test_conv3x3_matches_lax_conv_and_its_gradient():
   loss = lambda f: lambda p, x: jnp.sum(f(p, x) * g)
   ours_g = jax.grad(loss(ours), argnums=(0, 1))(params, x)
   theirs_g = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
-  for a, b in zip(jax.tree_util.tree_leaves(ours_g), jax.tree_util.tree_leaves(theirs_g)):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(ours_g), jax.tree_util.tree_leaves(theirs_g), strict=True
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
