@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import serialization
 from flax.training import train_state
 from tqdm import tqdm
 
-from jaxloc import canvas, losses, metrics, mnist, model, plots, workdir
+from jaxloc import canvas, checkpoint, losses, metrics, mnist, model, plots, workdir
 from jaxloc.errors import UserError
 
 TrainState = train_state.TrainState
@@ -38,7 +39,8 @@ def create_model(config: ml_collections.ConfigDict) -> model.Localizer:
 def create_train_state(key: jax.Array, config: ml_collections.ConfigDict) -> TrainState:
   net = create_model(config)
   params = model.init_params(key, net, config.canvas_size)
-  return TrainState.create(apply_fn=net.apply, params=params, tx=optax.adam(config.learning_rate))
+  state = TrainState.create(apply_fn=net.apply, params=params, tx=optax.adam(config.learning_rate))
+  return state.replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints restore it
 
 
 def train_step(
@@ -124,12 +126,41 @@ def evaluate(apply_fn, params, val: dict, *, canvas_size: int, batch_size: int):
   return metrics.summarize(jax.device_get(totals), per["iou"]), per
 
 
+# Fields that may change when a run is resumed: they change neither the model,
+# the data nor the optimizer (more epochs continue training).
+RESUMABLE_CHANGES = frozenset(
+  {
+    "epochs",
+    "log_every",
+    "num_plot",
+    "eval_batch_size",
+    "steps_per_call",
+    "mnist_dir",
+    "checkpoint_every",
+    "keep_checkpoints",
+  }
+)
+
+
+class TrainingDiverged(UserError):
+  """The training loss became NaN or infinite."""
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Rejects settings that cannot work, with the fix in the message."""
-  positive = ("batch_size", "epochs", "steps_per_epoch", "eval_batch_size", "log_every")
-  for name in positive + ("steps_per_call",):
+  positive = (
+    "batch_size",
+    "epochs",
+    "steps_per_epoch",
+    "eval_batch_size",
+    "log_every",
+    "steps_per_call",
+    "checkpoint_every",
+    "keep_checkpoints",
+  )
+  for name in positive:
     value = config[name]
-    if not isinstance(value, int) or value < 1:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise UserError(f"config.{name}={value!r} must be a positive integer")
   if not config.learning_rate > 0:
     raise UserError(f"config.learning_rate={config.learning_rate!r} must be positive")
@@ -161,31 +192,72 @@ def prepare_workdir(path: str) -> None:
     raise UserError(msg) from None
   if not os.access(path, os.W_OK):
     raise UserError(f"workdir {path!r} is not writable; choose another --workdir")
-  if os.path.exists(os.path.join(path, workdir.METRICS)):
-    raise UserError(
-      f"workdir {path!r} already holds a finished run ({workdir.METRICS}); "
-      "choose a new --workdir so nothing is overwritten"
+
+
+def _check_resume(path: str, config: ml_collections.ConfigDict, latest, *, fresh: bool):
+  """Decides between a new run, a resume and a refusal; returns the step to resume from."""
+  config_path = os.path.join(path, workdir.CONFIG)
+  finished = os.path.exists(os.path.join(path, workdir.METRICS))
+  if latest is None and not finished:
+    return None  # nothing to resume: a new run (a partial log of a run killed early is replaced)
+  old = workdir.read_json(config_path) if os.path.exists(config_path) else None
+  diff = workdir.config_diff(old or {}, config.to_dict(), RESUMABLE_CHANGES)
+  total = config.epochs * config.steps_per_epoch
+  problem = None
+  if old is None:
+    problem = f"workdir {path!r} holds results of a run without {workdir.CONFIG}"
+  elif diff:
+    problem = (
+      f"workdir {path!r} holds a run with another config; differing fields:\n  " + "\n  ".join(diff)
     )
+  elif latest is None or latest >= total:
+    problem = (
+      f"workdir {path!r} holds a finished run of {latest or total} steps; "
+      "raise --config.epochs to train on"
+    )
+  if problem is None:
+    return latest
+  if not fresh:
+    raise UserError(
+      problem + "\nUse another --workdir, or pass --fresh to move the old run "
+      "aside (nothing is deleted) and start over here."
+    )
+  backup = workdir.move_aside(path)
+  logging.warning("moved the previous run in %s to %s", path, backup)
+  return None
 
 
 def _means(sums: dict, count: int) -> dict[str, float]:
   return {f"train/{k}": float(v) / count for k, v in sums.items()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, work_dir: str) -> dict:
-  """Trains the localiser with `config`, evaluates every epoch, writes the workdir."""
+def train_and_evaluate(config: ml_collections.ConfigDict, work_dir: str, *, fresh=False) -> dict:
+  """Trains the localiser with `config`, evaluates every epoch, writes the workdir.
+
+  A workdir with checkpoints of the same config is resumed from its latest one.
+  """
   check_config(config)
   prepare_workdir(work_dir)
+  with workdir.lock(work_dir):
+    mngr = checkpoint.manager(work_dir, config.keep_checkpoints)
+    with mngr:
+      resume_step = _check_resume(work_dir, config, mngr.latest_step(), fresh=fresh)
+      mngr.reload()  # --fresh may have moved the old checkpoints aside
+      return _run(config, work_dir, mngr, resume_step)
+
+
+def _run(config, work_dir, mngr, resume_step) -> dict:
   path = lambda name: os.path.join(work_dir, name)
-  workdir.write_json(path(workdir.CONFIG), config.to_dict())
-  for stale in (workdir.METRICS_LOG,):
-    if os.path.exists(path(stale)):
-      os.remove(path(stale))
   t_start = time.perf_counter()
+  workdir.write_json(path(workdir.CONFIG), config.to_dict())
+  records = workdir.truncate_jsonl(path(workdir.METRICS_LOG), resume_step or 0)
 
   train_digits, train_labels, val = load_data(config)
   init_key, data_key = jax.random.split(jax.random.key(config.seed))
   state = create_train_state(init_key, config)
+  if resume_step is not None:
+    state = checkpoint.restore(mngr, state, resume_step)
+    logging.info("resumed %s from step %d", work_dir, resume_step)
   n_params = model.num_params(state.params)
 
   static = dict(
@@ -205,41 +277,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, work_dir: str) -> dict
       compile_s += time.perf_counter() - t
     return compiled[n]
 
-  total_steps = config.epochs * config.steps_per_epoch
-  sums, since_log = zero_metrics(), 0
+  spe, total_steps = config.steps_per_epoch, config.epochs * config.steps_per_epoch
+  step = int(state.step)
+  history = [r for r in records if "val/accuracy" in r]
+  # Train means of the epoch in progress, rebuilt from its logged records on resume.
+  epoch_start = step // spe * spe
   epoch_sums, epoch_count = {}, 0
-  history, train_s = [], 0.0
-  bar = tqdm(total=total_steps, desc="train", disable=not sys.stderr.isatty(), unit="step")
-  step = 0
-  for epoch in range(1, config.epochs + 1):
-    epoch_end = epoch * config.steps_per_epoch
+  for r in records:
+    if "steps_averaged" in r and r["step"] > epoch_start:
+      for k, v in r.items():
+        if k.startswith("train/"):
+          epoch_sums[k[6:]] = epoch_sums.get(k[6:], 0.0) + v * r["steps_averaged"]
+      epoch_count += r["steps_averaged"]
+  sums, since_log, train_s, trained = zero_metrics(), 0, 0.0, 0
+  summary = per = None
+  bar = tqdm(total=total_steps, initial=step, desc="train", disable=not sys.stderr.isatty())
+  for epoch in range(step // spe + 1, config.epochs + 1):
+    epoch_end = epoch * spe
     while step < epoch_end:
       next_log = min((step // config.log_every + 1) * config.log_every, epoch_end)
       n = min(config.steps_per_call, next_log - step)
       fn = step_fn(n)
       t = time.perf_counter()
       state, sums = fn(state, sums, train_digits, train_labels, data_key)
-      step += n
-      since_log += n
-      if step == next_log:
-        fetched = jax.device_get(sums)  # the only host sync of the hot loop
+      step, since_log, trained = step + n, since_log + n, trained + n
+      if step != next_log:
         train_s += time.perf_counter() - t
-        if not np.isfinite(fetched["loss"]):
-          raise FloatingPointError(
-            f"non-finite training loss in steps {step - since_log + 1}..{step}; "
-            "lower --config.learning_rate"
-          )
-        record = {"step": step, "epoch": epoch, **_means(fetched, since_log)}
-        workdir.append_jsonl(path(workdir.METRICS_LOG), record)
-        bar.set_postfix(loss=f"{record['train/loss']:.4f}")
-        for k, v in fetched.items():
-          epoch_sums[k] = epoch_sums.get(k, 0.0) + float(v)
-        epoch_count += since_log
-        sums, since_log = zero_metrics(), 0
-      else:
-        train_s += time.perf_counter() - t
+        bar.update(n)
+        continue
+      fetched = jax.device_get(sums)  # the only host sync of the hot loop
+      train_s += time.perf_counter() - t
       bar.update(n)
+      if not np.isfinite(fetched["loss"]):
+        raise TrainingDiverged(
+          f"training loss is {fetched['loss']} in steps {step - since_log + 1}..{step}; "
+          f"the last good checkpoint (step {mngr.latest_step()}) is kept. "
+          "Lower --config.learning_rate and start a new workdir."
+        )
+      record = {
+        "step": step,
+        "epoch": epoch,
+        "steps_averaged": since_log,
+        **_means(fetched, since_log),
+      }
+      workdir.append_jsonl(path(workdir.METRICS_LOG), record)
+      bar.set_postfix(loss=f"{record['train/loss']:.4f}")
+      for k, v in fetched.items():
+        epoch_sums[k] = epoch_sums.get(k, 0.0) + float(v)
+      epoch_count += since_log
+      sums, since_log = zero_metrics(), 0
+      if step == epoch_end:
+        summary, per = evaluate(
+          state.apply_fn,
+          state.params,
+          val,
+          canvas_size=config.canvas_size,
+          batch_size=config.eval_batch_size,
+        )
+        record = {"step": step, "epoch": epoch, **_means(epoch_sums, epoch_count)}
+        record.update({f"val/{k}": v for k, v in summary.items()})
+        workdir.append_jsonl(path(workdir.METRICS_LOG), record)
+        history.append(record)
+        epoch_sums, epoch_count = {}, 0
+      if step // config.checkpoint_every > (step - n) // config.checkpoint_every or (
+        step == total_steps
+      ):
+        checkpoint.save(mngr, state)
+  bar.close()
 
+  if per is None:  # resumed at the very end: evaluate the restored state
     summary, per = evaluate(
       state.apply_fn,
       state.params,
@@ -247,13 +353,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, work_dir: str) -> dict
       canvas_size=config.canvas_size,
       batch_size=config.eval_batch_size,
     )
-    record = {"step": step, "epoch": epoch, **_means(epoch_sums, epoch_count)}
-    record.update({f"val/{k}": v for k, v in summary.items()})
-    workdir.append_jsonl(path(workdir.METRICS_LOG), record)
-    history.append(record)
-    epoch_sums, epoch_count = {}, 0
-  bar.close()
-
   workdir.write_bytes_atomic(path(workdir.PARAMS), serialization.to_bytes(state.params))
   plots.plot_curves(history, path("curves.png"))
   k = min(config.num_plot, len(per["iou"]))
@@ -273,12 +372,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, work_dir: str) -> dict
   final.update(
     num_params=n_params,
     steps=step,
-    train_images_per_s=(step * config.batch_size) / train_s if train_s > 0 else 0.0,
+    train_images_per_s=(trained * config.batch_size) / train_s if train_s > 0 else 0.0,
     train_s=train_s,
     compile_s=compile_s,
     wall_s=time.perf_counter() - t_start,
     backend=jax.default_backend(),
     devices=jax.device_count(),
+    resumed_from_step=resume_step,
   )
   workdir.write_json(path(workdir.METRICS), final)
   return final

@@ -6,11 +6,21 @@ params.msgpack   the trained parameters (flax.serialization)
 metrics.json     the final validation metrics and run statistics
 curves.png       train / validation class and box loss per epoch
 predictions.png  validation canvases, true box green, predicted box red
+checkpoints/     Orbax checkpoints of the train state (params, Adam state, step)
+.lock            held (flock) while a run uses the workdir
+
+JSON, plots and parameters are written to a temporary file and renamed into place.
 """
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
 import tempfile
+import time
+
+from jaxloc.errors import UserError
 
 CONFIG, METRICS_LOG, PARAMS, METRICS = (
   "config.json",
@@ -60,4 +70,65 @@ def read_jsonl(path: str) -> list[dict]:
       if not line.endswith("\n"):
         break
       records.append(json.loads(line))
+  return records
+
+
+@contextlib.contextmanager
+def lock(path: str):
+  """Holds an exclusive lock on workdir `path` for the duration of a run.
+
+  The lock is an `flock` on `path/.lock`: the kernel releases it when the process
+  dies, so a lock left by a killed run never blocks the next one.
+  """
+  fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      with open(os.path.join(path, ".lock")) as f:
+        owner = f.read().strip() or "another process"
+      raise UserError(
+        f"workdir {path!r} is in use by a running job ({owner}); wait for it to finish "
+        "or pass another --workdir"
+      ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    yield
+  finally:
+    os.close(fd)
+
+
+def config_diff(old: dict, new: dict, ignore: frozenset[str] = frozenset()) -> list[str]:
+  """Human-readable differences between two config dicts, skipping fields in `ignore`."""
+  lines = []
+  for key in sorted(set(old) | set(new)):
+    if key in ignore:
+      continue
+    a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+      a, b = list(a), list(b)
+    if a != b:
+      lines.append(f"{key}: {a!r} -> {b!r}")
+  return lines
+
+
+def move_aside(path: str) -> str:
+  """Moves the contents of workdir `path` (all but its lock) to a new sibling; returns it."""
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  backup = f"{path.rstrip(os.sep)}.old-{stamp}"
+  n = 1
+  while os.path.exists(backup):
+    backup = f"{path.rstrip(os.sep)}.old-{stamp}-{n}"
+    n += 1
+  os.makedirs(backup)
+  for name in os.listdir(path):
+    if name != ".lock":
+      os.rename(os.path.join(path, name), os.path.join(backup, name))
+  return backup
+
+
+def truncate_jsonl(path: str, last_step: int) -> list[dict]:
+  """Keeps the complete records with step <= `last_step` (atomically); returns them."""
+  records = [r for r in read_jsonl(path) if r["step"] <= last_step]
+  write_bytes_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
   return records

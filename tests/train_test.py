@@ -154,7 +154,10 @@ def test_finished_workdir_is_not_overwritten(mnist_dir, tmp_path):
   run = tmp_path / "run"
   run.mkdir()
   (run / "metrics.json").write_text('{"accuracy": 0.99}')
-  with pytest.raises(UserError, match="already holds a finished run"):
+  with pytest.raises(UserError, match="holds results of a run without config.json"):
+    train.train_and_evaluate(small_config(mnist_dir), str(run))
+  workdir.write_json(str(run / "config.json"), small_config(mnist_dir).to_dict())
+  with pytest.raises(UserError, match="holds a finished run of 6 steps"):
     train.train_and_evaluate(small_config(mnist_dir), str(run))
   assert (run / "metrics.json").read_text() == '{"accuracy": 0.99}'
 
@@ -172,3 +175,32 @@ def test_command_line_error_is_one_line_exit_2(tmp_path):
   assert proc.returncode == 2
   assert "error: config.batch_size=0 must be a positive integer" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+  "override,match",
+  [
+    ("--config.batch_sise=3", "unknown config field 'batch_sise'. Did you mean \"batch_size\""),
+    ("--config.batch_size=abc", "invalid literal for int"),
+    ("--config=experiments/configs/missing.py", "cannot load --config=experiments/configs/missing"),
+  ],
+)
+def test_command_line_flag_errors(override, match, tmp_path):
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.train",
+    "--config=experiments/configs/digit.py",
+    f"--workdir={tmp_path}/run",
+    override,
+  ]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  assert proc.returncode == 2, proc.stderr
+  assert match in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_workdir_that_cannot_be_created(tmp_path):
+  parent = tmp_path / "a-file"
+  parent.write_text("")
+  with pytest.raises(UserError, match="cannot create workdir .*Not a directory"):
+    train.train_and_evaluate(small_config(""), str(parent / "run"))
