@@ -6,6 +6,7 @@ an incompatible or finished run aside (DIR.old-<time>) and starts over.
 
 import json
 
+import jax
 from absl import flags
 from ml_collections import config_flags
 
@@ -17,12 +18,17 @@ _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Directory for config, metrics, checkpoints, plots."
 )
 _FRESH = flags.DEFINE_bool("fresh", False, "Move an existing incompatible run aside, start over.")
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed", False, "Multi-host: call jax.distributed.initialize() (cluster from the env)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise train.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
   final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
   print(json.dumps(final, indent=2, sort_keys=True))
 

@@ -7,9 +7,11 @@ draws its batches on the device (`canvas.sample_batch` with key
 the host fetches only when it logs.
 """
 
+import contextlib
 import functools
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -22,7 +24,7 @@ from flax import serialization
 from flax.training import train_state
 from tqdm import tqdm
 
-from jaxloc import canvas, checkpoint, losses, metrics, mnist, model, plots, workdir
+from jaxloc import canvas, checkpoint, losses, metrics, mnist, model, parallel, plots, workdir
 from jaxloc.errors import UserError
 
 TrainState = train_state.TrainState
@@ -77,13 +79,18 @@ def train_steps(
   canvas_size: int,
   class_weight: float,
   box_weight: float,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """`num_steps` steps, each on a fresh batch drawn on the device; adds metrics to `sums`."""
+  """`num_steps` steps, each on a fresh batch drawn on the device; adds metrics to `sums`.
+
+  With a `mesh`, every batch is sharded over its `data` axis (data parallelism).
+  """
 
   def one(carry, _):
     state, sums = carry
     key = jax.random.fold_in(data_key, state.step)
     batch = canvas.sample_batch(key, digits, labels, batch_size=batch_size, canvas_size=canvas_size)
+    batch = parallel.shard_batch(batch, mesh)
     state, m = train_step(state, batch, class_weight=class_weight, box_weight=box_weight)
     return (state, jax.tree_util.tree_map(jnp.add, sums, m)), None
 
@@ -92,15 +99,15 @@ def train_steps(
   return jax.lax.scan(one, (state, sums), None, length=num_steps)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "canvas_size"))
-def eval_step(apply_fn, params, digits, labels, xy, mask, *, canvas_size: int):
+@functools.partial(jax.jit, static_argnames=("apply_fn", "canvas_size", "mesh"))
+def eval_step(apply_fn, params, digits, labels, xy, mask, *, canvas_size: int, mesh=None):
   """Renders one validation batch and returns (sums, per-canvas results)."""
-  batch = canvas.render(digits, labels, xy, canvas_size=canvas_size)
+  batch = parallel.shard_batch(canvas.render(digits, labels, xy, canvas_size=canvas_size), mesh)
   outputs = apply_fn({"params": params}, batch["image"])
   return metrics.batch_sums(outputs, batch, mask), metrics.per_example(outputs, batch)
 
 
-def evaluate(apply_fn, params, val: dict, *, canvas_size: int, batch_size: int):
+def evaluate(apply_fn, params, val: dict, *, canvas_size: int, batch_size: int, mesh=None):
   """Scores the fixed validation set in batches of `batch_size` (the last one padded).
 
   Returns (summary dict, per-canvas results as numpy arrays).
@@ -119,6 +126,7 @@ def evaluate(apply_fn, params, val: dict, *, canvas_size: int, batch_size: int):
       val["xy"][idx],
       jnp.asarray(mask),
       canvas_size=canvas_size,
+      mesh=mesh,
     )
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     per.append(jax.tree_util.tree_map(lambda a, m=mask: np.asarray(a)[m], ex))
@@ -142,6 +150,19 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+# Steps per compiled call when config.steps_per_call = -1. CPU: one step per call;
+# a lax.scan of steps ran slower there (see README, benchmark). Accelerators: a
+# scan of 50 steps removes per-step dispatch (not measured in this repository).
+DEFAULT_STEPS_PER_CALL = {"cpu": 1}
+DEFAULT_STEPS_PER_CALL_ACCELERATOR = 50
+
+
+def resolve_steps_per_call(steps_per_call: int) -> int:
+  if steps_per_call > 0:
+    return steps_per_call
+  return DEFAULT_STEPS_PER_CALL.get(jax.default_backend(), DEFAULT_STEPS_PER_CALL_ACCELERATOR)
+
+
 class TrainingDiverged(UserError):
   """The training loss became NaN or infinite."""
 
@@ -154,7 +175,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     "steps_per_epoch",
     "eval_batch_size",
     "log_every",
-    "steps_per_call",
     "checkpoint_every",
     "keep_checkpoints",
   )
@@ -162,9 +182,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     value = config[name]
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise UserError(f"config.{name}={value!r} must be a positive integer")
+  if config.steps_per_call != -1 and not config.steps_per_call >= 1:
+    raise UserError(
+      f"config.steps_per_call={config.steps_per_call!r} must be -1 (per backend) or positive"
+    )
   if not config.learning_rate > 0:
     raise UserError(f"config.learning_rate={config.learning_rate!r} must be positive")
   canvas.check_canvas_size(config.canvas_size)
+  parallel.check_divisible(config.batch_size)
+  parallel.check_divisible(config.eval_batch_size, "eval_batch_size")
 
 
 def load_data(config: ml_collections.ConfigDict):
@@ -238,7 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, work_dir: str, *, fres
   """
   check_config(config)
   prepare_workdir(work_dir)
-  with workdir.lock(work_dir):
+  main_process = jax.process_index() == 0
+  with workdir.lock(work_dir) if main_process else contextlib.nullcontext():
     mngr = checkpoint.manager(work_dir, config.keep_checkpoints)
     with mngr:
       resume_step = _check_resume(work_dir, config, mngr.latest_step(), fresh=fresh)
@@ -247,24 +274,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, work_dir: str, *, fres
 
 
 def _run(config, work_dir, mngr, resume_step) -> dict:
-  path = lambda name: os.path.join(work_dir, name)
+  # Multi-host: only process 0 writes logs, plots and metrics; the others write
+  # theirs to a throwaway directory (every process takes part in checkpoints).
+  out_dir = work_dir if jax.process_index() == 0 else tempfile.mkdtemp(prefix="jaxloc-")
+  path = lambda name: os.path.join(out_dir, name)
   t_start = time.perf_counter()
   workdir.write_json(path(workdir.CONFIG), config.to_dict())
   records = workdir.truncate_jsonl(path(workdir.METRICS_LOG), resume_step or 0)
 
-  train_digits, train_labels, val = load_data(config)
+  mesh = parallel.data_mesh()
+  train_digits, train_labels, val = parallel.replicate(load_data(config), mesh)
   init_key, data_key = jax.random.split(jax.random.key(config.seed))
   state = create_train_state(init_key, config)
   if resume_step is not None:
     state = checkpoint.restore(mngr, state, resume_step)
     logging.info("resumed %s from step %d", work_dir, resume_step)
+  state, data_key = parallel.replicate((state, data_key), mesh)
   n_params = model.num_params(state.params)
+  steps_per_call = resolve_steps_per_call(config.steps_per_call)
 
   static = dict(
     batch_size=config.batch_size,
     canvas_size=config.canvas_size,
     class_weight=config.class_loss_weight,
     box_weight=config.box_loss_weight,
+    mesh=mesh,
   )
   compiled, compile_s = {}, 0.0
 
@@ -296,7 +330,7 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
     epoch_end = epoch * spe
     while step < epoch_end:
       next_log = min((step // config.log_every + 1) * config.log_every, epoch_end)
-      n = min(config.steps_per_call, next_log - step)
+      n = min(steps_per_call, next_log - step)
       fn = step_fn(n)
       t = time.perf_counter()
       state, sums = fn(state, sums, train_digits, train_labels, data_key)
@@ -333,6 +367,7 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
           val,
           canvas_size=config.canvas_size,
           batch_size=config.eval_batch_size,
+          mesh=mesh,
         )
         record = {"step": step, "epoch": epoch, **_means(epoch_sums, epoch_count)}
         record.update({f"val/{k}": v for k, v in summary.items()})
@@ -352,6 +387,7 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
       val,
       canvas_size=config.canvas_size,
       batch_size=config.eval_batch_size,
+      mesh=mesh,
     )
   workdir.write_bytes_atomic(path(workdir.PARAMS), serialization.to_bytes(state.params))
   plots.plot_curves(history, path("curves.png"))

@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 64  # canvases per training step
   config.epochs = 10  # evaluations happen at the end of each epoch
   config.steps_per_epoch = 60000 // 64  # the seed's epoch: 60,000 canvases
-  config.steps_per_call = 1  # training steps per compiled call (N > 1: a lax.scan of N)
+  config.steps_per_call = -1  # steps per compiled call: N > 1 scans N steps; -1 = per backend
   config.learning_rate = 1e-3  # Adam step size
   config.class_loss_weight = 1.0  # weight of the softmax cross-entropy
   config.box_loss_weight = 1.0  # weight of the box MSE

@@ -1,0 +1,114 @@
+"""Data parallelism: 8 simulated CPU devices give the losses and parameters of 1 device."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import digit
+from jaxloc import parallel, train
+from jaxloc.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_EIGHT_DEVICES = r"""
+import functools, jax, numpy as np
+from experiments.configs import digit
+from jaxloc import parallel, train
+assert jax.device_count() == 8, jax.devices()
+rng = np.random.default_rng(0)
+digits = jax.numpy.asarray(rng.integers(0, 256, (64, 28, 28)).astype(np.uint8))
+labels = jax.numpy.asarray(rng.integers(0, 10, 64), jax.numpy.int32)
+config = digit.get_config()
+init_key, data_key = jax.random.split(jax.random.key(0))
+
+def run(mesh):
+  state = train.create_train_state(init_key, config)
+  args = (state, train.zero_metrics(), digits, labels, data_key)
+  if mesh is not None:
+    args = parallel.replicate(args, mesh)
+  fn = jax.jit(functools.partial(train.train_steps, num_steps=3, batch_size=16, canvas_size=75,
+                                 class_weight=1.0, box_weight=1.0, mesh=mesh))
+  state, sums = fn(*args)
+  return state, jax.device_get(sums)
+
+one, one_sums = run(None)
+mesh = parallel.data_mesh()
+eight, eight_sums = run(mesh)
+leaf = jax.tree_util.tree_leaves(eight.params)[0]
+assert len(leaf.sharding.device_set) == 8, leaf.sharding
+np.testing.assert_allclose(one_sums["loss"], eight_sums["loss"], rtol=1e-5)
+for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(eight.params)):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
+try:
+  parallel.check_divisible(12)
+except Exception as e:
+  print("ERROR:", e)
+print("OK", float(one_sums["loss"]), float(eight_sums["loss"]))
+"""
+
+
+def test_eight_devices_match_one_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run(
+    [sys.executable, "-c", _EIGHT_DEVICES],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "OK" in proc.stdout
+  assert "ERROR: config.batch_size=12 does not divide by the 8 devices" in proc.stdout
+
+
+def test_batch_not_divisible_by_devices_is_rejected(monkeypatch):
+  monkeypatch.setattr(jax, "device_count", lambda: 4)
+  with pytest.raises(UserError, match="batch_size=6 does not divide by the 4 devices"):
+    parallel.check_divisible(6)
+  config = digit.get_config()
+  config.batch_size = 6
+  with pytest.raises(UserError, match="batch_size=6 does not divide by the 4 devices"):
+    train.check_config(config)
+
+
+def test_steps_per_call_does_not_change_the_result():
+  rng = np.random.default_rng(0)
+  digits = jax.numpy.asarray(rng.integers(0, 256, (32, 28, 28)).astype(np.uint8))
+  labels = jax.numpy.asarray(rng.integers(0, 10, 32), jax.numpy.int32)
+  config = digit.get_config()
+  init_key, data_key = jax.random.split(jax.random.key(0))
+  results = []
+  for chunk in (1, 2, 4):
+    state, sums = train.create_train_state(init_key, config), train.zero_metrics()
+    fn = jax.jit(
+      lambda s, m, n=chunk: train.train_steps(
+        s,
+        m,
+        digits,
+        labels,
+        data_key,
+        num_steps=n,
+        batch_size=8,
+        canvas_size=75,
+        class_weight=1.0,
+        box_weight=1.0,
+      )
+    )
+    for _ in range(4 // chunk):
+      state, sums = fn(state, sums)
+    results.append((state, jax.device_get(sums)))
+  ref_state, ref_sums = results[0]
+  for state, sums in results[1:]:
+    assert int(state.step) == 4
+    np.testing.assert_allclose(sums["loss"], ref_sums["loss"], rtol=1e-5)
+    for a, b in zip(
+      jax.tree_util.tree_leaves(ref_state.params),
+      jax.tree_util.tree_leaves(state.params),
+      strict=True,
+    ):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
