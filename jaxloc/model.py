@@ -72,3 +72,12 @@ def num_params(params) -> int:
 
 def init_params(key: jax.Array, model: nn.Module, canvas_size: int):
   return model.init(key, jnp.zeros((1, canvas_size, canvas_size, 1), jnp.float32))["params"]
+
+
+def create_model(config) -> Localizer:
+  """The model a config describes (fields `conv_features`, `dense_features`)."""
+  return Localizer(
+    num_classes=10,
+    conv_features=tuple(config.conv_features),
+    dense_features=config.dense_features,
+  )

@@ -79,3 +79,32 @@ def plot_predictions(
       color="red" if low else "white",
     )
   _save(fig, path)
+
+
+def plot_detections(
+  image_NxHxW: np.ndarray,
+  pred_box_Nx4: np.ndarray,
+  pred_label_N: np.ndarray,
+  score_N: np.ndarray,
+  path: str,
+  *,
+  titles: list[str] | None = None,
+  cols: int = 4,
+) -> None:
+  """Canvases with the predicted box in red, labelled with class and score."""
+  n, size = image_NxHxW.shape[0], image_NxHxW.shape[1]
+  cols = min(cols, n)
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for i, ax in enumerate(axes.flat[:n]):
+    ax.imshow(image_NxHxW[i], cmap="gray", vmin=0, vmax=1)
+    x0, y0 = pred_box_Nx4[i][:2] * size
+    _rect(ax, pred_box_Nx4[i] * size, "red")
+    ax.text(
+      x0, y0 - 1, f"{int(pred_label_N[i])} ({score_N[i]:.2f})", color="red", fontsize=9, va="bottom"
+    )
+    if titles:
+      ax.set_title(titles[i], fontsize=8)
+  _save(fig, path)

@@ -30,16 +30,8 @@ from jaxloc.errors import UserError
 TrainState = train_state.TrainState
 
 
-def create_model(config: ml_collections.ConfigDict) -> model.Localizer:
-  return model.Localizer(
-    num_classes=10,
-    conv_features=tuple(config.conv_features),
-    dense_features=config.dense_features,
-  )
-
-
 def create_train_state(key: jax.Array, config: ml_collections.ConfigDict) -> TrainState:
-  net = create_model(config)
+  net = model.create_model(config)
   params = model.init_params(key, net, config.canvas_size)
   state = TrainState.create(apply_fn=net.apply, params=params, tx=optax.adam(config.learning_rate))
   return state.replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints restore it
@@ -253,6 +245,24 @@ def _check_resume(path: str, config: ml_collections.ConfigDict, latest, *, fresh
   return None
 
 
+def write_plots(out_dir: str, config, val: dict, per: dict, history: list[dict]) -> None:
+  """curves.png from the evaluation records, predictions.png of the first validation canvases."""
+  plots.plot_curves(history, os.path.join(out_dir, "curves.png"))
+  k = min(config.num_plot, len(per["iou"]))
+  images = canvas.render(
+    val["digits"][:k], val["labels"][:k], val["xy"][:k], canvas_size=config.canvas_size
+  )
+  plots.plot_predictions(
+    np.asarray(images["image"][..., 0]),
+    np.asarray(images["box"]),
+    per["pred_box"][:k],
+    per["pred_label"][:k],
+    per["iou"][:k],
+    os.path.join(out_dir, "predictions.png"),
+    true_label_N=np.asarray(val["labels"][:k]),
+  )
+
+
 def _means(sums: dict, count: int) -> dict[str, float]:
   return {f"train/{k}": float(v) / count for k, v in sums.items()}
 
@@ -390,20 +400,7 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
       mesh=mesh,
     )
   workdir.write_bytes_atomic(path(workdir.PARAMS), serialization.to_bytes(state.params))
-  plots.plot_curves(history, path("curves.png"))
-  k = min(config.num_plot, len(per["iou"]))
-  images = canvas.render(
-    val["digits"][:k], val["labels"][:k], val["xy"][:k], canvas_size=config.canvas_size
-  )
-  plots.plot_predictions(
-    np.asarray(images["image"][..., 0]),
-    np.asarray(images["box"]),
-    per["pred_box"][:k],
-    per["pred_label"][:k],
-    per["iou"][:k],
-    path("predictions.png"),
-    true_label_N=np.asarray(val["labels"][:k]),
-  )
+  write_plots(out_dir, config, val, per, history)
   final = dict(summary)
   final.update(
     num_params=n_params,

@@ -1,0 +1,298 @@
+"""Speed and memory of jaxloc against the seed's Keras/tf.data pipeline, on identical digits.
+
+    python -m experiments.benchmark --steps=200 --out=runs/benchmark.json
+
+Each measurement runs in its own subprocess (so peak resident memory is its
+own) on the same MNIST training digits, batch 64, canvas 75:
+
+  canvas_jaxloc   canvases/s of jaxloc.canvas.sample_batch (jitted, on the device)
+  canvas_tfdata   canvases/s of the seed's tf.data pipeline: map(pad_to_bounding_box at
+                  random offsets) -> shuffle(5000) -> batch(64) -> prefetch
+  train_jaxloc    training images/s, steady state (compile time reported apart)
+  train_keras     training images/s of the seed's Keras model under model.fit on that pipeline
+  matmul          float32 GFLOP/s of a 2048x2048 matmul: the machine's FLOP bound
+
+Rows that need TensorFlow are skipped (and the table says so) without the [tfds] extra.
+Prints a markdown table; --out writes all figures as JSON.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from absl import flags
+
+from experiments import cli
+
+_PART = flags.DEFINE_string("part", None, "Internal: run one measurement and print JSON.")
+_STEPS = flags.DEFINE_integer("steps", 200, "Timed batches / training steps per measurement.")
+_OUT = flags.DEFINE_string("out", None, "Write the figures as JSON here.")
+_MNIST_DIR = flags.DEFINE_string("mnist_dir", None, "IDX directory (default: $JAXLOC_MNIST_DIR).")
+_STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", -1, "jaxloc steps per call (-1: auto).")
+
+BATCH, CANVAS = 64, 75
+PARTS = ("canvas_jaxloc", "canvas_tfdata", "train_jaxloc", "train_keras", "matmul")
+
+
+def train_flops_per_image(canvas_size: int = CANVAS) -> float:
+  """Multiply-adds x 2 of the seed model's forward pass, x 3 for forward + backward."""
+  flops, size, channels = 0, canvas_size, 1
+  for features in (16, 32, 64):
+    size -= 2  # 3x3 VALID conv
+    flops += 2 * size * size * 9 * channels * features
+    channels, size = features, size // 2
+  flat = size * size * channels
+  flops += 2 * (flat * 128 + 128 * 10 + 128 * 4)
+  return 3.0 * flops
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _digits():
+  from jaxloc import mnist
+
+  return mnist.load("train", mnist_dir=_MNIST_DIR.value or None)
+
+
+def _time_loop(fn, steps: int) -> float:
+  t = time.perf_counter()
+  fn(steps)
+  return time.perf_counter() - t
+
+
+def canvas_jaxloc(steps):
+  import jax
+
+  from jaxloc import canvas
+
+  digits, labels = (jax.numpy.asarray(a) for a in _digits())
+  key = jax.random.key(0)
+  sample = lambda i: canvas.sample_batch(
+    jax.random.fold_in(key, i), digits, labels, batch_size=BATCH, canvas_size=CANVAS
+  )
+  jax.block_until_ready(sample(0))
+
+  def loop(n):
+    out = [sample(i) for i in range(n)]
+    jax.block_until_ready(out[-1])
+
+  return {"canvases_per_s": steps * BATCH / _time_loop(loop, steps)}
+
+
+def seed_pipeline(digits, labels):
+  """The seed's tf.data pipeline: random offsets, pad to 75x75, shuffle, batch, prefetch."""
+  import tensorflow as tf
+
+  def place(image, label):
+    xmin = tf.random.uniform((), 0, CANVAS - 28 + 1, dtype=tf.int32)
+    ymin = tf.random.uniform((), 0, CANVAS - 28 + 1, dtype=tf.int32)
+    image = tf.cast(tf.reshape(image, (28, 28, 1)), tf.float32) / 255.0
+    image = tf.image.pad_to_bounding_box(image, ymin, xmin, CANVAS, CANVAS)
+    box = tf.cast(tf.stack([xmin, ymin, xmin + 28, ymin + 28]), tf.float32) / CANVAS
+    return image, (tf.one_hot(label, 10), box)
+
+  ds = tf.data.Dataset.from_tensor_slices((digits, labels.astype("int64"))).repeat()
+  ds = ds.map(place, num_parallel_calls=tf.data.AUTOTUNE).shuffle(5000)
+  return ds.batch(BATCH, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def canvas_tfdata(steps):
+  ds = iter(seed_pipeline(*_digits()))
+  next(ds)
+
+  def loop(n):
+    for _ in range(n):
+      next(ds)
+
+  return {"canvases_per_s": steps * BATCH / _time_loop(loop, steps)}
+
+
+def train_jaxloc(steps):
+  import functools
+
+  import jax
+
+  from experiments.configs import digit
+  from jaxloc import train
+
+  config = digit.get_config()
+  digits, labels = (jax.numpy.asarray(a) for a in _digits())
+  init_key, data_key = jax.random.split(jax.random.key(0))
+  state, sums = train.create_train_state(init_key, config), train.zero_metrics()
+  n = train.resolve_steps_per_call(_STEPS_PER_CALL.value)
+  fn = jax.jit(
+    functools.partial(
+      train.train_steps,
+      num_steps=n,
+      batch_size=BATCH,
+      canvas_size=CANVAS,
+      class_weight=1.0,
+      box_weight=1.0,
+    ),
+    donate_argnums=(0, 1),
+  )
+  t = time.perf_counter()
+  fn = fn.lower(state, sums, digits, labels, data_key).compile()
+  compile_s = time.perf_counter() - t
+  state, sums = fn(state, sums, digits, labels, data_key)  # warm-up
+  jax.block_until_ready(sums)
+  calls = max(1, steps // n)
+  t = time.perf_counter()
+  for _ in range(calls):
+    state, sums = fn(state, sums, digits, labels, data_key)
+  jax.block_until_ready(sums)
+  dt = time.perf_counter() - t
+  return {
+    "images_per_s": calls * n * BATCH / dt,
+    "compile_s": compile_s,
+    "steps_per_call": n,
+    "backend": jax.default_backend(),
+    "device": str(jax.devices()[0].device_kind),
+  }
+
+
+def keras_model():
+  """The seed's model, layer for layer (426,638 parameters)."""
+  import keras
+  from keras import layers
+
+  inputs = keras.Input((CANVAS, CANVAS, 1))
+  x = inputs
+  for features in (16, 32, 64):
+    x = layers.AveragePooling2D(2)(layers.Conv2D(features, 3, activation="relu")(x))
+  x = layers.Dense(128, activation="relu")(layers.Flatten()(x))
+  outputs = [
+    layers.Dense(10, activation="softmax", name="classification")(x),
+    layers.Dense(4, name="bounding_box")(x),
+  ]
+  model = keras.Model(inputs, outputs)
+  model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=["categorical_crossentropy", "mse"])
+  return model
+
+
+def train_keras(steps):
+  import keras
+
+  model = keras_model()
+  assert model.count_params() == 426_638
+  ds = seed_pipeline(*_digits())
+  times = []
+
+  class Timer(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+      self.t = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+      times.append(time.perf_counter() - self.t)
+
+  model.fit(ds, epochs=2, steps_per_epoch=steps, verbose=0, callbacks=[Timer()])
+  return {"images_per_s": steps * BATCH / times[1], "first_epoch_s": times[0]}
+
+
+def matmul(steps):
+  import jax
+  import jax.numpy as jnp
+
+  n = 2048
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(f(a))
+  reps = max(3, steps // 20)
+  t = time.perf_counter()
+  for _ in range(reps):
+    out = f(a)
+  jax.block_until_ready(out)
+  return {"gflops": 2 * n**3 * reps / (time.perf_counter() - t) / 1e9}
+
+
+def _run_part(name: str, steps: int) -> dict:
+  result = globals()[name](steps)
+  result["peak_rss_mb"] = _peak_rss_mb()
+  return result
+
+
+def _subprocess(name: str) -> dict:
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.benchmark",
+    f"--part={name}",
+    f"--steps={_STEPS.value}",
+    f"--steps_per_call={_STEPS_PER_CALL.value}",
+  ]
+  if _MNIST_DIR.value:
+    cmd.append(f"--mnist_dir={_MNIST_DIR.value}")
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+  if proc.returncode != 0 or not lines:
+    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return {"skipped": tail[:200]}
+  return json.loads(lines[-1])
+
+
+def _table(r: dict) -> str:
+  def fig(part, key, fmt="{:,.0f}"):
+    v = r[part].get(key)
+    return fmt.format(v) if v is not None else f"skipped: {r[part].get('skipped', '')}"
+
+  def ratio(a, b, key):
+    x, y = r[a].get(key), r[b].get(key)
+    return f"{x / y:.2f}x" if x and y else "n/a"
+
+  bound = r["matmul"].get("gflops", 0) * 1e9 / train_flops_per_image()
+  share = r["train_jaxloc"].get("images_per_s", 0) / bound if bound else 0
+  rows = [
+    "| measurement | jaxloc | seed (Keras / tf.data) | jaxloc / seed |",
+    "| --- | --- | --- | --- |",
+    f"| canvases/s, batch 64 | {fig('canvas_jaxloc', 'canvases_per_s')} | "
+    f"{fig('canvas_tfdata', 'canvases_per_s')} | "
+    f"{ratio('canvas_jaxloc', 'canvas_tfdata', 'canvases_per_s')} |",
+    f"| training images/s, batch 64 | {fig('train_jaxloc', 'images_per_s')} | "
+    f"{fig('train_keras', 'images_per_s')} | "
+    f"{ratio('train_jaxloc', 'train_keras', 'images_per_s')} |",
+    f"| peak RSS of training, MB | {fig('train_jaxloc', 'peak_rss_mb')} | "
+    f"{fig('train_keras', 'peak_rss_mb')} | "
+    f"{ratio('train_jaxloc', 'train_keras', 'peak_rss_mb')} |",
+    f"| peak RSS of canvas synthesis, MB | {fig('canvas_jaxloc', 'peak_rss_mb')} | "
+    f"{fig('canvas_tfdata', 'peak_rss_mb')} | "
+    f"{ratio('canvas_jaxloc', 'canvas_tfdata', 'peak_rss_mb')} |",
+    f"| jaxloc compile time of the train step, s | {fig('train_jaxloc', 'compile_s', '{:.1f}')}"
+    " | | |",
+    "",
+    f"float32 bound: {r['matmul'].get('gflops', 0):.0f} GFLOP/s (2048^2 matmul) / "
+    f"{train_flops_per_image() / 1e6:.1f} MFLOP per training image = {bound:,.0f} images/s; "
+    f"jaxloc reaches {share:.0%} of it "
+    f"({r['train_jaxloc'].get('backend', '?')}, steps_per_call="
+    f"{r['train_jaxloc'].get('steps_per_call', '?')}).",
+  ]
+  return "\n".join(rows)
+
+
+def main(argv):
+  del argv
+  if _PART.value:
+    print(json.dumps(_run_part(_PART.value, _STEPS.value)))
+    return
+  results = {}
+  for name in PARTS:
+    results[name] = _subprocess(name)
+    print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
+  results["machine"] = {
+    "cpus": os.cpu_count(),
+    "python": sys.version.split()[0],
+    "steps": _STEPS.value,
+  }
+  print(_table(results))
+  if _OUT.value:
+    from jaxloc import workdir
+
+    workdir.write_json(_OUT.value, results)
+
+
+if __name__ == "__main__":
+  cli.run(main)

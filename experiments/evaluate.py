@@ -1,0 +1,54 @@
+"""Re-scores a trained workdir: python -m experiments.evaluate --workdir=DIR.
+
+Re-creates the fixed validation set from the workdir's config, scores the
+trained parameters, and rewrites metrics.json (evaluation figures; the training
+statistics of the run are kept) and the plots. The figures equal those of the
+training run's final evaluation.
+"""
+
+import json
+import os
+
+from absl import flags
+
+from experiments import cli
+from jaxloc import inference, model, parallel, train, workdir
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
+_MNIST_DIR = flags.DEFINE_string("mnist_dir", None, "IDX directory, if not the run's own.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise train.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  work_dir = _WORKDIR.value
+  predictor = inference.Predictor.from_workdir(work_dir)
+  config = predictor.config
+  if _MNIST_DIR.value:
+    config.mnist_dir = _MNIST_DIR.value
+  mesh = parallel.data_mesh()
+  _, _, val = parallel.replicate(train.load_data(config), mesh)
+  net = model.create_model(config)
+  summary, per = train.evaluate(
+    net.apply,
+    predictor.params,
+    val,
+    canvas_size=config.canvas_size,
+    batch_size=config.eval_batch_size,
+    mesh=mesh,
+  )
+  path = lambda name: os.path.join(work_dir, name)
+  with workdir.lock(work_dir):
+    previous = (
+      workdir.read_json(path(workdir.METRICS)) if os.path.exists(path(workdir.METRICS)) else {}
+    )
+    history = [r for r in workdir.read_jsonl(path(workdir.METRICS_LOG)) if "val/accuracy" in r]
+    train.write_plots(work_dir, config, val, per, history)
+    final = {**previous, **summary}
+    workdir.write_json(path(workdir.METRICS), final)
+  print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+  cli.run(main)
