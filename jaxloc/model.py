@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Keras' default kernel initialiser (biases start at zero in both), for parity with the seed.
+KERAS_INIT = nn.initializers.glorot_uniform()
+
 
 def avg_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
   """2x2 average pool, stride 2, VALID (an odd last row/column is dropped, as in Keras)."""
@@ -36,7 +39,7 @@ class Conv3x3(nn.Module):
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     b, h, w, c = x_BxHxWxC.shape
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features))
+    kernel = self.param("kernel", KERAS_INIT, (3, 3, c, self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     ho, wo = h - 2, w - 2  # VALID padding: 75 -> 73, as in the reference model summary
     rows = np.arange(ho)[:, None] + np.arange(3)[None, :]  # [Ho, 3]
@@ -60,9 +63,9 @@ class Localizer(nn.Module):
     for features in self.conv_features:
       x = avg_pool_2x2(nn.relu(Conv3x3(features)(x)))
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(self.dense_features)(x))
-    logits = nn.Dense(self.num_classes, name="class_head")(x)
-    box = nn.Dense(4, name="box_head")(x)
+    x = nn.relu(nn.Dense(self.dense_features, kernel_init=KERAS_INIT)(x))
+    logits = nn.Dense(self.num_classes, kernel_init=KERAS_INIT, name="class_head")(x)
+    box = nn.Dense(4, kernel_init=KERAS_INIT, name="box_head")(x)
     return {"logits": logits, "box": box}
 
 

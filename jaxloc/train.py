@@ -30,10 +30,15 @@ from jaxloc.errors import UserError
 TrainState = train_state.TrainState
 
 
+def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with Keras' defaults (epsilon 1e-7, not optax's 1e-8), as the seed used."""
+  return optax.adam(config.learning_rate, b1=0.9, b2=0.999, eps=1e-7)
+
+
 def create_train_state(key: jax.Array, config: ml_collections.ConfigDict) -> TrainState:
   net = model.create_model(config)
   params = model.init_params(key, net, config.canvas_size)
-  state = TrainState.create(apply_fn=net.apply, params=params, tx=optax.adam(config.learning_rate))
+  state = TrainState.create(apply_fn=net.apply, params=params, tx=optimizer(config))
   return state.replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints restore it
 
 
