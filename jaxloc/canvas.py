@@ -20,6 +20,7 @@ from typing import TypedDict
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxloc import boxes
 from jaxloc.errors import UserError
@@ -113,3 +114,152 @@ def sample_batch(
 def validation_offsets(key: jax.Array, num: int, canvas_size: int) -> jax.Array:
   """The fixed validation layout: one offset per test digit, from a fixed key."""
   return sample_offsets(key, num, canvas_size)
+
+
+# --- Scenes: up to K digits per canvas, for the presence / count / detection cases ---
+
+
+class Scene(TypedDict):
+  image: jax.Array  # float32 [B, H, W, 1] in [0, 1]
+  label: jax.Array  # int32 [B, K], class of each slot (0 where not valid)
+  box: jax.Array  # float32 [B, K, 4], normalised xyxy (zeros where not valid)
+  valid: jax.Array  # bool [B, K], slot holds an object to detect
+  count: jax.Array  # int32 [B], number of valid slots
+
+
+def check_scene(canvas_size: int, max_objects: int, max_size: int, max_overlap: float) -> None:
+  """Rejects layouts that cannot be placed: digits larger than the canvas, or K digits
+  that cannot sit on it without overlap."""
+  check_canvas_size(canvas_size)
+  if max_size > canvas_size:
+    raise UserError(f"digits of {max_size}px do not fit a {canvas_size}px canvas")
+  per_side = canvas_size // max_size
+  if max_overlap <= 0.0 and per_side * per_side < max_objects:
+    need = int(np.ceil(np.sqrt(max_objects))) * max_size
+    raise UserError(
+      f"{max_objects} digits of up to {max_size}px cannot be placed without overlap on a "
+      f"{canvas_size}px canvas (at most {per_side * per_side} fit); use canvas_size >= {need}, "
+      "fewer max_objects, smaller digits or allow max_overlap > 0"
+    )
+
+
+def ink_extent(digits_NxDxD: jax.Array) -> jax.Array:
+  """Tight ink box of each 28x28 digit in its own pixels: int32 [N, 4] xyxy (xmax exclusive)."""
+  ink = digits_NxDxD > 0
+  cols, rows = ink.any(axis=1), ink.any(axis=2)
+  idx = jnp.arange(DIGIT_SIZE)
+  first = lambda m: jnp.min(jnp.where(m, idx[None, :], DIGIT_SIZE), axis=1)
+  last = lambda m: jnp.max(jnp.where(m, idx[None, :], -1), axis=1) + 1
+  empty = ~ink.any(axis=(1, 2))
+  box = jnp.stack([first(cols), first(rows), last(cols), last(rows)], axis=-1)
+  return jnp.where(empty[:, None], jnp.array([0, 0, DIGIT_SIZE, DIGIT_SIZE]), box)
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "batch_size",
+    "canvas_size",
+    "max_objects",
+    "count_probs",
+    "target_class",
+    "distractor_prob",
+    "size_range",
+    "tight_boxes",
+    "max_overlap",
+    "tries",
+  ),
+)
+def sample_scene(
+  key: jax.Array,
+  digits: jax.Array,
+  labels: jax.Array,
+  *,
+  batch_size: int,
+  canvas_size: int,
+  max_objects: int,
+  count_probs: tuple[float, ...],
+  target_class: int = -1,
+  distractor_prob: float = 0.0,
+  size_range: tuple[int, int] = (DIGIT_SIZE, DIGIT_SIZE),
+  tight_boxes: bool = False,
+  max_overlap: float = 0.0,
+  tries: int = 32,
+) -> Scene:
+  """Canvases with a random number of digits, as fixed-shape slots with a validity mask.
+
+  - The count n is drawn from `count_probs` (entry i: probability of i objects, i <= K).
+  - Objects are digits of any class, or only of `target_class` when it is >= 0; then an
+    empty canvas gets one digit of another class (a distractor, not a target) with
+    probability `distractor_prob`.
+  - Each digit is resized to an integer side in `size_range` (inclusive) and placed at
+    a uniform offset; a placement whose IoU with an earlier digit exceeds
+    `max_overlap` is redrawn, up to `tries` times, after which that digit is dropped
+    (so overlap limits always hold; `check_scene` rejects layouts where this is not rare).
+  - Targets are ordered left to right by box xmin (ties: ymin); empty slots come last
+    with box and label zero. The order is therefore visible in the image and carries
+    no hidden information; the losses match slots to targets as a set anyway.
+  """
+  k_slots = max_objects + 1  # the last slot holds the distractor, never a target
+  keys = jax.random.split(key, 6)
+  count = jax.random.categorical(
+    keys[0], jnp.log(jnp.asarray(count_probs, jnp.float32)), shape=(batch_size,)
+  )
+  is_target = labels == target_class if target_class >= 0 else jnp.ones_like(labels, bool)
+  pick = lambda k, allowed: jax.random.categorical(
+    k, jnp.where(allowed, 0.0, -jnp.inf)[None, :], shape=(batch_size, k_slots)
+  )
+  index = pick(keys[1], is_target)
+  if target_class >= 0:
+    index = index.at[:, -1].set(pick(keys[2], ~is_target)[:, -1])
+  distractor = (count == 0) & jax.random.bernoulli(keys[3], distractor_prob, (batch_size,))
+  wanted = jnp.arange(k_slots)[None, :] < count[:, None]
+  wanted = wanted.at[:, -1].set(distractor if target_class >= 0 else False)
+  size = jax.random.randint(keys[4], (batch_size, k_slots), size_range[0], size_range[1] + 1)
+
+  # Sequential placement with rejection: slot j tries `tries` offsets, keeps the first
+  # whose patch overlaps the earlier placed patches by IoU <= max_overlap.
+  xy_keys = jax.random.split(keys[5], k_slots)
+  placed_box = jnp.zeros((batch_size, k_slots, 4))
+  placed = jnp.zeros((batch_size, k_slots), bool)
+  xy_all = jnp.zeros((batch_size, k_slots, 2), jnp.int32)
+  for j in range(k_slots):
+    span = canvas_size - size[:, j] + 1  # offsets 0 .. canvas - size
+    u = jax.random.uniform(xy_keys[j], (batch_size, tries, 2))
+    cand = jnp.floor(u * span[:, None, None]).astype(jnp.int32)
+    cand_box = boxes.patch_box(cand[..., 0], cand[..., 1], size[:, j, None], canvas_size)
+    prev = jnp.repeat(placed_box[:, None, :, :], tries, axis=1)  # [B, T, K, 4]
+    ious = boxes.iou(jnp.repeat(cand_box[:, :, None, :], k_slots, axis=2), prev)
+    ok = jnp.all((ious <= max_overlap) | ~placed[:, None, :], axis=-1)  # [B, T]
+    first = jnp.argmax(ok, axis=1)
+    found = jnp.any(ok, axis=1) & wanted[:, j]
+    xy = jnp.take_along_axis(cand, first[:, None, None], axis=1)[:, 0]
+    xy_all = xy_all.at[:, j].set(xy)
+    placed = placed.at[:, j].set(found)
+    placed_box = placed_box.at[:, j].set(
+      jnp.where(found[:, None], jnp.take_along_axis(cand_box, first[:, None, None], 1)[:, 0], 0.0)
+    )
+
+  chosen = digits[index]  # [B, K+1, 28, 28]
+  image = paste(chosen, xy_all, size, placed, canvas_size=canvas_size)
+  if tight_boxes:
+    ext = ink_extent(chosen.reshape(-1, DIGIT_SIZE, DIGIT_SIZE)).reshape(batch_size, k_slots, 4)
+    scale = (size / DIGIT_SIZE)[..., None]
+    origin = jnp.concatenate([xy_all, xy_all], axis=-1)
+    box = (origin + ext * scale) / canvas_size
+  else:
+    box = placed_box
+  valid = placed[:, :max_objects]
+  box = jnp.where(valid[..., None], box[:, :max_objects], 0.0)
+  label = jnp.where(valid, labels[index[:, :max_objects]], 0)
+  # Order: valid slots first, left to right (xmin, then ymin).
+  sort_key = jnp.where(valid, box[..., 0] + box[..., 1] * 1e-4, 1e9)  # ymin breaks ties
+  order = jnp.argsort(sort_key, axis=1)
+  take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), 1)
+  return Scene(
+    image=image,
+    label=take(label).astype(jnp.int32),
+    box=take(box),
+    valid=take(valid),
+    count=jnp.sum(valid, axis=1).astype(jnp.int32),
+  )

@@ -1,0 +1,99 @@
+"""Multi-digit scenes: masks and counts, boxes, overlap, empty canvases, config errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxloc import boxes, canvas
+from jaxloc.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_dir):
+  from jaxloc import mnist
+
+  x, y = mnist.load("train", mnist_dir=mnist_dir)
+  return jnp.asarray(x[:2000]), jnp.asarray(y[:2000])
+
+
+def _scene(digits, **kw):
+  args = dict(batch_size=256, canvas_size=128, max_objects=2, count_probs=(1 / 3, 1 / 3, 1 / 3))
+  args.update(kw)
+  return jax.device_get(canvas.sample_scene(jax.random.key(0), *digits, **args))
+
+
+def test_mask_and_count_consistent(digits):
+  s = _scene(digits)
+  assert s["valid"].shape == (256, 2) and s["box"].shape == (256, 2, 4)
+  np.testing.assert_array_equal(s["count"], s["valid"].sum(1))
+  assert set(np.unique(s["count"])) == {0, 1, 2}
+  # valid slots come first; empty slots hold zeros, never NaN
+  assert not np.any(~s["valid"][:, 0] & s["valid"][:, 1])
+  assert np.all(s["box"][~s["valid"]] == 0) and np.all(s["label"][~s["valid"]] == 0)
+  assert np.isfinite(s["box"]).all()
+
+
+def test_empty_canvases_are_all_zeros(digits):
+  s = _scene(digits)
+  empty = s["count"] == 0
+  assert empty.any() and not s["image"][empty].any()
+
+
+def test_boxes_contain_every_pixel_and_no_overlap(digits):
+  for tight in (False, True):
+    s = _scene(digits, tight_boxes=tight)
+    for i in range(256):
+      image = s["image"][i, :, :, 0].copy()
+      for b in s["box"][i][s["valid"][i]]:
+        x0, y0, x1, y1 = np.rint(b * 128).astype(int)
+        image[y0:y1, x0:x1] = 0
+      assert not image.any(), f"ink outside the boxes (tight={tight})"
+    both = s["valid"].all(1)
+    iou = boxes.iou(jnp.asarray(s["box"][both, 0]), jnp.asarray(s["box"][both, 1]))
+    assert float(iou.max()) == 0.0
+
+
+def test_targets_ordered_left_to_right(digits):
+  s = _scene(digits)
+  both = s["valid"].all(1)
+  assert np.all(s["box"][both, 0, 0] <= s["box"][both, 1, 0])
+
+
+def test_single_class_with_distractors(digits):
+  s = _scene(
+    digits,
+    max_objects=1,
+    count_probs=(0.5, 0.5),
+    target_class=1,
+    distractor_prob=0.5,
+    batch_size=2000,
+  )
+  assert np.all(s["label"][s["valid"]] == 1)
+  present = s["valid"][:, 0]
+  has_ink = s["image"].reshape(2000, -1).max(1) > 0
+  distractor = ~present & has_ink
+  assert 0.45 < present.mean() < 0.55 and 0.2 < distractor.mean() < 0.3
+  assert 0.2 < (~has_ink).mean() < 0.3
+
+
+def test_many_digits_and_scales(digits):
+  s = _scene(digits, max_objects=5, count_probs=(0, 0, 0, 0, 0, 1.0), size_range=(20, 36))
+  assert s["count"].mean() > 4.95  # rejection rarely has to drop a digit
+  widths = np.rint((s["box"][..., 2] - s["box"][..., 0]) * 128)[s["valid"]]
+  assert widths.min() == 20 and widths.max() == 36
+
+
+def test_same_key_same_scene(digits):
+  a = _scene(digits)
+  b = _scene(digits)
+  np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_layout_that_cannot_fit_is_rejected():
+  with pytest.raises(UserError, match="cannot be placed without overlap.*canvas_size >= 84"):
+    canvas.check_scene(75, 5, 28, 0.0)
+  with pytest.raises(UserError, match="do not fit"):
+    canvas.check_scene(64, 1, 80, 0.0)
+  canvas.check_scene(128, 5, 28, 0.0)
+  canvas.check_scene(75, 5, 28, 0.3)
