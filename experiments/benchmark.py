@@ -123,17 +123,12 @@ def train_jaxloc(steps):
   config = digit.get_config()
   digits, labels = (jax.numpy.asarray(a) for a in _digits())
   init_key, data_key = jax.random.split(jax.random.key(0))
-  state, sums = train.create_train_state(init_key, config), train.zero_metrics()
+  sample_fn, loss_fn = train.task_functions(config)
+  state = train.create_train_state(init_key, config)
+  sums = train.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
   n = train.resolve_steps_per_call(_STEPS_PER_CALL.value)
   fn = jax.jit(
-    functools.partial(
-      train.train_steps,
-      num_steps=n,
-      batch_size=BATCH,
-      canvas_size=CANVAS,
-      class_weight=1.0,
-      box_weight=1.0,
-    ),
+    functools.partial(train.train_steps, num_steps=n, sample_fn=sample_fn, loss_fn=loss_fn),
     donate_argnums=(0, 1),
   )
   t = time.perf_counter()

@@ -30,20 +30,13 @@ def main(argv):
   mesh = parallel.data_mesh()
   _, _, val = parallel.replicate(train.load_data(config), mesh)
   net = model.create_model(config)
-  summary, per = train.evaluate(
-    net.apply,
-    predictor.params,
-    val,
-    canvas_size=config.canvas_size,
-    batch_size=config.eval_batch_size,
-    mesh=mesh,
-  )
+  summary, per = train.make_evaluator(config, net.apply, mesh)(predictor.params, val)
   path = lambda name: os.path.join(work_dir, name)
   with workdir.lock(work_dir):
     previous = (
       workdir.read_json(path(workdir.METRICS)) if os.path.exists(path(workdir.METRICS)) else {}
     )
-    history = [r for r in workdir.read_jsonl(path(workdir.METRICS_LOG)) if "val/accuracy" in r]
+    history = [r for r in workdir.read_jsonl(path(workdir.METRICS_LOG)) if "val/num_val" in r]
     train.write_plots(work_dir, config, val, per, history)
     final = {**previous, **summary}
     workdir.write_json(path(workdir.METRICS), final)

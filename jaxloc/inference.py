@@ -7,6 +7,12 @@
 
 Boxes follow `jaxloc.boxes`: normalised (xmin, ymin, xmax, ymax); `box_px` is the
 same box in pixels of the canvas. The model is jitted once per batch shape.
+
+For a scene model (the presence / count / detection cases) the result also holds
+`count` [N], `count_probs` [N,K+1], `presence` [N], `objectness` [N,K], and the
+per-slot `label`, `probs`, `score` (objectness x class probability) and boxes
+shaped [N,K,...]. Slots are unordered: keep those with a high `score`, or the
+`count` slots of highest `objectness`.
 """
 
 import os
@@ -88,6 +94,20 @@ class Predictor:
     x = to_canvas_batch(images, self.canvas_size)
     out = self._apply({"params": self.params}, x)
     probs = jax.nn.softmax(out["logits"], axis=-1)
+    if "count_logits" in out:  # a scene model: K slots
+      count_probs = jax.nn.softmax(out["count_logits"], axis=-1)
+      objectness = jax.nn.sigmoid(out["objectness"])
+      return {
+        "count": np.asarray(jnp.argmax(count_probs, -1), np.int32),
+        "count_probs": np.asarray(count_probs),
+        "presence": np.asarray(jnp.argmax(count_probs, -1) > 0),
+        "objectness": np.asarray(objectness),
+        "label": np.asarray(jnp.argmax(probs, -1), np.int32),
+        "probs": np.asarray(probs),
+        "score": np.asarray(objectness * jnp.max(probs, -1)),
+        "box": np.asarray(out["box"]),
+        "box_px": np.asarray(boxes.to_pixels(out["box"], self.canvas_size)),
+      }
     return {
       "label": np.asarray(jnp.argmax(probs, -1), np.int32),
       "probs": np.asarray(probs),

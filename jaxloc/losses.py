@@ -5,6 +5,8 @@ cross-entropy on one-hot labels). Box: mean squared error over the 4 normalised
 coordinates (Keras' `mse`: mean over coordinates, then over the batch).
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -27,4 +29,88 @@ def total_loss(
   cls = jnp.mean(class_loss(outputs["logits"], batch["label"]))
   box = jnp.mean(box_loss(outputs["box"], batch["box"]))
   loss = class_weight * cls + box_weight * box
-  return loss, {"loss": loss, "class_loss": cls, "box_loss": box}
+  accuracy = jnp.mean(jnp.argmax(outputs["logits"], -1) == batch["label"])
+  return loss, {"loss": loss, "class_loss": cls, "box_loss": box, "accuracy": accuracy}
+
+
+# --- Scenes: K slots, matched to the targets as a set ---
+
+EXHAUSTIVE_MAX_K = 5  # up to 5! = 120 permutations; above that, the Hungarian algorithm
+
+
+def match_cost(outputs: dict[str, jax.Array], scene, *, classify: bool) -> jax.Array:
+  """cost[b, i, j] of giving predicted slot i to target j: box MSE (+ class cross-entropy)."""
+  k = scene["box"].shape[1]
+  pred = jnp.repeat(outputs["box"][:, :, None, :], k, axis=2)  # [B, Kpred, Ktarget, 4]
+  true = jnp.repeat(scene["box"][:, None, :, :], k, axis=1)
+  cost = box_loss(pred, true)
+  if classify:
+    logp = jax.nn.log_softmax(outputs["logits"], axis=-1)  # [B, K, C]
+    label = jnp.repeat(scene["label"][:, None, :], k, axis=1)  # [B, Kpred, Ktarget]
+    cost = cost - jnp.take_along_axis(logp, label, axis=2)
+  return cost
+
+
+def match(cost_BxKxK: jax.Array, valid_BxK: jax.Array) -> jax.Array:
+  """For each target slot j, the predicted slot assigned to it: int32 [B, K].
+
+  Minimises the total cost over valid targets; empty targets take the remaining
+  predicted slots. Exhaustive over permutations for K <= 5, Hungarian above.
+  """
+  k = cost_BxKxK.shape[-1]
+  cost = jnp.where(valid_BxK[:, None, :], cost_BxKxK, 0.0)
+  if k <= EXHAUSTIVE_MAX_K:
+    perms = jnp.asarray(list(itertools.permutations(range(k))), jnp.int32)  # [P, K]
+    target = jnp.arange(k)
+    total = cost[:, perms, target[None, :]].sum(-1)  # [B, P]
+    return perms[jnp.argmin(total, axis=1)]
+
+  def one(c):
+    rows, cols = optax.assignment.hungarian_algorithm(c)
+    return jnp.zeros(k, jnp.int32).at[cols].set(rows.astype(jnp.int32))
+
+  return jax.vmap(one)(cost)
+
+
+def scene_loss(
+  outputs: dict[str, jax.Array],
+  scene,
+  *,
+  classify: bool,
+  count_weight: float,
+  objectness_weight: float,
+  class_weight: float,
+  box_weight: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Count cross-entropy + slot objectness BCE + matched class CE + matched box MSE.
+
+  Class and box losses average over the valid targets of the batch (zero, not NaN,
+  when the batch holds none). Matching is set-based, so swapping predicted slots
+  does not change the loss.
+  """
+  valid = scene["valid"]
+  assign = jax.lax.stop_gradient(match(match_cost(outputs, scene, classify=classify), valid))
+  take = lambda a: jnp.take_along_axis(a, assign.reshape(assign.shape + (1,) * (a.ndim - 2)), 1)
+  v = valid.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(v), 1.0)
+  box = jnp.sum(v * box_loss(take(outputs["box"]), scene["box"])) / n
+  cls = jnp.sum(v * class_loss(take(outputs["logits"]), scene["label"])) / n
+  # A predicted slot is an object when some valid target is assigned to it.
+  is_object = jnp.zeros_like(v).at[jnp.arange(v.shape[0])[:, None], assign].max(v)
+  obj = jnp.mean(optax.sigmoid_binary_cross_entropy(outputs["objectness"], is_object))
+  count = jnp.mean(
+    optax.softmax_cross_entropy_with_integer_labels(outputs["count_logits"], scene["count"])
+  )
+  loss = count_weight * count + objectness_weight * obj + box_weight * box
+  if classify:
+    loss = loss + class_weight * cls
+  parts = {
+    "loss": loss,
+    "count_loss": count,
+    "objectness_loss": obj,
+    "box_loss": box,
+    "count_accuracy": jnp.mean(jnp.argmax(outputs["count_logits"], -1) == scene["count"]),
+  }
+  if classify:
+    parts["class_loss"] = cls
+  return loss, parts

@@ -78,8 +78,10 @@ def _iou_matrix(a_Nx4: np.ndarray, b_Mx4: np.ndarray) -> np.ndarray:
   return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def _class_ap(dets: list, gts: dict, threshold: float) -> float:
-  """AP of one class: dets = [(image, score, box)], gts = {image: [boxes]} (COCO matching)."""
+def _class_precision(dets: list, gts: dict, threshold: float) -> np.ndarray:
+  """Interpolated precision of one class at the 101 recall points (its mean is the AP).
+
+  dets = [(image, score, box)], gts = {image: [boxes]}; COCO's greedy matching."""
   n_gt = sum(len(b) for b in gts.values())
   dets = sorted(dets, key=lambda d: -d[1])  # stable: ties keep input order, as COCO
   used = {img: np.zeros(len(b), bool) for img, b in gts.items()}
@@ -97,10 +99,12 @@ def _class_ap(dets: list, gts: dict, threshold: float) -> float:
   precision = ctp / np.maximum(ctp + cfp, np.finfo(float).eps)
   precision = np.maximum.accumulate(precision[::-1])[::-1] if len(precision) else precision
   at = np.searchsorted(recall, RECALL_POINTS, side="left")
-  return float(np.mean([precision[i] if i < len(precision) else 0.0 for i in at]))
+  return np.array([precision[i] if i < len(precision) else 0.0 for i in at])
 
 
-def average_precision(detections: list[dict], ground_truth: list[dict]) -> dict[str, float]:
+def average_precision(
+  detections: list[dict], ground_truth: list[dict], *, with_curve: bool = False
+) -> dict:
   """COCO-style AP, AP50, AP75 over all classes that have ground truth.
 
   detections: dicts with image_id, category_id, score, box (xyxy, any unit);
@@ -110,7 +114,7 @@ def average_precision(detections: list[dict], ground_truth: list[dict]) -> dict[
   classes, then thresholds. All boxes count (no COCO area ranges; all digits are small).
   """
   classes = sorted({g["category_id"] for g in ground_truth})
-  table = np.zeros((len(IOU_THRESHOLDS), len(classes)))
+  table = np.zeros((len(IOU_THRESHOLDS), len(classes), len(RECALL_POINTS)))
   for c_i, c in enumerate(classes):
     gts: dict = {}
     for g in ground_truth:
@@ -118,15 +122,18 @@ def average_precision(detections: list[dict], ground_truth: list[dict]) -> dict[
         gts.setdefault(g["image_id"], []).append(g["box"])
     dets = [(d["image_id"], d["score"], d["box"]) for d in detections if d["category_id"] == c]
     for t_i, t in enumerate(IOU_THRESHOLDS):
-      table[t_i, c_i] = _class_ap(dets, gts, t)
+      table[t_i, c_i] = _class_precision(dets, gts, t)
   if not classes:
     return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
-  per_threshold = table.mean(axis=1)
-  return {
+  per_threshold = table.mean(axis=(1, 2))
+  result = {
     "AP": float(per_threshold.mean()),
     "AP50": float(per_threshold[0]),
     "AP75": float(per_threshold[5]),
   }
+  if with_curve:  # precision at the 101 recall points, IoU 0.5, mean over classes
+    result["pr50"] = table[0].mean(axis=0).tolist()
+  return result
 
 
 def coco_json(
@@ -166,3 +173,81 @@ def coco_json(
     for d in detections
   ]
   return gt, dets
+
+
+def scene_detections(per: dict, classify: bool) -> tuple[list[dict], list[dict]]:
+  """Every predicted slot as a scored detection, and every valid target as ground truth.
+
+  Score = objectness probability (x class probability when classes are predicted);
+  category = predicted class, or 0 for class-agnostic cases.
+  """
+  n, k = per["valid"].shape
+  dets, gts = [], []
+  for i in range(n):
+    for s in range(k):
+      score = per["objectness"][i, s] * (per["class_score"][i, s] if classify else 1.0)
+      dets.append(
+        {
+          "image_id": i,
+          "category_id": int(per["pred_label"][i, s]) if classify else 0,
+          "score": float(score),
+          "box": per["pred_box"][i, s].tolist(),
+        }
+      )
+      if per["valid"][i, s]:
+        gts.append(
+          {
+            "image_id": i,
+            "category_id": int(per["label"][i, s]) if classify else 0,
+            "box": per["box"][i, s].tolist(),
+          }
+        )
+  return dets, gts
+
+
+def scene_summary(per: dict, classify: bool, digit_size: float) -> dict[str, float]:
+  """Count / presence / class accuracy, IoU of matched digits, AP, and trivial baselines."""
+  valid = per["valid"]
+  matched = np.take_along_axis(per["pred_box"], per["assign"][..., None], axis=1)
+  ious = _elementwise_iou(matched, per["box"])[valid]
+  true_p, pred_p = per["count"] > 0, per["pred_count"] > 0
+  tp = np.sum(true_p & pred_p)
+  out = {
+    "num_val": int(len(per["count"])),
+    "count_accuracy": float(np.mean(per["count"] == per["pred_count"])),
+    "presence_accuracy": float(np.mean(true_p == pred_p)),
+    "presence_precision": float(tp / max(np.sum(pred_p), 1)),
+    "presence_recall": float(tp / max(np.sum(true_p), 1)),
+    "mean_iou": float(ious.mean()) if ious.size else 0.0,
+    "iou_at_0_6": float(np.mean(ious >= IOU_THRESHOLD)) if ious.size else 0.0,
+    # Trivial baselines: the majority count / presence, a fixed centre box of digit size.
+    "baseline_count_accuracy": float(np.bincount(per["count"]).max() / len(per["count"])),
+    "baseline_presence_accuracy": float(max(true_p.mean(), 1 - true_p.mean())),
+  }
+  half = digit_size / 2
+  centre = np.broadcast_to(
+    np.array([0.5 - half, 0.5 - half, 0.5 + half, 0.5 + half]), per["box"].shape
+  )
+  out["baseline_mean_iou"] = (
+    float(_elementwise_iou(centre, per["box"])[valid].mean()) if (valid.any()) else 0.0
+  )
+  if classify:
+    pred_label = np.take_along_axis(per["pred_label"], per["assign"], axis=1)
+    out["class_accuracy"] = float(np.mean(pred_label[valid] == per["label"][valid]))
+  dets, gts = scene_detections(per, classify)
+  out.update(average_precision(dets, gts))
+  return out
+
+
+def _elementwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  flat = _iou_matrix_diag(a.reshape(-1, 4), b.reshape(-1, 4))
+  return flat.reshape(a.shape[:-1])
+
+
+def _iou_matrix_diag(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  ix = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+  iy = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+  inter = ix * iy
+  area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)
+  union = area(a) + area(b) - inter
+  return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)

@@ -50,6 +50,15 @@ class Conv3x3(nn.Module):
     return (y + bias[None, :]).reshape(b, ho, wo, self.features)
 
 
+def _backbone(x, conv_features: Sequence[int], dense_features: int) -> jax.Array:
+  """Conv/pool stages, flatten, dense + relu. Called inside a compact method, so its
+  layers belong to (and are named in) the calling module."""
+  for features in conv_features:
+    x = avg_pool_2x2(nn.relu(Conv3x3(features)(x)))
+  x = x.reshape(x.shape[0], -1)
+  return nn.relu(nn.Dense(dense_features, kernel_init=KERAS_INIT)(x))
+
+
 class Localizer(nn.Module):
   """Seed backbone + class head + box head. Returns {'logits': [B,C], 'box': [B,4]}."""
 
@@ -59,14 +68,36 @@ class Localizer(nn.Module):
 
   @nn.compact
   def __call__(self, image_BxHxWx1: jax.Array) -> dict[str, jax.Array]:
-    x = image_BxHxWx1
-    for features in self.conv_features:
-      x = avg_pool_2x2(nn.relu(Conv3x3(features)(x)))
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(self.dense_features, kernel_init=KERAS_INIT)(x))
+    x = _backbone(image_BxHxWx1, self.conv_features, self.dense_features)
     logits = nn.Dense(self.num_classes, kernel_init=KERAS_INIT, name="class_head")(x)
     box = nn.Dense(4, kernel_init=KERAS_INIT, name="box_head")(x)
     return {"logits": logits, "box": box}
+
+
+class Detector(nn.Module):
+  """Seed backbone with heads for K object slots.
+
+  Returns {'count_logits': [B,K+1], 'objectness': [B,K] (logits),
+  'logits': [B,K,C] (class, per slot), 'box': [B,K,4] (normalised xyxy, per slot)}.
+  """
+
+  max_objects: int = 2
+  num_classes: int = 10
+  conv_features: Sequence[int] = (16, 32, 64)
+  dense_features: int = 128
+
+  @nn.compact
+  def __call__(self, image_BxHxWx1: jax.Array) -> dict[str, jax.Array]:
+    k, c = self.max_objects, self.num_classes
+    x = _backbone(image_BxHxWx1, self.conv_features, self.dense_features)
+    dense = lambda n, name: nn.Dense(n, kernel_init=KERAS_INIT, name=name)(x)
+    b = x.shape[0]
+    return {
+      "count_logits": dense(k + 1, "count_head"),
+      "objectness": dense(k, "objectness_head"),
+      "logits": dense(k * c, "class_head").reshape(b, k, c),
+      "box": dense(k * 4, "box_head").reshape(b, k, 4),
+    }
 
 
 def num_params(params) -> int:
@@ -77,10 +108,9 @@ def init_params(key: jax.Array, model: nn.Module, canvas_size: int):
   return model.init(key, jnp.zeros((1, canvas_size, canvas_size, 1), jnp.float32))["params"]
 
 
-def create_model(config) -> Localizer:
-  """The model a config describes (fields `conv_features`, `dense_features`)."""
-  return Localizer(
-    num_classes=10,
-    conv_features=tuple(config.conv_features),
-    dense_features=config.dense_features,
-  )
+def create_model(config) -> nn.Module:
+  """The model a config describes: a `Localizer`, or a `Detector` when `config.scene` is set."""
+  common = dict(conv_features=tuple(config.conv_features), dense_features=config.dense_features)
+  if config.get("scene"):
+    return Detector(max_objects=config.scene.max_objects, num_classes=10, **common)
+  return Localizer(num_classes=10, **common)

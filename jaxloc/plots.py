@@ -23,15 +23,61 @@ def _save(fig, path: str) -> None:
 
 
 def plot_curves(history: list[dict], path: str) -> None:
-  """Train and validation class / box loss per epoch from the evaluation records."""
+  """Train and validation losses per epoch (class and box, plus count for scenes)."""
   epochs = [r["epoch"] for r in history]
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  for ax, part in zip(axes, ("class_loss", "box_loss"), strict=True):
-    ax.plot(epochs, [r[f"train/{part}"] for r in history], "o-", label="train")
+  parts = [p for p in ("class_loss", "box_loss", "count_loss") if f"val/{p}" in history[-1]]
+  fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 3.8), squeeze=False)
+  for ax, part in zip(axes[0], parts, strict=True):
+    ax.plot(epochs, [r.get(f"train/{part}") for r in history], "o-", label="train")
     ax.plot(epochs, [r[f"val/{part}"] for r in history], "o-", label="validation")
     ax.set_xlabel("epoch")
     ax.set_title(part.replace("_", " "))
     ax.legend()
+  _save(fig, path)
+
+
+def plot_pr(recall: np.ndarray, precision: np.ndarray, ap50: float, path: str) -> None:
+  """Interpolated precision-recall curve at IoU 0.5 (mean over classes)."""
+  fig, ax = plt.subplots(figsize=(4.5, 4))
+  ax.plot(recall, precision)
+  ax.set(
+    xlabel="recall",
+    ylabel="precision",
+    xlim=(0, 1),
+    ylim=(0, 1.02),
+    title=f"IoU 0.5: AP50 = {ap50:.3f}",
+  )
+  _save(fig, path)
+
+
+def plot_scenes(image_NxHxW: np.ndarray, per: dict, classify: bool, path: str, cols: int = 8):
+  """Scenes with true boxes green and predicted boxes red (class and score).
+
+  Drawn predictions: the `pred_count` slots of highest objectness.
+  """
+  n, size = image_NxHxW.shape[0], image_NxHxW.shape[1]
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.0 * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for i, ax in enumerate(axes.flat[:n]):
+    ax.imshow(image_NxHxW[i], cmap="gray", vmin=0, vmax=1)
+    for box in per["box"][i][per["valid"][i]]:
+      _rect(ax, box * size, "lime")
+    order = np.argsort(-per["objectness"][i])[: int(per["pred_count"][i])]
+    for s in order:
+      box = per["pred_box"][i, s] * size
+      _rect(ax, box, "red")
+      text = f"{per['pred_label'][i, s]} " if classify else ""
+      ax.text(
+        box[0],
+        box[1] - 1,
+        f"{text}{per['objectness'][i, s]:.2f}",
+        color="red",
+        fontsize=6,
+        va="bottom",
+      )
+    ax.set_title(f"count {per['count'][i]}, pred {per['pred_count'][i]}", fontsize=7, y=-0.18)
   _save(fig, path)
 
 

@@ -43,25 +43,61 @@ def create_train_state(key: jax.Array, config: ml_collections.ConfigDict) -> Tra
 
 
 def train_step(
-  state: TrainState, batch: canvas.Batch, *, class_weight: float = 1.0, box_weight: float = 1.0
+  state: TrainState, batch, *, loss_fn=losses.total_loss
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One Adam step on the weighted class + box loss; returns scalar metrics."""
+  """One Adam step on `loss_fn(outputs, batch) -> (loss, parts)`; returns the parts."""
 
-  def loss_fn(params):
-    outputs = state.apply_fn({"params": params}, batch["image"])
-    loss, parts = losses.total_loss(
-      outputs, batch, class_weight=class_weight, box_weight=box_weight
-    )
-    parts["accuracy"] = jnp.mean(jnp.argmax(outputs["logits"], -1) == batch["label"])
-    return loss, parts
+  def objective(params):
+    return loss_fn(state.apply_fn({"params": params}, batch["image"]), batch)
 
-  grads, step_metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads, step_metrics = jax.grad(objective, has_aux=True)(state.params)
   return state.apply_gradients(grads=grads), step_metrics
 
 
-def zero_metrics() -> dict[str, jax.Array]:
-  names = ("loss", "class_loss", "box_loss", "accuracy")
-  return {name: jnp.zeros((), jnp.float32) for name in names}
+def task_functions(config: ml_collections.ConfigDict):
+  """(sample_fn(key, digits, labels) -> batch, loss_fn(outputs, batch)) for the config's task:
+  one digit per canvas (the seed), or scenes of up to K digits when `config.scene` is set."""
+  if config.get("scene"):
+    sc = config.scene
+    sample_fn = functools.partial(canvas.sample_scene, **scene_args(config))
+    loss_fn = functools.partial(
+      losses.scene_loss,
+      classify=sc.classify,
+      count_weight=sc.count_loss_weight,
+      objectness_weight=sc.objectness_loss_weight,
+      class_weight=config.class_loss_weight,
+      box_weight=config.box_loss_weight,
+    )
+  else:
+    sample_fn = functools.partial(
+      canvas.sample_batch, batch_size=config.batch_size, canvas_size=config.canvas_size
+    )
+    loss_fn = functools.partial(
+      losses.total_loss, class_weight=config.class_loss_weight, box_weight=config.box_loss_weight
+    )
+  return sample_fn, loss_fn
+
+
+def scene_args(config: ml_collections.ConfigDict, batch_size: int | None = None) -> dict:
+  sc = config.scene
+  return dict(
+    batch_size=batch_size or config.batch_size,
+    canvas_size=config.canvas_size,
+    max_objects=sc.max_objects,
+    count_probs=tuple(sc.count_probs),
+    target_class=sc.target_class,
+    distractor_prob=sc.distractor_prob,
+    size_range=tuple(sc.size_range),
+    tight_boxes=sc.box_type == "tight",
+    max_overlap=sc.max_overlap,
+  )
+
+
+def zero_metrics(state, digits, labels, *, sample_fn, loss_fn) -> dict[str, jax.Array]:
+  """Zeros shaped like the metrics of one step (found by tracing, nothing is computed)."""
+  step = lambda: train_step(state, sample_fn(jax.random.key(0), digits, labels), loss_fn=loss_fn)
+  shapes = jax.eval_shape(step)[1]
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def train_steps(
@@ -72,23 +108,21 @@ def train_steps(
   data_key: jax.Array,
   *,
   num_steps: int,
-  batch_size: int,
-  canvas_size: int,
-  class_weight: float,
-  box_weight: float,
+  sample_fn,
+  loss_fn,
   mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """`num_steps` steps, each on a fresh batch drawn on the device; adds metrics to `sums`.
 
-  With a `mesh`, every batch is sharded over its `data` axis (data parallelism).
+  Batch t is `sample_fn(fold_in(data_key, t), digits, labels)`. With a `mesh`, every
+  batch is sharded over its `data` axis (data parallelism).
   """
 
   def one(carry, _):
     state, sums = carry
-    key = jax.random.fold_in(data_key, state.step)
-    batch = canvas.sample_batch(key, digits, labels, batch_size=batch_size, canvas_size=canvas_size)
+    batch = sample_fn(jax.random.fold_in(data_key, state.step), digits, labels)
     batch = parallel.shard_batch(batch, mesh)
-    state, m = train_step(state, batch, class_weight=class_weight, box_weight=box_weight)
+    state, m = train_step(state, batch, loss_fn=loss_fn)
     return (state, jax.tree_util.tree_map(jnp.add, sums, m)), None
 
   if num_steps == 1:
@@ -129,6 +163,82 @@ def evaluate(apply_fn, params, val: dict, *, canvas_size: int, batch_size: int, 
     per.append(jax.tree_util.tree_map(lambda a, m=mask: np.asarray(a)[m], ex))
   per = {k: np.concatenate([p[k] for p in per]) for k in per[0]}
   return metrics.summarize(jax.device_get(totals), per["iou"]), per
+
+
+SCENE_VAL_CHUNK = 500  # scene validation canvases per key: chunk i uses fold_in(val_key, i)
+
+
+def evaluate_scenes(apply_fn, params, val: dict, config, *, mesh=None):
+  """Scores the fixed validation scenes; returns (summary, per-canvas numpy arrays)."""
+  sc, n = config.scene, config.num_val if config.num_val > 0 else 10_000
+  chunk = min(SCENE_VAL_CHUNK, n)
+  loss_args = (
+    ("classify", sc.classify),
+    ("count_weight", sc.count_loss_weight),
+    ("objectness_weight", sc.objectness_loss_weight),
+    ("class_weight", config.class_loss_weight),
+    ("box_weight", config.box_loss_weight),
+  )
+  step = _scene_eval_step(
+    apply_fn,
+    tuple(scene_args(config, chunk).items()),
+    loss_args,
+    mesh if chunk % jax.device_count() == 0 else None,
+  )
+  val_key = jax.random.key(config.val_seed)
+  per, parts = [], []
+  for i in range(-(-n // chunk)):
+    ex, loss_parts = step(params, jax.random.fold_in(val_key, i), val["digits"], val["labels"])
+    per.append(jax.device_get(ex))
+    parts.append(jax.device_get(loss_parts))
+  per = {k: np.concatenate([p[k] for p in per])[:n] for k in per[0]}
+  summary = metrics.scene_summary(per, sc.classify, np.mean(sc.size_range) / config.canvas_size)
+  summary.update({k: float(np.mean([p[k] for p in parts])) for k in parts[0] if "_loss" in k})
+  return summary, per
+
+
+@functools.lru_cache(maxsize=8)
+def _scene_eval_step(apply_fn, sample_args: tuple, loss_args: tuple, mesh):
+  """The jitted scoring of one chunk of validation scenes (compiled once per config)."""
+  classify = dict(loss_args)["classify"]
+
+  @jax.jit
+  def step(params, key, digits, labels):
+    scene = canvas.sample_scene(key, digits, labels, **dict(sample_args))
+    scene = parallel.shard_batch(scene, mesh)
+    out = apply_fn({"params": params}, scene["image"])
+    _, parts = losses.scene_loss(out, scene, **dict(loss_args))
+    assign = losses.match(losses.match_cost(out, scene, classify=classify), scene["valid"])
+    probs = jax.nn.softmax(out["logits"], -1)
+    ex = {
+      "count": scene["count"],
+      "valid": scene["valid"],
+      "box": scene["box"],
+      "label": scene["label"],
+      "assign": assign,
+      "pred_box": out["box"],
+      "pred_count": jnp.argmax(out["count_logits"], -1),
+      "pred_label": jnp.argmax(probs, -1),
+      "class_score": jnp.max(probs, -1),
+      "objectness": jax.nn.sigmoid(out["objectness"]),
+    }
+    return ex, parts
+
+  return step
+
+
+def make_evaluator(config, apply_fn, mesh=None):
+  """`evaluator(params, val) -> (summary, per-canvas arrays)` for the config's task."""
+  if config.get("scene"):
+    return lambda params, val: evaluate_scenes(apply_fn, params, val, config, mesh=mesh)
+  return lambda params, val: evaluate(
+    apply_fn,
+    params,
+    val,
+    canvas_size=config.canvas_size,
+    batch_size=config.eval_batch_size,
+    mesh=mesh,
+  )
 
 
 # Fields that may change when a run is resumed: they change neither the model,
@@ -186,14 +296,42 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not config.learning_rate > 0:
     raise UserError(f"config.learning_rate={config.learning_rate!r} must be positive")
   canvas.check_canvas_size(config.canvas_size)
+  if config.get("scene"):
+    check_scene_config(config)
   parallel.check_divisible(config.batch_size)
   parallel.check_divisible(config.eval_batch_size, "eval_batch_size")
+
+
+def check_scene_config(config: ml_collections.ConfigDict) -> None:
+  sc = config.scene
+  k = sc.max_objects
+  if not isinstance(k, int) or k < 1:
+    raise UserError(f"config.scene.max_objects={k!r} must be a positive integer")
+  probs = tuple(sc.count_probs)
+  if len(probs) != k + 1 or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+    raise UserError(
+      f"config.scene.count_probs={probs} must be {k + 1} probabilities (counts 0..{k}) "
+      "that sum to 1"
+    )
+  lo, hi = tuple(sc.size_range)
+  if not 1 <= lo <= hi:
+    raise UserError(f"config.scene.size_range=({lo}, {hi}) must satisfy 1 <= min <= max")
+  if sc.box_type not in ("patch", "tight"):
+    raise UserError(f"config.scene.box_type={sc.box_type!r}: use 'patch' or 'tight'")
+  if not -1 <= sc.target_class <= 9:
+    raise UserError(f"config.scene.target_class={sc.target_class}: use -1 (any) or 0..9")
+  if sc.target_class < 0 and sc.distractor_prob > 0:
+    raise UserError("config.scene.distractor_prob needs a config.scene.target_class >= 0")
+  canvas.check_scene(config.canvas_size, k + (sc.distractor_prob > 0), hi, sc.max_overlap)
 
 
 def load_data(config: ml_collections.ConfigDict):
   """Training digits and the fixed validation set, on the device."""
   train_digits, train_labels = mnist.load("train", mnist_dir=config.mnist_dir or None)
   test_digits, test_labels = mnist.load("test", mnist_dir=config.mnist_dir or None)
+  if config.get("scene"):  # validation scenes are drawn from the test digits with a fixed key
+    val = {"digits": jnp.asarray(test_digits), "labels": jnp.asarray(test_labels)}
+    return jnp.asarray(train_digits), jnp.asarray(train_labels), val
   if config.num_val > 0:
     test_digits, test_labels = test_digits[: config.num_val], test_labels[: config.num_val]
   val_key = jax.random.key(config.val_seed)
@@ -251,8 +389,12 @@ def _check_resume(path: str, config: ml_collections.ConfigDict, latest, *, fresh
 
 
 def write_plots(out_dir: str, config, val: dict, per: dict, history: list[dict]) -> None:
-  """curves.png from the evaluation records, predictions.png of the first validation canvases."""
+  """curves.png from the evaluation records, predictions.png of the first validation canvases;
+  for scenes also pr.png and the COCO JSON files of the validation detections."""
   plots.plot_curves(history, os.path.join(out_dir, "curves.png"))
+  if config.get("scene"):
+    _write_scene_outputs(out_dir, config, val, per)
+    return
   k = min(config.num_plot, len(per["iou"]))
   images = canvas.render(
     val["digits"][:k], val["labels"][:k], val["xy"][:k], canvas_size=config.canvas_size
@@ -265,6 +407,34 @@ def write_plots(out_dir: str, config, val: dict, per: dict, history: list[dict])
     per["iou"][:k],
     os.path.join(out_dir, "predictions.png"),
     true_label_N=np.asarray(val["labels"][:k]),
+  )
+
+
+def _write_scene_outputs(out_dir: str, config, val: dict, per: dict) -> None:
+  classify = config.scene.classify
+  dets, gts = metrics.scene_detections(per, classify)
+  gt_json, det_json = metrics.coco_json(
+    dets, gts, config.canvas_size, len(per["count"]), range(10) if classify else [0]
+  )
+  workdir.write_json(os.path.join(out_dir, "ground_truth.json"), gt_json)
+  workdir.write_json(os.path.join(out_dir, "detections.json"), det_json)
+  curve = metrics.average_precision(dets, gts, with_curve=True)
+  plots.plot_pr(
+    metrics.RECALL_POINTS, np.asarray(curve["pr50"]), curve["AP50"], os.path.join(out_dir, "pr.png")
+  )
+  k = min(config.num_plot, len(per["count"]))
+  chunk = min(SCENE_VAL_CHUNK, config.num_val if config.num_val > 0 else 10_000)
+  first = canvas.sample_scene(
+    jax.random.fold_in(jax.random.key(config.val_seed), 0),
+    val["digits"],
+    val["labels"],
+    **scene_args(config, chunk),
+  )
+  plots.plot_scenes(
+    np.asarray(first["image"][:k, :, :, 0]),
+    {name: a[:k] for name, a in per.items()},
+    classify,
+    os.path.join(out_dir, "predictions.png"),
   )
 
 
@@ -308,13 +478,11 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
   n_params = model.num_params(state.params)
   steps_per_call = resolve_steps_per_call(config.steps_per_call)
 
-  static = dict(
-    batch_size=config.batch_size,
-    canvas_size=config.canvas_size,
-    class_weight=config.class_loss_weight,
-    box_weight=config.box_loss_weight,
-    mesh=mesh,
-  )
+  evaluator = make_evaluator(config, state.apply_fn, mesh)
+  sample_fn, loss_fn = task_functions(config)
+  static = dict(sample_fn=sample_fn, loss_fn=loss_fn, mesh=mesh)
+  template = zero_metrics(state, train_digits, train_labels, sample_fn=sample_fn, loss_fn=loss_fn)
+  zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, template)
   compiled, compile_s = {}, 0.0
 
   def step_fn(n):
@@ -328,7 +496,7 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
 
   spe, total_steps = config.steps_per_epoch, config.epochs * config.steps_per_epoch
   step = int(state.step)
-  history = [r for r in records if "val/accuracy" in r]
+  history = [r for r in records if "val/num_val" in r]
   # Train means of the epoch in progress, rebuilt from its logged records on resume.
   epoch_start = step // spe * spe
   epoch_sums, epoch_count = {}, 0
@@ -338,7 +506,7 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
         if k.startswith("train/"):
           epoch_sums[k[6:]] = epoch_sums.get(k[6:], 0.0) + v * r["steps_averaged"]
       epoch_count += r["steps_averaged"]
-  sums, since_log, train_s, trained = zero_metrics(), 0, 0.0, 0
+  sums, since_log, train_s, trained = zeros(), 0, 0.0, 0
   summary = per = None
   bar = tqdm(total=total_steps, initial=step, desc="train", disable=not sys.stderr.isatty())
   for epoch in range(step // spe + 1, config.epochs + 1):
@@ -374,16 +542,9 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
       for k, v in fetched.items():
         epoch_sums[k] = epoch_sums.get(k, 0.0) + float(v)
       epoch_count += since_log
-      sums, since_log = zero_metrics(), 0
+      sums, since_log = zeros(), 0
       if step == epoch_end:
-        summary, per = evaluate(
-          state.apply_fn,
-          state.params,
-          val,
-          canvas_size=config.canvas_size,
-          batch_size=config.eval_batch_size,
-          mesh=mesh,
-        )
+        summary, per = evaluator(state.params, val)
         record = {"step": step, "epoch": epoch, **_means(epoch_sums, epoch_count)}
         record.update({f"val/{k}": v for k, v in summary.items()})
         workdir.append_jsonl(path(workdir.METRICS_LOG), record)
@@ -396,14 +557,7 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
   bar.close()
 
   if per is None:  # resumed at the very end: evaluate the restored state
-    summary, per = evaluate(
-      state.apply_fn,
-      state.params,
-      val,
-      canvas_size=config.canvas_size,
-      batch_size=config.eval_batch_size,
-      mesh=mesh,
-    )
+    summary, per = evaluator(state.params, val)
   workdir.write_bytes_atomic(path(workdir.PARAMS), serialization.to_bytes(state.params))
   write_plots(out_dir, config, val, per, history)
   final = dict(summary)

@@ -25,13 +25,17 @@ labels = jax.numpy.asarray(rng.integers(0, 10, 64), jax.numpy.int32)
 config = digit.get_config()
 init_key, data_key = jax.random.split(jax.random.key(0))
 
+config.batch_size = 16
+sample_fn, loss_fn = train.task_functions(config)
+
 def run(mesh):
   state = train.create_train_state(init_key, config)
-  args = (state, train.zero_metrics(), digits, labels, data_key)
+  sums = train.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
+  args = (state, sums, digits, labels, data_key)
   if mesh is not None:
     args = parallel.replicate(args, mesh)
-  fn = jax.jit(functools.partial(train.train_steps, num_steps=3, batch_size=16, canvas_size=75,
-                                 class_weight=1.0, box_weight=1.0, mesh=mesh))
+  fn = jax.jit(functools.partial(train.train_steps, num_steps=3, sample_fn=sample_fn,
+                                 loss_fn=loss_fn, mesh=mesh))
   state, sums = fn(*args)
   return state, jax.device_get(sums)
 

@@ -1,0 +1,27 @@
+"""Shared defaults of the scene cases (not run by itself): 128x128 canvases, K slots.
+
+Each case file imports `get_config` from here and changes a few fields.
+"""
+
+import ml_collections
+
+from experiments.configs import digit
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = digit.get_config()
+  config.canvas_size = 128  # the cases' larger canvas
+  config.num_val = 10_000  # validation scenes, drawn from the MNIST test digits (fixed key)
+  config.scene = ml_collections.ConfigDict()
+  sc = config.scene
+  sc.max_objects = 2  # K: object slots per canvas
+  sc.count_probs = (1 / 3, 1 / 3, 1 / 3)  # P(count = 0), P(count = 1), ..., P(count = K)
+  sc.target_class = -1  # >= 0: only digits of this class are objects
+  sc.distractor_prob = 0.0  # with target_class: P(an empty canvas shows another digit)
+  sc.size_range = (28, 28)  # side of each digit on the canvas, px (inclusive range)
+  sc.box_type = "patch"  # "patch": the pasted square (the seed's box); "tight": the ink
+  sc.max_overlap = 0.0  # largest IoU allowed between two digits' patches
+  sc.classify = True  # predict each digit's class (False: presence / boxes only)
+  sc.count_loss_weight = 1.0  # weight of the count cross-entropy
+  sc.objectness_loss_weight = 1.0  # weight of the per-slot objectness BCE
+  return config

@@ -1,0 +1,20 @@
+"""Case 1: one fixed digit class (default 1): is it on the canvas, and where?
+
+Run:  python -m experiments.train --config=experiments/configs/single.py --workdir=runs/single
+
+A canvas holds the target digit (50%), a digit of another class (25%) or nothing
+(25%). Targets: presence of the target class and its box when present.
+"""
+
+from experiments.configs import scene_base
+
+
+def get_config():
+  config = scene_base.get_config()
+  sc = config.scene
+  sc.max_objects = 1
+  sc.count_probs = (0.5, 0.5)  # target absent / present
+  sc.target_class = 1
+  sc.distractor_prob = 0.5  # half the target-free canvases show another digit
+  sc.classify = False
+  return config
