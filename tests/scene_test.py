@@ -97,3 +97,94 @@ def test_layout_that_cannot_fit_is_rejected():
     canvas.check_scene(64, 1, 80, 0.0)
   canvas.check_scene(128, 5, 28, 0.0)
   canvas.check_scene(75, 5, 28, 0.3)
+
+
+def _case_config(mnist_dir, name, **scene):
+  import importlib
+
+  config = importlib.import_module(f"experiments.configs.{name}").get_config()
+  config.update(
+    dict(
+      mnist_dir=mnist_dir,
+      epochs=1,
+      steps_per_epoch=3,
+      batch_size=8,
+      num_val=24,
+      log_every=3,
+      num_plot=4,
+      canvas_size=64,
+    )
+  )
+  config.scene.update(scene)
+  return config
+
+
+def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path):
+  from jaxloc import inference, metrics, train, workdir
+
+  run = tmp_path / "multi"
+  final = train.train_and_evaluate(_case_config(mnist_dir, "multi"), str(run))
+  for name in (
+    "metrics.json",
+    "predictions.png",
+    "pr.png",
+    "curves.png",
+    "detections.json",
+    "ground_truth.json",
+    "params.msgpack",
+  ):
+    assert (run / name).stat().st_size > 0, name
+  for key in (
+    "count_accuracy",
+    "presence_precision",
+    "presence_recall",
+    "class_accuracy",
+    "mean_iou",
+    "iou_at_0_6",
+    "AP",
+    "AP50",
+    "AP75",
+    "baseline_count_accuracy",
+  ):
+    assert 0.0 <= final[key] <= 1.0, key
+  # The COCO files hold exactly what jaxloc scored: pycocotools gets the same AP.
+  coco = pytest.importorskip("pycocotools.coco")
+  cocoeval = pytest.importorskip("pycocotools.cocoeval")
+  api = coco.COCO()
+  api.dataset = workdir.read_json(str(run / "ground_truth.json"))
+  api.createIndex()
+  ev = cocoeval.COCOeval(api, api.loadRes(workdir.read_json(str(run / "detections.json"))), "bbox")
+  ev.params.areaRng, ev.params.areaRngLbl = [[0, 1e10]], ["all"]
+  ev.evaluate()
+  ev.accumulate()
+  ev.summarize()
+  assert final["AP"] == pytest.approx(ev.stats[0], abs=1e-6)
+  assert final["AP50"] == pytest.approx(ev.stats[1], abs=1e-6)
+  assert metrics.IOU_THRESHOLD == 0.6
+  # The inference API returns per-slot results for scene models.
+  out = inference.Predictor.from_workdir(str(run))(np.zeros((2, 64, 64), np.uint8))
+  assert out["count"].shape == (2,) and out["box"].shape == (2, 2, 4)
+  assert out["probs"].shape == (2, 2, 10) and out["presence"].dtype == bool
+
+
+@pytest.mark.parametrize(
+  "case,scene,match",
+  [
+    (
+      "multi",
+      {"max_objects": 5, "count_probs": (0.5, 0.5, 0, 0, 0, 0)},
+      "5 digits of up to 28px cannot be placed without overlap on a 64px canvas",
+    ),
+    ("multi", {"count_probs": (0.5, 0.5)}, "must be 3 probabilities"),
+    ("multi", {"box_type": "ink"}, "use 'patch' or 'tight'"),
+    ("multi", {"size_range": (30, 20)}, "must satisfy 1 <= min <= max"),
+    ("single", {"target_class": 12}, "use -1 \\(any\\) or 0..9"),
+    ("presence", {"distractor_prob": 0.5}, "needs a config.scene.target_class"),
+  ],
+)
+def test_bad_scene_configs_are_rejected_before_training(mnist_dir, tmp_path, case, scene, match):
+  from jaxloc import train
+
+  with pytest.raises(UserError, match=match):
+    train.train_and_evaluate(_case_config(mnist_dir, case, **scene), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
