@@ -8,9 +8,11 @@ own) on the same MNIST training digits, batch 64, canvas 75:
   canvas_jaxloc   canvases/s of jaxloc.canvas.sample_batch (jitted, on the device)
   canvas_tfdata   canvases/s of the seed's tf.data pipeline: map(pad_to_bounding_box at
                   random offsets) -> shuffle(5000) -> batch(64) -> prefetch
-  train_jaxloc    training images/s, steady state (compile time reported apart)
+  train_jaxloc    training images/s, steady state (compile time reported apart); _scan10:
+                  the same with 10 steps per compiled call
   train_keras     training images/s of the seed's Keras model under model.fit on that pipeline
   matmul          float32 GFLOP/s of a 2048x2048 matmul: the machine's FLOP bound
+  profile         ms per batch: forward and gradient, jaxloc's conv vs XLA's native conv
 
 Rows that need TensorFlow are skipped (and the table says so) without the [tfds] extra.
 Prints a markdown table; --out writes all figures as JSON.
@@ -34,7 +36,15 @@ _MNIST_DIR = flags.DEFINE_string("mnist_dir", None, "IDX directory (default: $JA
 _STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", -1, "jaxloc steps per call (-1: auto).")
 
 BATCH, CANVAS = 64, 75
-PARTS = ("canvas_jaxloc", "canvas_tfdata", "train_jaxloc", "train_keras", "matmul")
+PARTS = (
+  "canvas_jaxloc",
+  "canvas_tfdata",
+  "train_jaxloc",
+  "train_jaxloc_scan10",
+  "train_keras",
+  "matmul",
+  "profile",
+)
 
 
 def train_flops_per_image(canvas_size: int = CANVAS) -> float:
@@ -112,21 +122,26 @@ def canvas_tfdata(steps):
   return {"canvases_per_s": steps * BATCH / _time_loop(loop, steps)}
 
 
-def train_jaxloc(steps):
+def train_jaxloc_scan10(steps):
+  """train_jaxloc with 10 steps per compiled call (a lax.scan): the steps_per_call choice."""
+  return train_jaxloc(steps, steps_per_call=10)
+
+
+def train_jaxloc(steps, steps_per_call=None):
   import functools
 
   import jax
 
   from experiments.configs import digit
-  from jaxloc import train
+  from jaxloc import tasks, train
 
   config = digit.get_config()
   digits, labels = (jax.numpy.asarray(a) for a in _digits())
   init_key, data_key = jax.random.split(jax.random.key(0))
-  sample_fn, loss_fn = train.task_functions(config)
+  sample_fn, loss_fn = tasks.task_functions(config)
   state = train.create_train_state(init_key, config)
   sums = train.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
-  n = train.resolve_steps_per_call(_STEPS_PER_CALL.value)
+  n = steps_per_call or tasks.resolve_steps_per_call(_STEPS_PER_CALL.value)
   fn = jax.jit(
     functools.partial(train.train_steps, num_steps=n, sample_fn=sample_fn, loss_fn=loss_fn),
     donate_argnums=(0, 1),
@@ -205,6 +220,38 @@ def matmul(steps):
   return {"gflops": 2 * n**3 * reps / (time.perf_counter() - t) / 1e9}
 
 
+def profile(steps):
+  """Milliseconds per batch of 64 for the parts of a step, and for flax.linen.Conv instead
+  of jaxloc's patch-matmul Conv3x3 (same parameters): where the time goes."""
+  import flax.linen as nn
+  import jax
+
+  from jaxloc import model
+
+  class LaxConvLocalizer(nn.Module):  # the seed model with XLA's native convolution
+    @nn.compact
+    def __call__(self, x):
+      for f in (16, 32, 64):
+        x = model.avg_pool_2x2(nn.relu(nn.Conv(f, (3, 3), padding="VALID")(x)))
+      x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
+      return {"logits": nn.Dense(10)(x), "box": nn.Dense(4)(x)}
+
+  x = jax.random.uniform(jax.random.key(0), (BATCH, CANVAS, CANVAS, 1))
+  result = {}
+  for name, net in (("jaxloc", model.Localizer()), ("lax_conv", LaxConvLocalizer())):
+    params = model.init_params(jax.random.key(1), net, CANVAS)
+    loss = lambda p, net=net: sum(v.sum() for v in net.apply({"params": p}, x).values())
+    for part, fn in (("forward", jax.jit(loss)), ("gradient", jax.jit(jax.grad(loss)))):
+      jax.block_until_ready(fn(params))
+      reps = max(3, steps // 10)
+      t = time.perf_counter()
+      for _ in range(reps):
+        out = fn(params)
+      jax.block_until_ready(out)
+      result[f"{name}_{part}_ms"] = (time.perf_counter() - t) / reps * 1000
+  return result
+
+
 def _run_part(name: str, steps: int) -> dict:
   result = globals()[name](steps)
   result["peak_rss_mb"] = _peak_rss_mb()
@@ -256,6 +303,8 @@ def _table(r: dict) -> str:
     f"| peak RSS of canvas synthesis, MB | {fig('canvas_jaxloc', 'peak_rss_mb')} | "
     f"{fig('canvas_tfdata', 'peak_rss_mb')} | "
     f"{ratio('canvas_jaxloc', 'canvas_tfdata', 'peak_rss_mb')} |",
+    f"| jaxloc training images/s, 10 steps per call (lax.scan) | "
+    f"{fig('train_jaxloc_scan10', 'images_per_s')} | | |",
     f"| jaxloc compile time of the train step, s | {fig('train_jaxloc', 'compile_s', '{:.1f}')}"
     " | | |",
     "",
@@ -264,6 +313,14 @@ def _table(r: dict) -> str:
     f"jaxloc reaches {share:.0%} of it "
     f"({r['train_jaxloc'].get('backend', '?')}, steps_per_call="
     f"{r['train_jaxloc'].get('steps_per_call', '?')}).",
+    "",
+    "Profile, ms per batch of 64 (forward / forward+backward): "
+    + ", ".join(
+      f"{name} {r['profile'].get(f'{name}_forward_ms', 0):.1f} / "
+      f"{r['profile'].get(f'{name}_gradient_ms', 0):.1f}"
+      for name in ("jaxloc", "lax_conv")
+    )
+    + " (lax_conv: the same model with flax.linen.Conv).",
   ]
   return "\n".join(rows)
 

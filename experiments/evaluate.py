@@ -12,7 +12,8 @@ import os
 from absl import flags
 
 from experiments import cli
-from jaxloc import inference, model, parallel, train, workdir
+from jaxloc import evaluation, inference, model, parallel, tasks, workdir
+from jaxloc.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
 _MNIST_DIR = flags.DEFINE_string("mnist_dir", None, "IDX directory, if not the run's own.")
@@ -21,23 +22,23 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   if len(argv) > 1:
-    raise train.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   work_dir = _WORKDIR.value
   predictor = inference.Predictor.from_workdir(work_dir)
   config = predictor.config
   if _MNIST_DIR.value:
     config.mnist_dir = _MNIST_DIR.value
   mesh = parallel.data_mesh()
-  _, _, val = parallel.replicate(train.load_data(config), mesh)
+  _, _, val = parallel.replicate(tasks.load_data(config), mesh)
   net = model.create_model(config)
-  summary, per = train.make_evaluator(config, net.apply, mesh)(predictor.params, val)
+  summary, per = evaluation.make_evaluator(config, net.apply, mesh)(predictor.params, val)
   path = lambda name: os.path.join(work_dir, name)
   with workdir.lock(work_dir):
     previous = (
       workdir.read_json(path(workdir.METRICS)) if os.path.exists(path(workdir.METRICS)) else {}
     )
     history = [r for r in workdir.read_jsonl(path(workdir.METRICS_LOG)) if "val/num_val" in r]
-    train.write_plots(work_dir, config, val, per, history)
+    evaluation.write_plots(work_dir, config, val, per, history)
     final = {**previous, **summary}
     workdir.write_json(path(workdir.METRICS), final)
   print(json.dumps(summary, indent=2, sort_keys=True))

@@ -16,7 +16,7 @@ import numpy as np
 from absl import flags
 
 from experiments import cli
-from jaxloc import canvas, images, inference, model, plots, train, workdir
+from jaxloc import canvas, evaluation, images, inference, model, plots, workdir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
 _PER_DIGIT = flags.DEFINE_integer("per_digit", 20, "Canvases per rendered digit.")
@@ -37,7 +37,7 @@ def main(argv):
     ),
   }
   net = model.create_model(config)
-  summary, per = train.evaluate(
+  summary, per = evaluation.evaluate(
     net.apply, predictor.params, val, canvas_size=config.canvas_size, batch_size=len(labels)
   )
   summary["num_font_digits"] = len(labels) // _PER_DIGIT.value

@@ -19,7 +19,7 @@ import numpy as np
 from absl import flags
 
 from experiments import cli
-from jaxloc import boxes, canvas, train, workdir
+from jaxloc import boxes, canvas, tasks, train, workdir
 from jaxloc.errors import UserError
 
 CASES = ("single", "presence", "digit128", "multi", "detect")
@@ -31,7 +31,7 @@ _CASES = flags.DEFINE_list("cases", list(CASES), "Which cases to run.")
 
 def _digit_baselines(config) -> dict:
   """Majority-class accuracy and the IoU of a fixed centre box on the validation canvases."""
-  _, _, val = train.load_data(config)
+  _, _, val = tasks.load_data(config)
   labels = np.asarray(val["labels"])
   true = boxes.patch_box(val["xy"][:, 0], val["xy"][:, 1], canvas.DIGIT_SIZE, config.canvas_size)
   c = (config.canvas_size - canvas.DIGIT_SIZE) // 2

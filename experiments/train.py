@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 from experiments import cli
 from jaxloc import train
+from jaxloc.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string(
@@ -26,7 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   if len(argv) > 1:
-    raise train.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)

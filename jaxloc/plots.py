@@ -55,13 +55,9 @@ def plot_scenes(image_NxHxW: np.ndarray, per: dict, classify: bool, path: str, c
 
   Drawn predictions: the `pred_count` slots of highest objectness.
   """
-  n, size = image_NxHxW.shape[0], image_NxHxW.shape[1]
-  rows = -(-n // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.0 * rows), squeeze=False)
-  for ax in axes.flat:
-    ax.axis("off")
-  for i, ax in enumerate(axes.flat[:n]):
-    ax.imshow(image_NxHxW[i], cmap="gray", vmin=0, vmax=1)
+  size = image_NxHxW.shape[1]
+  fig, axes = _grid(image_NxHxW, cols, (1.9, 2.0))
+  for i, ax in enumerate(axes):
     for box in per["box"][i][per["valid"][i]]:
       _rect(ax, box * size, "lime")
     order = np.argsort(-per["objectness"][i])[: int(per["pred_count"][i])]
@@ -79,6 +75,19 @@ def plot_scenes(image_NxHxW: np.ndarray, per: dict, classify: bool, path: str, c
       )
     ax.set_title(f"count {per['count'][i]}, pred {per['pred_count'][i]}", fontsize=7, y=-0.18)
   _save(fig, path)
+
+
+def _grid(image_NxHxW: np.ndarray, cols: int, cell_inches: tuple[float, float]):
+  """A figure with one axis per canvas (grey, [0, 1]), axes off; returns (fig, used axes)."""
+  n = image_NxHxW.shape[0]
+  rows = -(-n // cols)
+  w, h = cell_inches
+  fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for ax, image in zip(axes.flat, image_NxHxW, strict=False):
+    ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+  return fig, list(axes.flat[:n])
 
 
 def _rect(ax, box_px, color):
@@ -101,13 +110,9 @@ def plot_predictions(
 
   The IoU is written in red when below the seed's 0.6 threshold.
   """
-  n, size = image_NxHxW.shape[0], image_NxHxW.shape[1]
-  rows = -(-n // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
-  for ax in axes.flat:
-    ax.axis("off")
-  for i, ax in enumerate(axes.flat[:n]):
-    ax.imshow(image_NxHxW[i], cmap="gray", vmin=0, vmax=1)
+  size = image_NxHxW.shape[1]
+  fig, axes = _grid(image_NxHxW, cols, (1.6, 1.9))
+  for i, ax in enumerate(axes):
     _rect(ax, true_box_Nx4[i] * size, "lime")
     _rect(ax, pred_box_Nx4[i] * size, "red")
     label = f"pred {int(pred_label_N[i])}"
@@ -138,14 +143,9 @@ def plot_detections(
   cols: int = 4,
 ) -> None:
   """Canvases with the predicted box in red, labelled with class and score."""
-  n, size = image_NxHxW.shape[0], image_NxHxW.shape[1]
-  cols = min(cols, n)
-  rows = -(-n // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
-  for ax in axes.flat:
-    ax.axis("off")
-  for i, ax in enumerate(axes.flat[:n]):
-    ax.imshow(image_NxHxW[i], cmap="gray", vmin=0, vmax=1)
+  size = image_NxHxW.shape[1]
+  fig, axes = _grid(image_NxHxW, min(cols, len(image_NxHxW)), (2.6, 2.8))
+  for i, ax in enumerate(axes):
     x0, y0 = pred_box_Nx4[i][:2] * size
     _rect(ax, pred_box_Nx4[i] * size, "red")
     ax.text(

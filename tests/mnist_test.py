@@ -104,8 +104,9 @@ def test_empty_file(tmp_path):
   _expect(tmp_path, "no images")
 
 
-def test_tfds_path_with_mock_data():
+def test_tfds_path_with_mock_data(monkeypatch):
   tfds = pytest.importorskip("tensorflow_datasets")
+  monkeypatch.delenv(mnist.ENV_VAR, raising=False)
   with tfds.testing.mock_data(num_examples=12):
     x, y = mnist.load("train")
   assert x.shape == (12, 28, 28) and x.dtype == np.uint8

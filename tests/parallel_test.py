@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import digit
-from jaxloc import parallel, train
+from jaxloc import parallel, tasks, train
 from jaxloc.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _EIGHT_DEVICES = r"""
 import functools, jax, numpy as np
 from experiments.configs import digit
-from jaxloc import parallel, train
+from jaxloc import parallel, tasks, train
 assert jax.device_count() == 8, jax.devices()
 rng = np.random.default_rng(0)
 digits = jax.numpy.asarray(rng.integers(0, 256, (64, 28, 28)).astype(np.uint8))
@@ -26,7 +26,7 @@ config = digit.get_config()
 init_key, data_key = jax.random.split(jax.random.key(0))
 
 config.batch_size = 16
-sample_fn, loss_fn = train.task_functions(config)
+sample_fn, loss_fn = tasks.task_functions(config)
 
 def run(mesh):
   state = train.create_train_state(init_key, config)
@@ -77,7 +77,7 @@ def test_batch_not_divisible_by_devices_is_rejected(monkeypatch):
   config = digit.get_config()
   config.batch_size = 6
   with pytest.raises(UserError, match="batch_size=6 does not divide by the 4 devices"):
-    train.check_config(config)
+    tasks.check_config(config)
 
 
 def test_steps_per_call_does_not_change_the_result():
