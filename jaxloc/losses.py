@@ -23,7 +23,7 @@ def box_loss(pred_Bx4: jax.Array, true_Bx4: jax.Array) -> jax.Array:
 
 
 def total_loss(
-  outputs: dict[str, jax.Array], batch, *, class_weight: float, box_weight: float
+  outputs: dict[str, jax.Array], batch, *, class_weight: float = 1.0, box_weight: float = 1.0
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted batch-mean loss and its parts."""
   cls = jnp.mean(class_loss(outputs["logits"], batch["label"]))

@@ -85,22 +85,16 @@ def test_steps_per_call_does_not_change_the_result():
   digits = jax.numpy.asarray(rng.integers(0, 256, (32, 28, 28)).astype(np.uint8))
   labels = jax.numpy.asarray(rng.integers(0, 10, 32), jax.numpy.int32)
   config = digit.get_config()
+  config.batch_size = 8
+  sample_fn, loss_fn = tasks.task_functions(config)
   init_key, data_key = jax.random.split(jax.random.key(0))
   results = []
   for chunk in (1, 2, 4):
-    state, sums = train.create_train_state(init_key, config), train.zero_metrics()
+    state = train.create_train_state(init_key, config)
+    sums = train.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
     fn = jax.jit(
       lambda s, m, n=chunk: train.train_steps(
-        s,
-        m,
-        digits,
-        labels,
-        data_key,
-        num_steps=n,
-        batch_size=8,
-        canvas_size=75,
-        class_weight=1.0,
-        box_weight=1.0,
+        s, m, digits, labels, data_key, num_steps=n, sample_fn=sample_fn, loss_fn=loss_fn
       )
     )
     for _ in range(4 // chunk):
