@@ -27,6 +27,7 @@ _ROOT = flags.DEFINE_string("root", "runs/cases", "Directory for one workdir per
 _STEPS = flags.DEFINE_integer("steps", 400, "Training steps per case (batch 64).")
 _NUM_VAL = flags.DEFINE_integer("num_val", 2000, "Validation canvases per case.")
 _CASES = flags.DEFINE_list("cases", list(CASES), "Which cases to run.")
+_STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", -1, "Steps per call (-1: per backend).")
 
 
 def _digit_baselines(config) -> dict:
@@ -93,6 +94,7 @@ def main(argv):
     config.epochs, config.steps_per_epoch = 2, max(1, _STEPS.value // 2)
     config.num_val, config.log_every = _NUM_VAL.value, 50
     config.checkpoint_every = config.steps_per_epoch
+    config.steps_per_call = _STEPS_PER_CALL.value
     t = time.perf_counter()
     final = train.train_and_evaluate(config, os.path.join(_ROOT.value, name))
     wall = time.perf_counter() - t
