@@ -204,20 +204,26 @@ def train_keras(steps):
   return {"images_per_s": steps * BATCH / times[1], "first_epoch_s": times[0]}
 
 
+def _seconds_per_call(fn, arg, reps: int) -> float:
+  """Steady-state seconds per call of a jitted `fn(arg)` (one warm-up call first)."""
+  import jax
+
+  jax.block_until_ready(fn(arg))
+  t = time.perf_counter()
+  for _ in range(reps):
+    out = fn(arg)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / reps
+
+
 def matmul(steps):
   import jax
   import jax.numpy as jnp
 
   n = 2048
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  jax.block_until_ready(f(a))
   reps = max(3, steps // 20)
-  t = time.perf_counter()
-  for _ in range(reps):
-    out = f(a)
-  jax.block_until_ready(out)
-  return {"gflops": 2 * n**3 * reps / (time.perf_counter() - t) / 1e9}
+  return {"gflops": 2 * n**3 / _seconds_per_call(jax.jit(lambda a: a @ a), a, reps) / 1e9}
 
 
 def profile(steps):
@@ -242,13 +248,8 @@ def profile(steps):
     params = model.init_params(jax.random.key(1), net, CANVAS)
     loss = lambda p, net=net: sum(v.sum() for v in net.apply({"params": p}, x).values())
     for part, fn in (("forward", jax.jit(loss)), ("gradient", jax.jit(jax.grad(loss)))):
-      jax.block_until_ready(fn(params))
-      reps = max(3, steps // 10)
-      t = time.perf_counter()
-      for _ in range(reps):
-        out = fn(params)
-      jax.block_until_ready(out)
-      result[f"{name}_{part}_ms"] = (time.perf_counter() - t) / reps * 1000
+      seconds = _seconds_per_call(fn, params, max(3, steps // 10))
+      result[f"{name}_{part}_ms"] = seconds * 1000
   return result
 
 
