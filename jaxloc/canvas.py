@@ -9,8 +9,10 @@ formula resizes a digit when its size on the canvas is not 28.
 
 The seed's protocol (one digit, offsets `xmin, ymin` uniform integers in
 [0, canvas_size - 28], box = the pasted patch; see `jaxloc.boxes`) is
-`sample_batch`. Batch t of a run is `sample_batch(fold_in(data_key, t), ...)`,
-a function of (seed, t) alone.
+`sample_batch` (digits drawn with replacement, for one-off batches) and
+`training_batch`, which reads the training digits the way the seed's tf.data pipeline
+does (a fresh permutation per pass). Batch t of a run is
+`training_batch(data_key, t, ...)`, a function of (seed, t) alone.
 
 Shape letters: B batch, K digits per canvas, H = W = canvas_size, D = 28.
 """
@@ -108,6 +110,38 @@ def sample_batch(
   key_index, key_offset = jax.random.split(key)
   index = jax.random.randint(key_index, (batch_size,), 0, labels.shape[0])
   xy = sample_offsets(key_offset, batch_size, canvas_size)
+  return render(digits[index], labels[index], xy, canvas_size=canvas_size)
+
+
+def stream_index(key: jax.Array, step: jax.Array, batch_size: int, num: int) -> jax.Array:
+  """Example indices int32 [batch_size] of batch `step` of a stream that reads all `num`
+  examples in passes, pass p in the order `permutation(fold_in(key, p), num)`, with batches
+  running on across the end of a pass: the seed's tf.data
+  `shuffle(buffer_size >= num).repeat().batch(batch_size)`. Every example is seen once
+  per pass. (int32 positions: fine up to step * batch_size < 2**31.)"""
+  position = step * batch_size + jnp.arange(batch_size)
+  first_pass = step * batch_size // num
+  passes = first_pass + jnp.arange(batch_size // num + 2)  # every pass this batch can touch
+  orders = jax.vmap(lambda p: jax.random.permutation(jax.random.fold_in(key, p), num))(passes)
+  return orders[position // num - first_pass, position % num]
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "canvas_size"))
+def training_batch(
+  data_key: jax.Array,
+  step: jax.Array,
+  digits: jax.Array,
+  labels: jax.Array,
+  *,
+  batch_size: int,
+  canvas_size: int = 75,
+) -> Batch:
+  """Batch `step` of a training run: digits in `stream_index` order (each digit once per
+  pass, as the seed's pipeline reads them), each at a fresh uniform offset drawn from
+  `fold_in(offset_key, step)`. A function of (data_key, step) alone."""
+  order_key, offset_key = jax.random.split(data_key)
+  index = stream_index(order_key, step, batch_size, labels.shape[0])
+  xy = sample_offsets(jax.random.fold_in(offset_key, step), batch_size, canvas_size)
   return render(digits[index], labels[index], xy, canvas_size=canvas_size)
 
 

@@ -17,11 +17,13 @@ from jaxloc.errors import UserError
 
 
 def task_functions(config: ml_collections.ConfigDict):
-  """(sample_fn(key, digits, labels) -> batch, loss_fn(outputs, batch)) for the config's task:
-  one digit per canvas (the seed), or scenes of up to K digits when `config.scene` is set."""
+  """(sample_fn(data_key, step, digits, labels) -> batch, loss_fn(outputs, batch)) for the
+  config's task: one digit per canvas (the seed), or scenes of up to K digits when
+  `config.scene` is set (scene digits are drawn with replacement, key fold_in(data_key, step))."""
   if config.get("scene"):
     sc = config.scene
-    sample_fn = functools.partial(canvas.sample_scene, **scene_args(config))
+    scene = functools.partial(canvas.sample_scene, **scene_args(config))
+    sample_fn = lambda data_key, step, *data: scene(jax.random.fold_in(data_key, step), *data)
     loss_fn = functools.partial(
       losses.scene_loss,
       classify=sc.classify,
@@ -32,7 +34,7 @@ def task_functions(config: ml_collections.ConfigDict):
     )
   else:
     sample_fn = functools.partial(
-      canvas.sample_batch, batch_size=config.batch_size, canvas_size=config.canvas_size
+      canvas.training_batch, batch_size=config.batch_size, canvas_size=config.canvas_size
     )
     loss_fn = functools.partial(
       losses.total_loss, class_weight=config.class_loss_weight, box_weight=config.box_loss_weight

@@ -1,8 +1,8 @@
 """TrainState, the jitted train and eval steps, and `train_and_evaluate`, the whole run.
 
 The hot loop does no host work per step: each call of the compiled step function
-draws its batches on the device (`canvas.sample_batch` with key
-`fold_in(data_key, step)`, so batch t depends only on (seed, t)), applies
+draws its batches on the device (`sample_fn(data_key, step, ...)`, e.g.
+`canvas.training_batch`, so batch t depends only on (seed, t)), applies
 `steps_per_call` Adam steps, and adds the step metrics to device-side sums that
 the host fetches only when it logs.
 """
@@ -56,7 +56,8 @@ def train_step(
 
 def zero_metrics(state, digits, labels, *, sample_fn, loss_fn) -> dict[str, jax.Array]:
   """Zeros shaped like the metrics of one step (found by tracing, nothing is computed)."""
-  step = lambda: train_step(state, sample_fn(jax.random.key(0), digits, labels), loss_fn=loss_fn)
+  batch = lambda: sample_fn(jax.random.key(0), state.step, digits, labels)
+  step = lambda: train_step(state, batch(), loss_fn=loss_fn)
   shapes = jax.eval_shape(step)[1]
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
@@ -75,13 +76,13 @@ def train_steps(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """`num_steps` steps, each on a fresh batch drawn on the device; adds metrics to `sums`.
 
-  Batch t is `sample_fn(fold_in(data_key, t), digits, labels)`. With a `mesh`, every
+  Batch t is `sample_fn(data_key, t, digits, labels)`. With a `mesh`, every
   batch is sharded over its `data` axis (data parallelism).
   """
 
   def one(carry, _):
     state, sums = carry
-    batch = sample_fn(jax.random.fold_in(data_key, state.step), digits, labels)
+    batch = sample_fn(data_key, state.step, digits, labels)
     batch = parallel.shard_batch(batch, mesh)
     state, m = train_step(state, batch, loss_fn=loss_fn)
     return (state, jax.tree_util.tree_map(jnp.add, sums, m)), None

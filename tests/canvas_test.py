@@ -33,6 +33,30 @@ def test_same_key_same_batch_different_key_different_batch(digits):
   assert not np.array_equal(a["box"], c["box"])
 
 
+@pytest.mark.parametrize("batch_size,num", [(8, 20), (64, 5000), (7, 3)])
+def test_stream_reads_every_example_once_per_pass(batch_size, num):
+  key = jax.random.key(4)
+  steps = 3 * num // batch_size + 2  # crosses several pass ends, mid-batch
+  idx = np.concatenate(
+    [canvas.stream_index(key, jnp.int32(t), batch_size, num) for t in range(steps)]
+  )
+  for p in range(len(idx) // num):
+    chunk = idx[p * num : (p + 1) * num]
+    np.testing.assert_array_equal(np.sort(chunk), np.arange(num))
+  first, second = idx[:num], idx[num : 2 * num]
+  assert num < 5 or not np.array_equal(first, second)  # a fresh order each pass
+
+
+def test_training_batch_depends_on_key_and_step_only(digits):
+  args = dict(batch_size=8, canvas_size=40)
+  a = canvas.training_batch(jax.random.key(1), jnp.int32(5), *digits, **args)
+  b = canvas.training_batch(jax.random.key(1), jnp.int32(5), *digits, **args)
+  c = canvas.training_batch(jax.random.key(1), jnp.int32(6), *digits, **args)
+  np.testing.assert_array_equal(a["image"], b["image"])
+  assert not np.array_equal(a["image"], c["image"])
+  assert not np.array_equal(a["box"], c["box"])
+
+
 def test_patch_at_box_equals_digit_and_ink_inside(digits):
   d, y = digits
   idx = jnp.arange(20) % 50
