@@ -47,6 +47,15 @@ def test_stream_reads_every_example_once_per_pass(batch_size, num):
   assert num < 5 or not np.array_equal(first, second)  # a fresh order each pass
 
 
+@pytest.mark.parametrize("num", [1, 2, 4096, 4097])
+def test_permute_index_is_a_permutation(num):
+  perm = lambda seed: jax.vmap(lambda i: canvas.permute_index(jax.random.key(seed), i, num))(
+    jnp.arange(num)
+  )
+  np.testing.assert_array_equal(np.sort(perm(0)), np.arange(num))
+  assert num < 5 or not np.array_equal(perm(0), perm(1))
+
+
 def test_training_batch_depends_on_key_and_step_only(digits):
   args = dict(batch_size=8, canvas_size=40)
   a = canvas.training_batch(jax.random.key(1), jnp.int32(5), *digits, **args)
@@ -96,6 +105,18 @@ def test_scaled_paste_stays_in_its_square():
   )[0, :, :, 0]
   ink = np.argwhere(np.asarray(image) > 0)
   assert ink.min(0).tolist() == [7, 5] and ink.max(0).tolist() == [20, 18]
+
+
+def test_paste_unscaled_equals_matrix_paste(digits):
+  d, _ = digits
+  k = jax.random.split(jax.random.key(5), 2)
+  chosen = d[jax.random.randint(k[0], (6, 3), 0, 50)]
+  xy = jax.random.randint(k[1], (6, 3, 2), 0, 40 - 28 + 1)  # overlapping digits: maximum
+  valid = jnp.array([[True, True, False]] * 3 + [[False, False, False]] * 3)
+  size = jnp.full((6, 3), 28)
+  fast = canvas.paste_unscaled(chosen, xy, valid, canvas_size=40)
+  np.testing.assert_array_equal(fast, canvas.paste(chosen, xy, size, valid, canvas_size=40))
+  assert float(fast[3:].max()) == 0.0  # no valid slot: an empty canvas
 
 
 def test_validation_offsets_are_fixed():
