@@ -58,17 +58,10 @@ def evaluate_scenes(apply_fn, params, val: dict, config, *, mesh=None):
   """Scores the fixed validation scenes; returns (summary, per-canvas numpy arrays)."""
   sc, n = config.scene, config.num_val if config.num_val > 0 else 10_000
   chunk = min(SCENE_VAL_CHUNK, n)
-  loss_args = (
-    ("classify", sc.classify),
-    ("count_weight", sc.count_loss_weight),
-    ("objectness_weight", sc.objectness_loss_weight),
-    ("class_weight", config.class_loss_weight),
-    ("box_weight", config.box_loss_weight),
-  )
   step = _scene_eval_step(
     apply_fn,
     tuple(tasks.scene_args(config, chunk).items()),
-    loss_args,
+    tasks.scene_loss_args(config),
     mesh if chunk % jax.device_count() == 0 else None,
   )
   val_key = jax.random.key(config.val_seed)

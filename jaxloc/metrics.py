@@ -59,22 +59,13 @@ IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # COCO's 0.50:0.05:0.95
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's 101-point interpolation
 
 
-def _iou_matrix(a_Nx4: np.ndarray, b_Mx4: np.ndarray) -> np.ndarray:
-  ix = np.clip(
-    np.minimum(a_Nx4[:, None, 2], b_Mx4[None, :, 2])
-    - np.maximum(a_Nx4[:, None, 0], b_Mx4[None, :, 0]),
-    0,
-    None,
-  )
-  iy = np.clip(
-    np.minimum(a_Nx4[:, None, 3], b_Mx4[None, :, 3])
-    - np.maximum(a_Nx4[:, None, 1], b_Mx4[None, :, 1]),
-    0,
-    None,
-  )
+def _iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """NumPy `boxes.iou`, broadcasting over leading axes (0 where the union is empty)."""
+  ix = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+  iy = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
   inter = ix * iy
-  area = lambda b: np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-  union = area(a_Nx4)[:, None] + area(b_Mx4)[None, :] - inter
+  area = lambda x: np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)
+  union = area(a) + area(b) - inter
   return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
@@ -89,7 +80,7 @@ def _class_precision(dets: list, gts: dict, threshold: float) -> np.ndarray:
   for i, (img, _, box) in enumerate(dets):
     if img not in gts or len(gts[img]) == 0:
       continue
-    ious = _iou_matrix(np.asarray([box]), np.asarray(gts[img]))[0]
+    ious = _iou_np(np.asarray(box)[None, :], np.asarray(gts[img]))
     ious[used[img]] = -1.0
     best = int(np.argmax(ious))
     if ious[best] >= threshold:
@@ -209,7 +200,7 @@ def scene_summary(per: dict, classify: bool, digit_size: float) -> dict[str, flo
   """Count / presence / class accuracy, IoU of matched digits, AP, and trivial baselines."""
   valid = per["valid"]
   matched = np.take_along_axis(per["pred_box"], per["assign"][..., None], axis=1)
-  ious = _elementwise_iou(matched, per["box"])[valid]
+  ious = _iou_np(matched, per["box"])[valid]
   true_p, pred_p = per["count"] > 0, per["pred_count"] > 0
   tp = np.sum(true_p & pred_p)
   out = {
@@ -229,7 +220,7 @@ def scene_summary(per: dict, classify: bool, digit_size: float) -> dict[str, flo
     np.array([0.5 - half, 0.5 - half, 0.5 + half, 0.5 + half]), per["box"].shape
   )
   out["baseline_mean_iou"] = (
-    float(_elementwise_iou(centre, per["box"])[valid].mean()) if (valid.any()) else 0.0
+    float(_iou_np(centre, per["box"])[valid].mean()) if (valid.any()) else 0.0
   )
   if classify:
     pred_label = np.take_along_axis(per["pred_label"], per["assign"], axis=1)
@@ -237,17 +228,3 @@ def scene_summary(per: dict, classify: bool, digit_size: float) -> dict[str, flo
   dets, gts = scene_detections(per, classify)
   out.update(average_precision(dets, gts))
   return out
-
-
-def _elementwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  flat = _iou_matrix_diag(a.reshape(-1, 4), b.reshape(-1, 4))
-  return flat.reshape(a.shape[:-1])
-
-
-def _iou_matrix_diag(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  ix = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-  iy = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-  inter = ix * iy
-  area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)
-  union = area(a) + area(b) - inter
-  return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)

@@ -21,17 +21,9 @@ def task_functions(config: ml_collections.ConfigDict):
   config's task: one digit per canvas (the seed), or scenes of up to K digits when
   `config.scene` is set (scene digits are drawn with replacement, key fold_in(data_key, step))."""
   if config.get("scene"):
-    sc = config.scene
     scene = functools.partial(canvas.sample_scene, **scene_args(config))
     sample_fn = lambda data_key, step, *data: scene(jax.random.fold_in(data_key, step), *data)
-    loss_fn = functools.partial(
-      losses.scene_loss,
-      classify=sc.classify,
-      count_weight=sc.count_loss_weight,
-      objectness_weight=sc.objectness_loss_weight,
-      class_weight=config.class_loss_weight,
-      box_weight=config.box_loss_weight,
-    )
+    loss_fn = functools.partial(losses.scene_loss, **dict(scene_loss_args(config)))
   else:
     sample_fn = functools.partial(
       canvas.training_batch, batch_size=config.batch_size, canvas_size=config.canvas_size
@@ -40,6 +32,18 @@ def task_functions(config: ml_collections.ConfigDict):
       losses.total_loss, class_weight=config.class_loss_weight, box_weight=config.box_loss_weight
     )
   return sample_fn, loss_fn
+
+
+def scene_loss_args(config: ml_collections.ConfigDict) -> tuple[tuple[str, object], ...]:
+  """Keyword arguments of `losses.scene_loss` for the config, as hashable (name, value) pairs."""
+  sc = config.scene
+  return (
+    ("classify", sc.classify),
+    ("count_weight", sc.count_loss_weight),
+    ("objectness_weight", sc.objectness_loss_weight),
+    ("class_weight", config.class_loss_weight),
+    ("box_weight", config.box_loss_weight),
+  )
 
 
 def scene_args(config: ml_collections.ConfigDict, batch_size: int | None = None) -> dict:
