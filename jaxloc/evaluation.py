@@ -79,7 +79,8 @@ def evaluate_scenes(apply_fn, params, val: dict, config, *, mesh=None):
 @functools.lru_cache(maxsize=8)
 def _scene_eval_step(apply_fn, sample_args: tuple, loss_args: tuple, mesh):
   """The jitted scoring of one chunk of validation scenes (compiled once per config)."""
-  classify = dict(loss_args)["classify"]
+  args = dict(loss_args)
+  cost_args = {k: args[k] for k in ("classify", "class_weight", "box_weight")}
 
   @jax.jit
   def step(params, key, digits, labels):
@@ -87,7 +88,7 @@ def _scene_eval_step(apply_fn, sample_args: tuple, loss_args: tuple, mesh):
     scene = parallel.shard_batch(scene, mesh)
     out = apply_fn({"params": params}, scene["image"])
     _, parts = losses.scene_loss(out, scene, **dict(loss_args))
-    assign = losses.match(losses.match_cost(out, scene, classify=classify), scene["valid"])
+    assign = losses.match(losses.match_cost(out, scene, **cost_args), scene["valid"])
     probs = jax.nn.softmax(out["logits"], -1)
     ex = {
       "count": scene["count"],

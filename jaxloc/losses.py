@@ -38,16 +38,29 @@ def total_loss(
 EXHAUSTIVE_MAX_K = 5  # up to 5! = 120 permutations; above that, the Hungarian algorithm
 
 
-def match_cost(outputs: dict[str, jax.Array], scene, *, classify: bool) -> jax.Array:
-  """cost[b, i, j] of giving predicted slot i to target j: box MSE (+ class cross-entropy)."""
+def match_cost(
+  outputs: dict[str, jax.Array],
+  scene,
+  *,
+  classify: bool,
+  class_weight: float = 1.0,
+  box_weight: float = 1.0,
+) -> jax.Array:
+  """cost[b, i, j] of giving predicted slot i to target j:
+  box_weight x box MSE (- class_weight x the probability slot i gives target j's class).
+
+  The class term is a probability, not a cross-entropy (as in DETR's matcher): bounded,
+  so while the class logits are still noise they cannot outweigh the boxes and
+  scramble the assignment (with cross-entropy the boxes of `multi` stalled at the mean).
+  """
   k = scene["box"].shape[1]
   pred = jnp.repeat(outputs["box"][:, :, None, :], k, axis=2)  # [B, Kpred, Ktarget, 4]
   true = jnp.repeat(scene["box"][:, None, :, :], k, axis=1)
-  cost = box_loss(pred, true)
+  cost = box_weight * box_loss(pred, true)
   if classify:
-    logp = jax.nn.log_softmax(outputs["logits"], axis=-1)  # [B, K, C]
+    prob = jax.nn.softmax(outputs["logits"], axis=-1)  # [B, K, C]
     label = jnp.repeat(scene["label"][:, None, :], k, axis=1)  # [B, Kpred, Ktarget]
-    cost = cost - jnp.take_along_axis(logp, label, axis=2)
+    cost = cost - class_weight * jnp.take_along_axis(prob, label, axis=2)
   return cost
 
 
@@ -89,7 +102,10 @@ def scene_loss(
   does not change the loss.
   """
   valid = scene["valid"]
-  assign = jax.lax.stop_gradient(match(match_cost(outputs, scene, classify=classify), valid))
+  cost = match_cost(
+    outputs, scene, classify=classify, class_weight=class_weight, box_weight=box_weight
+  )
+  assign = jax.lax.stop_gradient(match(cost, valid))
   take = lambda a: jnp.take_along_axis(a, assign.reshape(assign.shape + (1,) * (a.ndim - 2)), 1)
   v = valid.astype(jnp.float32)
   n = jnp.maximum(jnp.sum(v), 1.0)

@@ -88,3 +88,14 @@ def test_matching_follows_the_boxes():
   assign = losses.match(losses.match_cost(out, scene, classify=False), scene["valid"])
   assert assign.tolist() == [[1, 0]]
   assert float(LOSS(out, scene, classify=False)[1]["box_loss"]) == 0.0
+
+
+def test_confident_wrong_classes_do_not_override_far_apart_boxes():
+  scene = _scene(np.ones((1, 2), bool))
+  scene["box"] = jnp.array([[[0.1, 0.1, 0.3, 0.3], [0.7, 0.7, 0.9, 0.9]]])
+  scene["label"] = jnp.array([[3, 5]])
+  out = _outputs(jax.random.key(4), b=1, k=2)
+  out["box"] = scene["box"]  # slot i sits exactly on target i ...
+  out["logits"] = 10.0 * jax.nn.one_hot(jnp.array([[5, 3]]), 10)  # ... but names the other class
+  cost = losses.match_cost(out, scene, classify=True, class_weight=1.0, box_weight=10.0)
+  assert losses.match(cost, scene["valid"]).tolist() == [[0, 1]]
