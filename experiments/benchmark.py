@@ -362,11 +362,11 @@ def _table(r: dict) -> str:
     )
     + " (lax_conv: the same model with flax.linen.Conv).",
     "",
-    "Canvas synthesis, microseconds per call of 64 canvases: whole "
-    f"{r['canvas_jaxloc'].get('whole_us', 0):.0f} = an empty call returning zeros of the "
-    f"batch's shapes {r['canvas_jaxloc'].get('call_us', 0):.0f} + stream order "
-    f"{r['canvas_jaxloc'].get('order_us', 0):.0f} (alone) + paste "
-    f"{r['canvas_jaxloc'].get('paste_us', 0):.0f} (alone) + offsets and gathers; "
+    "Canvas synthesis, microseconds per call of 64 canvases: the whole batch "
+    f"{r['canvas_jaxloc'].get('whole_us', 0):.0f}; each part alone in its own call: an "
+    f"empty call returning zeros of the batch's shapes {r['canvas_jaxloc'].get('call_us', 0):.0f}"
+    f", the stream order {r['canvas_jaxloc'].get('order_us', 0):.0f}, the paste "
+    f"{r['canvas_jaxloc'].get('paste_us', 0):.0f}; "
     f"10 batches per call: {r['canvas_jaxloc'].get('canvases_per_s_10_per_call', 0):,.0f} "
     "canvases/s.",
   ]

@@ -62,7 +62,7 @@ def scene_args(config: ml_collections.ConfigDict, batch_size: int | None = None)
 
 
 # Steps per compiled call when config.steps_per_call = -1. CPU: a lax.scan of 10
-# steps ran 1.6x as fast as one step per call on the 2-core CPU machine (646 vs 406
+# steps ran 1.7x as fast as one step per call on the 2-core CPU machine (632 vs 372
 # images/s, `python -m experiments.benchmark`). Accelerators: a scan of 50 steps removes
 # per-step dispatch (not measured in this repository: no GPU was lent to this work).
 DEFAULT_STEPS_PER_CALL = {"cpu": 10}
