@@ -94,18 +94,22 @@ def scene_loss(
   objectness_weight: float,
   class_weight: float,
   box_weight: float,
+  assign: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Count cross-entropy + slot objectness BCE + matched class CE + matched box MSE.
 
   Class and box losses average over the valid targets of the batch (zero, not NaN,
   when the batch holds none). Matching is set-based, so swapping predicted slots
-  does not change the loss.
+  does not change the loss. `assign`: the matching (`match` of `match_cost` with these
+  weights) when the caller has already computed it; found here otherwise.
   """
   valid = scene["valid"]
-  cost = match_cost(
-    outputs, scene, classify=classify, class_weight=class_weight, box_weight=box_weight
-  )
-  assign = jax.lax.stop_gradient(match(cost, valid))
+  if assign is None:
+    cost = match_cost(
+      outputs, scene, classify=classify, class_weight=class_weight, box_weight=box_weight
+    )
+    assign = match(cost, valid)
+  assign = jax.lax.stop_gradient(assign)
   take = lambda a: jnp.take_along_axis(a, assign.reshape(assign.shape + (1,) * (a.ndim - 2)), 1)
   v = valid.astype(jnp.float32)
   n = jnp.maximum(jnp.sum(v), 1.0)

@@ -57,8 +57,7 @@ def train_step(
 def zero_metrics(state, digits, labels, *, sample_fn, loss_fn) -> dict[str, jax.Array]:
   """Zeros shaped like the metrics of one step (found by tracing, nothing is computed)."""
   batch = lambda: sample_fn(jax.random.key(0), state.step, digits, labels)
-  step = lambda: train_step(state, batch(), loss_fn=loss_fn)
-  shapes = jax.eval_shape(step)[1]
+  shapes = jax.eval_shape(lambda: train_step(state, batch(), loss_fn=loss_fn))[1]
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
