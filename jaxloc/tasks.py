@@ -96,6 +96,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     )
   if not config.learning_rate > 0:
     raise UserError(f"config.learning_rate={config.learning_rate!r} must be positive")
+  if not 0.0 <= config.get("ema_decay", 0.0) < 1.0:
+    raise UserError(
+      f"config.ema_decay={config.ema_decay!r} must lie in [0, 1) (0 = no moving average)"
+    )
   canvas.check_canvas_size(config.canvas_size)
   if config.get("scene"):
     check_scene_config(config)

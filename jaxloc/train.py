@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,28 @@ from tqdm import tqdm
 from jaxloc import checkpoint, evaluation, losses, model, parallel, tasks, workdir
 from jaxloc.errors import UserError
 
-TrainState = train_state.TrainState
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState plus `ema_params`, a moving average of `params` (None when off)."""
+
+  ema_params: Any = None
+
+
+def ema_update(ema_params, params, decay: float, step: jax.Array):
+  """One step of the exponential moving average `ema <- d * ema + (1 - d) * params`.
+
+  d = min(decay, (1 + step) / (10 + step)): the warm-up of TensorFlow's
+  ExponentialMovingAverage, so early averages do not hold on to the random init.
+  Training never reads the average; it only changes which weights are evaluated.
+  """
+  t = step.astype(jnp.float32)
+  d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+  return jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
+
+
+def exported_params(state: TrainState):
+  """The weights a run evaluates and writes to params.msgpack: the average when kept."""
+  return state.params if state.ema_params is None else state.ema_params
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -38,20 +60,29 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
 def create_train_state(key: jax.Array, config: ml_collections.ConfigDict) -> TrainState:
   net = model.create_model(config)
   params = model.init_params(key, net, config.canvas_size)
-  state = TrainState.create(apply_fn=net.apply, params=params, tx=optimizer(config))
+  ema = jax.tree_util.tree_map(jnp.copy, params) if config.get("ema_decay", 0.0) > 0 else None
+  state = TrainState.create(apply_fn=net.apply, params=params, tx=optimizer(config), ema_params=ema)
   return state.replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints restore it
 
 
 def train_step(
-  state: TrainState, batch, *, loss_fn=losses.total_loss
+  state: TrainState, batch, *, loss_fn=losses.total_loss, ema_decay: float = 0.0
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One Adam step on `loss_fn(outputs, batch) -> (loss, parts)`; returns the parts."""
+  """One Adam step on `loss_fn(outputs, batch) -> (loss, parts)`; returns the parts.
+
+  With `ema_decay` > 0 it also updates `state.ema_params` (see `ema_update`).
+  """
 
   def objective(params):
     return loss_fn(state.apply_fn({"params": params}, batch["image"]), batch)
 
   grads, step_metrics = jax.grad(objective, has_aux=True)(state.params)
-  return state.apply_gradients(grads=grads), step_metrics
+  state = state.apply_gradients(grads=grads)
+  if ema_decay > 0:
+    state = state.replace(
+      ema_params=ema_update(state.ema_params, state.params, ema_decay, state.step)
+    )
+  return state, step_metrics
 
 
 def zero_metrics(state, digits, labels, *, sample_fn, loss_fn) -> dict[str, jax.Array]:
@@ -72,6 +103,7 @@ def train_steps(
   sample_fn,
   loss_fn,
   mesh: jax.sharding.Mesh | None = None,
+  ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """`num_steps` steps, each on a fresh batch drawn on the device; adds metrics to `sums`.
 
@@ -83,7 +115,7 @@ def train_steps(
     state, sums = carry
     batch = sample_fn(data_key, state.step, digits, labels)
     batch = parallel.shard_batch(batch, mesh)
-    state, m = train_step(state, batch, loss_fn=loss_fn)
+    state, m = train_step(state, batch, loss_fn=loss_fn, ema_decay=ema_decay)
     return (state, jax.tree_util.tree_map(jnp.add, sums, m)), None
 
   if num_steps == 1:
@@ -197,8 +229,16 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
   steps_per_call = tasks.resolve_steps_per_call(config.steps_per_call)
 
   evaluator = evaluation.make_evaluator(config, state.apply_fn, mesh)
+
+  def evaluate(state):
+    """Figures of the exported weights (summary, per canvas) and, with an EMA, of the raw ones."""
+    summary, per = evaluator(exported_params(state), val)
+    raw = None if state.ema_params is None else evaluator(state.params, val)[0]
+    return summary, per, raw
+
   sample_fn, loss_fn = tasks.task_functions(config)
-  static = dict(sample_fn=sample_fn, loss_fn=loss_fn, mesh=mesh)
+  ema_decay = config.get("ema_decay", 0.0)
+  static = dict(sample_fn=sample_fn, loss_fn=loss_fn, mesh=mesh, ema_decay=ema_decay)
   template = zero_metrics(state, train_digits, train_labels, sample_fn=sample_fn, loss_fn=loss_fn)
   zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, template)
   compiled, compile_s = {}, 0.0
@@ -225,7 +265,7 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
           epoch_sums[k[6:]] = epoch_sums.get(k[6:], 0.0) + v * r["steps_averaged"]
       epoch_count += r["steps_averaged"]
   sums, since_log, train_s, trained = zeros(), 0, 0.0, 0
-  summary = per = None
+  summary = per = raw = None
   bar = tqdm(total=total_steps, initial=step, desc="train", disable=not sys.stderr.isatty())
   for epoch in range(step // spe + 1, config.epochs + 1):
     epoch_end = epoch * spe
@@ -262,9 +302,10 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
       epoch_count += since_log
       sums, since_log = zeros(), 0
       if step == epoch_end:
-        summary, per = evaluator(state.params, val)
+        summary, per, raw = evaluate(state)
         record = {"step": step, "epoch": epoch, **_means(epoch_sums, epoch_count)}
         record.update({f"val/{k}": v for k, v in summary.items()})
+        record.update({f"val_raw/{k}": v for k, v in (raw or {}).items()})
         workdir.append_jsonl(path(workdir.METRICS_LOG), record)
         history.append(record)
         epoch_sums, epoch_count = {}, 0
@@ -275,10 +316,13 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
   bar.close()
 
   if per is None:  # resumed at the very end: evaluate the restored state
-    summary, per = evaluator(state.params, val)
-  workdir.write_bytes_atomic(path(workdir.PARAMS), serialization.to_bytes(state.params))
+    summary, per, raw = evaluate(state)
+  params = exported_params(state)
+  workdir.write_bytes_atomic(path(workdir.PARAMS), serialization.to_bytes(params))
   evaluation.write_plots(out_dir, config, val, per, history)
   final = dict(summary)
+  if raw is not None:
+    final["raw"] = raw  # the un-averaged weights, for comparison with the seed
   final.update(
     num_params=n_params,
     steps=step,

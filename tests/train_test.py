@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import digit
-from jaxloc import canvas, evaluation, tasks, train, workdir
+from jaxloc import canvas, evaluation, losses, tasks, train, workdir
 from jaxloc.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +65,44 @@ def test_train_step_traces_once():
   assert len(traces) == 1
 
 
+def test_ema_update_follows_the_formula():
+  p0, p1, p2 = (jax.numpy.full((3,), v) for v in (1.0, 5.0, -2.0))
+  ema = train.ema_update(p0, p1, 0.999, jax.numpy.int32(1))  # warm-up: d = 2 / 11
+  np.testing.assert_allclose(ema, 2 / 11 * 1.0 + 9 / 11 * 5.0, rtol=1e-6)
+  late = train.ema_update(ema, p2, 0.999, jax.numpy.int32(100_000))  # d = decay
+  np.testing.assert_allclose(late, 0.999 * ema - 0.001 * 2.0, rtol=1e-6)
+
+
+def test_moving_average_does_not_change_training():
+  digits, labels = _digits()
+  sample = functools.partial(canvas.training_batch, batch_size=8, canvas_size=75)
+  key, data_key = jax.random.key(0), jax.random.key(1)
+  out = {}
+  for decay in (0.0, 0.9):
+    config = digit.get_config()
+    config.ema_decay = decay
+    state = train.create_train_state(key, config)
+    assert (state.ema_params is None) == (decay == 0.0)
+    sums = train.zero_metrics(state, digits, labels, sample_fn=sample, loss_fn=losses.total_loss)
+    out[decay] = train.train_steps(
+      state,
+      sums,
+      digits,
+      labels,
+      data_key,
+      num_steps=4,
+      sample_fn=sample,
+      loss_fn=losses.total_loss,
+      ema_decay=decay,
+    )[0]
+  same = jax.tree_util.tree_map(np.array_equal, out[0.0].params, out[0.9].params)
+  assert all(jax.tree_util.tree_leaves(same))
+  moved = jax.tree_util.tree_map(np.array_equal, out[0.9].params, out[0.9].ema_params)
+  assert not any(jax.tree_util.tree_leaves(moved))
+  assert train.exported_params(out[0.9]) is out[0.9].ema_params
+  assert train.exported_params(out[0.0]) is out[0.0].params
+
+
 def test_same_seed_same_parameters(mnist_dir, tmp_path):
   a = train.train_and_evaluate(small_config(mnist_dir), str(tmp_path / "a"))
   b = train.train_and_evaluate(small_config(mnist_dir), str(tmp_path / "b"))
@@ -112,6 +150,13 @@ def test_end_to_end_run_writes_every_output(mnist_dir, tmp_path):
     6,
   ]  # every 2nd step and each epoch end
   assert workdir.read_json(str(run / "config.json"))["batch_size"] == 8
+  # With a moving average (the default) the raw weights are scored too, beside it.
+  assert {f"val_raw/{k}" for k in on_disk["raw"]} == {k for k in evals[-1] if "val_raw/" in k}
+  assert on_disk["raw"]["num_val"] == on_disk["num_val"] == 40
+  plain = train.train_and_evaluate(small_config(mnist_dir, ema_decay=0.0), str(tmp_path / "plain"))
+  assert "raw" not in plain
+  assert plain["accuracy"] == on_disk["raw"]["accuracy"]
+  assert plain["mean_iou"] == pytest.approx(on_disk["raw"]["mean_iou"], rel=1e-6)
 
 
 def test_evaluation_ignores_padding_of_last_batch(mnist_dir, tmp_path):
@@ -136,6 +181,7 @@ def test_evaluation_ignores_padding_of_last_batch(mnist_dir, tmp_path):
     ("steps_per_epoch", 0, "steps_per_epoch=0 must be a positive integer"),
     ("canvas_size", 20, "smaller than a 28x28 digit"),
     ("learning_rate", 0.0, "learning_rate=0.0 must be positive"),
+    ("ema_decay", 1.0, r"ema_decay=1.0 must lie in \[0, 1\)"),
   ],
 )
 def test_bad_config_is_rejected(field, value, match, tmp_path):

@@ -24,6 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 1e-3  # Adam step size
   config.class_loss_weight = 1.0  # weight of the softmax cross-entropy
   config.box_loss_weight = 1.0  # weight of the box MSE
+  # Decay of an exponential moving average of the weights, kept beside them (0 = none). Training
+  # never reads it; with it, the run evaluates and exports the average and also reports the
+  # raw weights' figures (`raw` in metrics.json), which are the seed's.
+  config.ema_decay = 0.999
   config.conv_features = (16, 32, 64)  # channels of the three conv stages
   config.dense_features = 128  # width of the shared dense layer
   config.eval_batch_size = 500  # canvases per evaluation batch (bounds memory)
