@@ -23,13 +23,19 @@ def _save(fig, path: str) -> None:
 
 
 def plot_curves(history: list[dict], path: str) -> None:
-  """Train and validation losses per epoch (class and box, plus count for scenes)."""
+  """Train and validation losses per epoch (class and box, plus count for scenes); with a
+  moving average, validation of both the averaged and the raw weights."""
   epochs = [r["epoch"] for r in history]
   parts = [p for p in ("class_loss", "box_loss", "count_loss") if f"val/{p}" in history[-1]]
   fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 3.8), squeeze=False)
   for ax, part in zip(axes[0], parts, strict=True):
     ax.plot(epochs, [r.get(f"train/{part}") for r in history], "o-", label="train")
-    ax.plot(epochs, [r[f"val/{part}"] for r in history], "o-", label="validation")
+    raw = f"val_raw/{part}" in history[-1]  # a run with a moving average: val/ is the average
+    label = "validation, averaged weights" if raw else "validation"
+    ax.plot(epochs, [r[f"val/{part}"] for r in history], "o-", label=label)
+    if raw:
+      values = [r.get(f"val_raw/{part}") for r in history]
+      ax.plot(epochs, values, "o--", label="validation, raw weights")
     ax.set_xlabel("epoch")
     ax.set_title(part.replace("_", " "))
     ax.legend()
