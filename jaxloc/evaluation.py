@@ -87,7 +87,7 @@ def _scene_eval_step(apply_fn, sample_args: tuple, loss_args: tuple, mesh):
     scene = canvas.sample_scene(key, digits, labels, **dict(sample_args))
     scene = parallel.shard_batch(scene, mesh)
     out = apply_fn({"params": params}, scene["image"])
-    assign = losses.match(losses.match_cost(out, scene, **cost_args), scene["valid"])
+    assign = losses.assign_slots(out, scene, **cost_args)
     _, parts = losses.scene_loss(out, scene, assign=assign, **args)
     probs = jax.nn.softmax(out["logits"], -1)
     ex = {

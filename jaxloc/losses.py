@@ -85,6 +85,16 @@ def match(cost_BxKxK: jax.Array, valid_BxK: jax.Array) -> jax.Array:
   return jax.vmap(one)(cost)
 
 
+def assign_slots(
+  outputs: dict[str, jax.Array], scene, *, classify: bool, class_weight: float, box_weight: float
+) -> jax.Array:
+  """The matching of predicted slots to the scene's targets (`match` of `match_cost`)."""
+  cost = match_cost(
+    outputs, scene, classify=classify, class_weight=class_weight, box_weight=box_weight
+  )
+  return match(cost, scene["valid"])
+
+
 def scene_loss(
   outputs: dict[str, jax.Array],
   scene,
@@ -100,15 +110,13 @@ def scene_loss(
 
   Class and box losses average over the valid targets of the batch (zero, not NaN,
   when the batch holds none). Matching is set-based, so swapping predicted slots
-  does not change the loss. `assign`: the matching (`match` of `match_cost` with these
-  weights) when the caller has already computed it; found here otherwise.
+  does not change the loss. `assign`: the `assign_slots` result with these weights when
+  the caller has already computed it; found here otherwise.
   """
   valid = scene["valid"]
   if assign is None:
-    cost = match_cost(
-      outputs, scene, classify=classify, class_weight=class_weight, box_weight=box_weight
-    )
-    assign = match(cost, valid)
+    weights = dict(class_weight=class_weight, box_weight=box_weight)
+    assign = assign_slots(outputs, scene, classify=classify, **weights)
   assign = jax.lax.stop_gradient(assign)
   take = lambda a: jnp.take_along_axis(a, assign.reshape(assign.shape + (1,) * (a.ndim - 2)), 1)
   v = valid.astype(jnp.float32)

@@ -317,8 +317,8 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
 
   if per is None:  # resumed at the very end: evaluate the restored state
     summary, per, raw = evaluate(state)
-  params = exported_params(state)
-  workdir.write_bytes_atomic(path(workdir.PARAMS), serialization.to_bytes(params))
+  params_bytes = serialization.to_bytes(exported_params(state))
+  workdir.write_bytes_atomic(path(workdir.PARAMS), params_bytes)
   evaluation.write_plots(out_dir, config, val, per, history)
   final = dict(summary)
   if raw is not None:
