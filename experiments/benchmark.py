@@ -177,7 +177,8 @@ def train_jaxloc(steps, steps_per_call=None):
   config = digit.get_config()
   digits, labels = (jax.numpy.asarray(a) for a in _digits())
   init_key, data_key = jax.random.split(jax.random.key(0))
-  sample_fn, loss_fn = tasks.task_functions(config)
+  task = tasks.build(config)
+  sample_fn, loss_fn = task.sample_fn, task.loss_fn
   state = train.create_train_state(init_key, config)
   sums = train.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
   n = steps_per_call or tasks.resolve_steps_per_call(_STEPS_PER_CALL.value)

@@ -12,7 +12,7 @@ import os
 from absl import flags
 
 from experiments import cli
-from jaxloc import evaluation, inference, model, parallel, tasks, workdir
+from jaxloc import inference, parallel, tasks, workdir
 from jaxloc.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
@@ -30,15 +30,15 @@ def main(argv):
     config.mnist_dir = _MNIST_DIR.value
   mesh = parallel.data_mesh()
   _, _, val = parallel.replicate(tasks.load_data(config), mesh)
-  net = model.create_model(config)
-  summary, per = evaluation.make_evaluator(config, net.apply, mesh)(predictor.params, val)
+  task = tasks.build(config)
+  summary, per = task.make_evaluator(task.model.apply, mesh)(predictor.params, val)
   path = lambda name: os.path.join(work_dir, name)
   with workdir.lock(work_dir):
     previous = (
       workdir.read_json(path(workdir.METRICS)) if os.path.exists(path(workdir.METRICS)) else {}
     )
     history = [r for r in workdir.read_jsonl(path(workdir.METRICS_LOG)) if "val/num_val" in r]
-    evaluation.write_plots(work_dir, config, val, per, history)
+    task.write_outputs(work_dir, val, per, history)
     final = {**previous, **summary}
     workdir.write_json(path(workdir.METRICS), final)
   print(json.dumps(summary, indent=2, sort_keys=True))

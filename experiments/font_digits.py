@@ -16,7 +16,7 @@ import numpy as np
 from absl import flags
 
 from experiments import cli
-from jaxloc import canvas, evaluation, images, inference, model, plots, workdir
+from jaxloc import canvas, evaluation, images, inference, plots, tasks, workdir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
 _PER_DIGIT = flags.DEFINE_integer("per_digit", 20, "Canvases per rendered digit.")
@@ -36,7 +36,7 @@ def main(argv):
       jax.random.key(config.val_seed), len(labels), config.canvas_size
     ),
   }
-  net = model.create_model(config)
+  net = tasks.build(config).model
   summary, per = evaluation.evaluate(
     net.apply, predictor.params, val, canvas_size=config.canvas_size, batch_size=len(labels)
   )

@@ -8,11 +8,15 @@
 Boxes follow `jaxloc.boxes`: normalised (xmin, ymin, xmax, ymax); `box_px` is the
 same box in pixels of the canvas. The model is jitted once per batch shape.
 
-For a scene model (the presence / count / detection cases) the result also holds
-`count` [N], `count_probs` [N,K+1], `presence` [N], `objectness` [N,K], and the
-per-slot `label`, `probs`, `score` (objectness x class probability) and boxes
-shaped [N,K,...]. Slots are unordered: keep those with a high `score`, or the
-`count` slots of highest `objectness`.
+A scene model (the presence / count / detection cases) answers with detections
+shaped [N,T,...]: `box`, `box_px`, `label`, `score`, and `keep` (the detections that
+are its answer), plus the cases' answers `count` [N] (detections kept) and `presence`
+[N] (count > 0). The dense detector (`config.head = "dense"`) gives its top-k
+detections (T = `config.dense.top_k`, sorted by score; `keep` = score >=
+`config.dense.score_threshold`); the slot detector gives its K slots (`keep` = the
+`count` slots of highest `objectness`; also `count_probs`, `objectness`, `probs`).
+The answers come from `jaxloc.metrics` (`digit_answers`, `dense_answers`,
+`slot_answers`), the same functions the evaluator uses.
 """
 
 import os
@@ -23,7 +27,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from jaxloc import boxes, model, workdir
+from jaxloc import boxes, model, tasks, workdir
 from jaxloc.errors import UserError
 
 
@@ -32,7 +36,7 @@ def load_params(work_dir: str, config):
   path = os.path.join(work_dir, workdir.PARAMS)
   if not os.path.exists(path):
     raise UserError(f"{path} not found: the run in {work_dir!r} has not finished training")
-  like = model.init_params(jax.random.key(0), model.create_model(config), config.canvas_size)
+  like = model.init_params(jax.random.key(0), tasks.build(config).model, config.canvas_size)
   with open(path, "rb") as f:
     data = f.read()
   try:
@@ -77,13 +81,15 @@ def to_canvas_batch(images, canvas_size: int) -> jax.Array:
 
 
 class Predictor:
-  """A trained localiser: call it on a batch of canvases."""
+  """A trained model: call it on a batch of canvases."""
 
   def __init__(self, config, params):
     self.config = ml_collections.ConfigDict(dict(config))
     self.canvas_size = int(self.config.canvas_size)
     self.params = params
-    self._apply = jax.jit(model.create_model(self.config).apply)  # compiled once per batch shape
+    task = tasks.build(self.config)
+    # model + answers, compiled once per batch shape
+    self._predict = jax.jit(lambda p, x: task.answer(task.model.apply({"params": p}, x)))
 
   @classmethod
   def from_workdir(cls, work_dir: str) -> "Predictor":
@@ -91,27 +97,7 @@ class Predictor:
     return cls(config, load_params(work_dir, config))
 
   def __call__(self, images) -> dict[str, np.ndarray]:
-    x = to_canvas_batch(images, self.canvas_size)
-    out = self._apply({"params": self.params}, x)
-    probs = jax.nn.softmax(out["logits"], axis=-1)
-    if "count_logits" in out:  # a scene model: K slots
-      count_probs = jax.nn.softmax(out["count_logits"], axis=-1)
-      objectness = jax.nn.sigmoid(out["objectness"])
-      return {
-        "count": np.asarray(jnp.argmax(count_probs, -1), np.int32),
-        "count_probs": np.asarray(count_probs),
-        "presence": np.asarray(jnp.argmax(count_probs, -1) > 0),
-        "objectness": np.asarray(objectness),
-        "label": np.asarray(jnp.argmax(probs, -1), np.int32),
-        "probs": np.asarray(probs),
-        "score": np.asarray(objectness * jnp.max(probs, -1)),
-        "box": np.asarray(out["box"]),
-        "box_px": np.asarray(boxes.to_pixels(out["box"], self.canvas_size)),
-      }
-    return {
-      "label": np.asarray(jnp.argmax(probs, -1), np.int32),
-      "probs": np.asarray(probs),
-      "score": np.asarray(jnp.max(probs, -1)),
-      "box": np.asarray(out["box"]),
-      "box_px": np.asarray(boxes.to_pixels(out["box"], self.canvas_size)),
-    }
+    out = jax.device_get(self._predict(self.params, to_canvas_batch(images, self.canvas_size)))
+    out = {k: np.asarray(v) for k, v in out.items()}
+    out["box_px"] = np.asarray(boxes.to_pixels(out["box"], self.canvas_size))
+    return out

@@ -1,4 +1,5 @@
-"""Validation metrics of the single-digit localiser: accuracy and IoU statistics.
+"""Validation metrics: accuracy and IoU statistics of the seed's task; count, presence,
+matched IoU and COCO-style AP of scenes; and model outputs turned into answers.
 
 `batch_sums` runs on the device inside the jitted evaluation and returns sums
 (so a padded last batch cannot skew a mean); `summarize` turns the summed
@@ -9,18 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxloc import boxes, losses
+from jaxloc import boxes, dense, losses
 
 IOU_THRESHOLD = 0.6  # the seed's "correct box" threshold
 
 
 def per_example(outputs: dict[str, jax.Array], batch) -> dict[str, jax.Array]:
   """Predicted class, its probability, predicted box and IoU with the true box, per canvas."""
-  probs = jax.nn.softmax(outputs["logits"], axis=-1)
+  ans = digit_answers(outputs)
   return {
-    "pred_label": jnp.argmax(probs, axis=-1).astype(jnp.int32),
-    "score": jnp.max(probs, axis=-1),
-    "pred_box": outputs["box"],
+    "pred_label": ans["label"],
+    "score": ans["score"],
+    "pred_box": ans["box"],
     "iou": boxes.iou(outputs["box"], batch["box"]),
   }
 
@@ -167,40 +168,35 @@ def coco_json(
 
 
 def scene_detections(per: dict, classify: bool) -> tuple[list[dict], list[dict]]:
-  """Every predicted slot as a scored detection, and every valid target as ground truth.
+  """Every detection with a positive score, and every valid target as ground truth.
 
-  Score = objectness probability (x class probability when classes are predicted);
   category = predicted class, or 0 for class-agnostic cases.
   """
-  n, k = per["valid"].shape
   dets, gts = [], []
-  for i in range(n):
-    for s in range(k):
-      score = per["objectness"][i, s] * (per["class_score"][i, s] if classify else 1.0)
-      dets.append(
-        {
-          "image_id": i,
-          "category_id": int(per["pred_label"][i, s]) if classify else 0,
-          "score": float(score),
-          "box": per["pred_box"][i, s].tolist(),
-        }
-      )
-      if per["valid"][i, s]:
-        gts.append(
-          {
-            "image_id": i,
-            "category_id": int(per["label"][i, s]) if classify else 0,
-            "box": per["box"][i, s].tolist(),
-          }
-        )
+  for i, j in zip(*np.nonzero(per["det_score"] > 0), strict=True):
+    dets.append(
+      {
+        "image_id": int(i),
+        "category_id": int(per["det_label"][i, j]) if classify else 0,
+        "score": float(per["det_score"][i, j]),
+        "box": per["det_box"][i, j].tolist(),
+      }
+    )
+  for i, j in zip(*np.nonzero(per["valid"]), strict=True):
+    gts.append(
+      {
+        "image_id": int(i),
+        "category_id": int(per["label"][i, j]) if classify else 0,
+        "box": per["box"][i, j].tolist(),
+      }
+    )
   return dets, gts
 
 
 def scene_summary(per: dict, classify: bool, digit_size: float) -> dict[str, float]:
   """Count / presence / class accuracy, IoU of matched digits, AP, and trivial baselines."""
   valid = per["valid"]
-  matched = np.take_along_axis(per["pred_box"], per["assign"][..., None], axis=1)
-  ious = _iou_np(matched, per["box"])[valid]
+  ious = _iou_np(per["matched_box"], per["box"])[valid]
   true_p, pred_p = per["count"] > 0, per["pred_count"] > 0
   tp = np.sum(true_p & pred_p)
   out = {
@@ -210,6 +206,7 @@ def scene_summary(per: dict, classify: bool, digit_size: float) -> dict[str, flo
     "presence_precision": float(tp / max(np.sum(pred_p), 1)),
     "presence_recall": float(tp / max(np.sum(true_p), 1)),
     "mean_iou": float(ious.mean()) if ious.size else 0.0,
+    "median_iou": float(np.median(ious)) if ious.size else 0.0,
     "iou_at_0_6": float(np.mean(ious >= IOU_THRESHOLD)) if ious.size else 0.0,
     # Trivial baselines: the majority count / presence, a fixed centre box of digit size.
     "baseline_count_accuracy": float(np.bincount(per["count"]).max() / len(per["count"])),
@@ -223,8 +220,112 @@ def scene_summary(per: dict, classify: bool, digit_size: float) -> dict[str, flo
     float(_iou_np(centre, per["box"])[valid].mean()) if (valid.any()) else 0.0
   )
   if classify:
-    pred_label = np.take_along_axis(per["pred_label"], per["assign"], axis=1)
-    out["class_accuracy"] = float(np.mean(pred_label[valid] == per["label"][valid]))
+    out["class_accuracy"] = float(np.mean(per["matched_label"][valid] == per["label"][valid]))
+    labels = per["label"][valid]
+    out["baseline_class_accuracy"] = float(np.bincount(labels).max() / max(len(labels), 1))
   dets, gts = scene_detections(per, classify)
   out.update(average_precision(dets, gts))
   return out
+
+
+# --- Model outputs -> answers (the Predictor's and the evaluator's), jittable ---
+
+
+def digit_answers(outputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The seed model's answers: label [B], probs [B,C], score [B] (its probability), box [B,4]."""
+  probs = jax.nn.softmax(outputs["logits"], axis=-1)
+  return {
+    "label": jnp.argmax(probs, axis=-1).astype(jnp.int32),
+    "probs": probs,
+    "score": jnp.max(probs, axis=-1),
+    "box": outputs["box"],
+  }
+
+
+def slot_answers(outputs: dict[str, jax.Array], *, classify: bool) -> dict[str, jax.Array]:
+  """The slot detector's answers. Per slot [B,K]: box, label, probs, objectness, score
+  (objectness, x the class probability when classes are predicted) and keep (the `count`
+  slots of highest objectness); per canvas [B]: count (argmax of the count head),
+  count_probs, presence."""
+  probs = jax.nn.softmax(outputs["logits"], -1)
+  count_probs = jax.nn.softmax(outputs["count_logits"], -1)
+  count = jnp.argmax(count_probs, -1).astype(jnp.int32)
+  objectness = jax.nn.sigmoid(outputs["objectness"])
+  score = objectness * jnp.max(probs, -1) if classify else objectness
+  rank = jnp.argsort(jnp.argsort(-objectness, axis=-1), axis=-1)  # 0 = most object-like
+  return {
+    "box": outputs["box"],
+    "label": jnp.argmax(probs, -1).astype(jnp.int32),
+    "probs": probs,
+    "objectness": objectness,
+    "score": score,
+    "keep": rank < count[:, None],
+    "count": count,
+    "count_probs": count_probs,
+    "presence": count > 0,
+  }
+
+
+def dense_answers(outputs: dict[str, jax.Array], *, decode, threshold: float) -> dict:
+  """The dense detector's answers: the top-k detections (`decode`: box, label, score [B,T]),
+  keep [B,T] (score >= threshold), count and presence [B] (`dense.answers`)."""
+  det = decode(outputs)
+  return {**det, **dense.answers(det["score"], threshold)}
+
+
+# --- Scoring one chunk of validation scenes: per-canvas results and loss parts ---
+
+
+def _scene_results(scene, ans, matched_box, matched_label) -> dict[str, jax.Array]:
+  return {
+    "count": scene["count"],
+    "valid": scene["valid"],
+    "box": scene["box"],
+    "label": scene["label"],
+    "det_box": ans["box"],
+    "det_label": ans["label"],
+    "det_score": ans["score"],
+    "det_keep": ans["keep"],
+    "pred_count": ans["count"],
+    "matched_box": matched_box,
+    "matched_label": matched_label,
+  }
+
+
+def _take(a_BxTx: jax.Array, index_BxK: jax.Array) -> jax.Array:
+  return jnp.take_along_axis(
+    a_BxTx, index_BxK.reshape(index_BxK.shape + (1,) * (a_BxTx.ndim - 2)), 1
+  )
+
+
+def slot_chunk(outputs, scene, **loss_args) -> tuple[dict, dict]:
+  """Slots: each target is matched to the slot `losses.assign_slots` gives it (the loss's
+  set matching)."""
+  cost_args = {k: loss_args[k] for k in ("classify", "class_weight", "box_weight")}
+  assign = losses.assign_slots(outputs, scene, **cost_args)
+  _, parts = losses.scene_loss(outputs, scene, assign=assign, **loss_args)
+  ans = slot_answers(outputs, classify=loss_args["classify"])
+  return _scene_results(scene, ans, _take(ans["box"], assign), _take(ans["label"], assign)), parts
+
+
+def dense_chunk(outputs, scene, *, decode, threshold: float, loss_fn) -> tuple[dict, dict]:
+  """Dense detector: with one object per canvas at most, the target's answer is the top
+  detection (case 3's class and box); with more, it is the kept detection (score >=
+  threshold) of highest IoU with it (none kept: box zero, label -1). Also returns the
+  class-max heatmap [B,G,G] for the heatmap picture."""
+  _, parts = loss_fn(outputs, scene)
+  ans = dense_answers(outputs, decode=decode, threshold=threshold)
+  k = scene["box"].shape[1]
+  if k == 1:
+    best = jnp.zeros(scene["valid"].shape, jnp.int32)
+    found = jnp.ones(scene["valid"].shape, bool)
+  else:
+    iou = boxes.pairwise_iou(scene["box"], ans["box"])  # [B, K, T]
+    iou = jnp.where(ans["keep"][:, None, :], iou, -1.0)
+    best, found = jnp.argmax(iou, -1), jnp.any(ans["keep"], -1, keepdims=True)
+    found = jnp.repeat(found, k, axis=1)
+  matched_box = jnp.where(found[..., None], _take(ans["box"], best), 0.0)
+  matched_label = jnp.where(found, _take(ans["label"], best), -1)
+  results = _scene_results(scene, ans, matched_box, matched_label)
+  results["heatmap"] = jnp.max(jax.nn.sigmoid(outputs["heatmap"]), axis=-1)
+  return results, parts

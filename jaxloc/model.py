@@ -32,12 +32,16 @@ def avg_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
 
 
 class Conv3x3(nn.Module):
-  """3x3 VALID convolution, stride 1, as a patches x kernel matrix product."""
+  """3x3 convolution, stride 1, as a patches x kernel matrix product (VALID, or SAME: the
+  input is zero-padded by one pixel on each side, so the output keeps its size)."""
 
   features: int
+  padding: str = "VALID"
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    if self.padding == "SAME":
+      x_BxHxWxC = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
     b, h, w, c = x_BxHxWxC.shape
     kernel = self.param("kernel", KERAS_INIT, (3, 3, c, self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
@@ -100,17 +104,53 @@ class Detector(nn.Module):
     }
 
 
+class DenseDetector(nn.Module):
+  """A fully convolutional detector of the CenterNet kind ("Objects as Points").
+
+      image [B,H,W,1] -> zero-pad bottom/right to a multiple of `stride`
+        -> the seed's conv stages with SAME padding, the first log2(stride) followed by a
+           2x2 average pool (cell (i, j) covers canvas pixels [stride*i, stride*(i+1)))
+        -> context convs (3x3, SAME, relu) at the output stride, so the receptive field
+           covers the largest digit (38 px with one, 54 px with two at stride 8)
+        -> per cell: heatmap logits [B,G,G,C] and a box [B,G,G,4] (see `jaxloc.dense`)
+
+  G = ceil(H / stride). The heatmap bias starts at -log((1 - prior) / prior), so every
+  cell starts out predicting "no object" with probability 1 - prior (CenterNet, RetinaNet).
+  """
+
+  num_classes: int = 10
+  conv_features: Sequence[int] = (16, 32, 64)
+  context_features: Sequence[int] = (64, 64)
+  stride: int = 8
+  prior: float = 0.01
+
+  @nn.compact
+  def __call__(self, image_BxHxWx1: jax.Array) -> dict[str, jax.Array]:
+    _, h, w, _ = image_BxHxWx1.shape
+    s = self.stride
+    pad = ((0, 0), (0, -h % s), (0, -w % s), (0, 0))
+    x = jnp.pad(image_BxHxWx1, pad)
+    pools = s.bit_length() - 1  # stride = 2 ** pools (checked with the config)
+    for i, features in enumerate(self.conv_features):
+      x = nn.relu(Conv3x3(features, padding="SAME")(x))
+      if i < pools:
+        x = avg_pool_2x2(x)
+    for features in self.context_features:
+      x = nn.relu(Conv3x3(features, padding="SAME")(x))
+    bias = -np.log((1.0 - self.prior) / self.prior)
+    heatmap = nn.Dense(
+      self.num_classes,
+      kernel_init=KERAS_INIT,
+      bias_init=nn.initializers.constant(bias),
+      name="heatmap_head",
+    )(x)
+    box = nn.Dense(4, kernel_init=KERAS_INIT, name="box_head")(x)
+    return {"heatmap": heatmap, "box": box}
+
+
 def num_params(params) -> int:
   return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
 
 def init_params(key: jax.Array, model: nn.Module, canvas_size: int):
   return model.init(key, jnp.zeros((1, canvas_size, canvas_size, 1), jnp.float32))["params"]
-
-
-def create_model(config) -> nn.Module:
-  """The model a config describes: a `Localizer`, or a `Detector` when `config.scene` is set."""
-  common = dict(conv_features=tuple(config.conv_features), dense_features=config.dense_features)
-  if config.get("scene"):
-    return Detector(max_objects=config.scene.max_objects, num_classes=10, **common)
-  return Localizer(num_classes=10, **common)

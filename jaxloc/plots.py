@@ -22,11 +22,14 @@ def _save(fig, path: str) -> None:
   workdir.write_bytes_atomic(path, buf.getvalue())
 
 
+PLOTTED_LOSSES = ("class_loss", "heatmap_loss", "box_loss", "count_loss")
+
+
 def plot_curves(history: list[dict], path: str) -> None:
   """Train and validation losses per epoch (class and box, plus count for scenes); with a
   moving average, validation of both the averaged and the raw weights."""
   epochs = [r["epoch"] for r in history]
-  parts = [p for p in ("class_loss", "box_loss", "count_loss") if f"val/{p}" in history[-1]]
+  parts = [p for p in PLOTTED_LOSSES if f"val/{p}" in history[-1]]
   fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 3.8), squeeze=False)
   for ax, part in zip(axes[0], parts, strict=True):
     ax.plot(epochs, [r.get(f"train/{part}") for r in history], "o-", label="train")
@@ -57,29 +60,41 @@ def plot_pr(recall: np.ndarray, precision: np.ndarray, ap50: float, path: str) -
 
 
 def plot_scenes(image_NxHxW: np.ndarray, per: dict, classify: bool, path: str, cols: int = 8):
-  """Scenes with true boxes green and predicted boxes red (class and score).
-
-  Drawn predictions: the `pred_count` slots of highest objectness.
-  """
+  """Scenes with true boxes green and the kept detections red (class and score)."""
   size = image_NxHxW.shape[1]
   fig, axes = _grid(image_NxHxW, cols, (1.9, 2.0))
   for i, ax in enumerate(axes):
     for box in per["box"][i][per["valid"][i]]:
       _rect(ax, box * size, "lime")
-    order = np.argsort(-per["objectness"][i])[: int(per["pred_count"][i])]
-    for s in order:
-      box = per["pred_box"][i, s] * size
+    for s in np.nonzero(per["det_keep"][i])[0]:
+      box = per["det_box"][i, s] * size
       _rect(ax, box, "red")
-      text = f"{per['pred_label'][i, s]} " if classify else ""
-      ax.text(
-        box[0],
-        box[1] - 1,
-        f"{text}{per['objectness'][i, s]:.2f}",
-        color="red",
-        fontsize=6,
-        va="bottom",
-      )
+      text = f"{per['det_label'][i, s]} " if classify else ""
+      score = per["det_score"][i, s]
+      ax.text(box[0], box[1] - 1, f"{text}{score:.2f}", color="red", fontsize=6, va="bottom")
     ax.set_title(f"count {per['count'][i]}, pred {per['pred_count'][i]}", fontsize=7, y=-0.18)
+  _save(fig, path)
+
+
+def plot_heatmaps(image_NxHxW: np.ndarray, per: dict, path: str, cols: int = 4):
+  """Each scene beside the dense detector's heatmap (max over classes, 0..1, one pixel per
+  cell), true boxes green on both: where it sees digit centres."""
+  n, size = image_NxHxW.shape[0], image_NxHxW.shape[1]
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, 2 * cols, figsize=(3.6 * cols, 1.9 * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for i in range(n):
+    left, right = axes.flat[2 * i], axes.flat[2 * i + 1]
+    left.imshow(image_NxHxW[i], cmap="gray", vmin=0, vmax=1)
+    heat = per["heatmap"][i]
+    cover = heat.shape[0] * -(-size // heat.shape[0])  # pixels the grid covers (stride x G)
+    right.imshow(heat, cmap="magma", vmin=0, vmax=1, extent=(-0.5, cover - 0.5, cover - 0.5, -0.5))
+    right.set(xlim=(-0.5, size - 0.5), ylim=(size - 0.5, -0.5))
+    for box in per["box"][i][per["valid"][i]]:
+      _rect(left, box * size, "lime")
+      _rect(right, box * size, "lime")
+    right.set_title(f"max {heat.max():.2f}", fontsize=7, y=-0.18)
   _save(fig, path)
 
 

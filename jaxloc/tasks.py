@@ -1,48 +1,170 @@
-"""What a config asks for: its checks, its data, its batch sampler and its loss.
+"""What a config asks for: `build(config)` returns everything a run needs, and `check_config`
+rejects settings that cannot work.
 
-Only this module, `train_and_evaluate` and `model.create_model` read a config;
-everything they call takes explicit arguments. A config with a `scene` field is
-a presence / count / detection case (K slots); without one it is the seed's task,
-one digit per canvas.
+This is the one place that reads what kind of task a config describes: the seed's task
+(one digit per canvas, no `config.scene`: a `Localizer`) or a scene case (`config.scene`),
+answered by the dense detector (`config.head = "dense"`, `jaxloc.dense`) or by K slots
+(`config.head = "slots"`). Everything it returns takes explicit arguments; the train
+loop, the evaluator, the Predictor and the scripts call it instead of branching.
 """
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxloc import canvas, losses, mnist, parallel
+from jaxloc import canvas, dense, evaluation, losses, metrics, mnist, model, parallel
 from jaxloc.errors import UserError
 
+HEADS = ("dense", "slots")
 
-def task_functions(config: ml_collections.ConfigDict):
-  """(sample_fn(data_key, step, digits, labels) -> batch, loss_fn(outputs, batch)) for the
-  config's task: one digit per canvas (the seed), or scenes of up to K digits when
-  `config.scene` is set (scene digits are drawn with replacement, key fold_in(data_key, step))."""
-  if config.get("scene"):
-    scene = functools.partial(canvas.sample_scene, **scene_args(config))
-    sample_fn = lambda data_key, step, *data: scene(jax.random.fold_in(data_key, step), *data)
-    loss_fn = functools.partial(losses.scene_loss, **dict(scene_loss_args(config)))
-  else:
-    sample_fn = functools.partial(
-      canvas.training_batch, batch_size=config.batch_size, canvas_size=config.canvas_size
-    )
-    loss_fn = functools.partial(
+
+class Task(NamedTuple):
+  """Everything a run of one config needs."""
+
+  model: nn.Module
+  sample_fn: Callable  # (data_key, step, digits, labels) -> training batch
+  loss_fn: Callable  # (outputs, batch) -> (loss, {name: scalar})
+  make_evaluator: Callable  # (apply_fn, mesh) -> evaluator(params, val) -> (summary, per)
+  write_outputs: Callable  # (out_dir, val, per, history): plots (and COCO files for scenes)
+  answer: Callable  # jittable (model outputs) -> {name: array}: the Predictor's answers
+
+
+def build(config: ml_collections.ConfigDict) -> Task:
+  """The model, data, loss, evaluation and answers of the config's task."""
+  if not config.get("scene"):
+    return _digit_task(config)
+  if config.head == "slots":
+    return _slot_task(config)
+  return _dense_task(config)
+
+
+def _digit_task(config) -> Task:
+  common = dict(conv_features=tuple(config.conv_features), dense_features=config.dense_features)
+  digit_args = dict(canvas_size=config.canvas_size)
+  return Task(
+    model=model.Localizer(num_classes=10, **common),
+    sample_fn=functools.partial(canvas.training_batch, batch_size=config.batch_size, **digit_args),
+    loss_fn=functools.partial(
       losses.total_loss, class_weight=config.class_loss_weight, box_weight=config.box_loss_weight
-    )
-  return sample_fn, loss_fn
+    ),
+    make_evaluator=lambda apply_fn, mesh=None: functools.partial(
+      evaluation.evaluate, apply_fn, batch_size=config.eval_batch_size, mesh=mesh, **digit_args
+    ),
+    write_outputs=functools.partial(
+      evaluation.write_digit_outputs, num_plot=config.num_plot, **digit_args
+    ),
+    answer=metrics.digit_answers,
+  )
 
 
-def scene_loss_args(config: ml_collections.ConfigDict) -> tuple[tuple[str, object], ...]:
-  """Keyword arguments of `losses.scene_loss` for the config, as hashable (name, value) pairs."""
+def _scene_sampler(config):
+  """Training scenes: digits drawn with replacement, batch t with key fold_in(data_key, t)."""
+  scene = functools.partial(canvas.sample_scene, **scene_args(config))
+  return lambda data_key, step, *data: scene(jax.random.fold_in(data_key, step), *data)
+
+
+def _scene_evaluation(config, score_chunk, summarize):
+  """make_evaluator and write_outputs of a scene task, given how a chunk is scored."""
   sc = config.scene
-  return (
-    ("classify", sc.classify),
-    ("count_weight", sc.count_loss_weight),
-    ("objectness_weight", sc.objectness_loss_weight),
-    ("class_weight", config.class_loss_weight),
-    ("box_weight", config.box_loss_weight),
+  num_val = config.num_val if config.num_val > 0 else 10_000
+  chunk = min(evaluation.SCENE_VAL_CHUNK, num_val)
+  val_args = dict(sample_args=scene_args(config, chunk), num_val=num_val, val_seed=config.val_seed)
+  categories = range(10) if sc.classify else [0]
+
+  def make_evaluator(apply_fn, mesh=None):
+    step = evaluation.scene_eval_step(
+      apply_fn,
+      score_chunk,
+      val_args["sample_args"],
+      mesh if chunk % jax.device_count() == 0 else None,
+    )
+    return lambda params, val: evaluation.evaluate_scenes(step, params, val, summarize, **val_args)
+
+  write_outputs = functools.partial(
+    evaluation.write_scene_outputs,
+    canvas_size=config.canvas_size,
+    num_plot=config.num_plot,
+    categories=categories,
+    **val_args,
+  )
+  return make_evaluator, write_outputs
+
+
+def _slot_task(config) -> Task:
+  sc = config.scene
+  loss_args = scene_loss_args(config)
+  score_chunk = functools.partial(metrics.slot_chunk, **loss_args)
+  summarize = functools.partial(
+    metrics.scene_summary,
+    classify=sc.classify,
+    digit_size=sum(sc.size_range) / 2 / config.canvas_size,
+  )
+  make_evaluator, write_outputs = _scene_evaluation(config, score_chunk, summarize)
+  common = dict(conv_features=tuple(config.conv_features), dense_features=config.dense_features)
+  return Task(
+    model=model.Detector(max_objects=sc.max_objects, num_classes=10, **common),
+    sample_fn=_scene_sampler(config),
+    loss_fn=functools.partial(losses.scene_loss, **loss_args),
+    make_evaluator=make_evaluator,
+    write_outputs=write_outputs,
+    answer=functools.partial(metrics.slot_answers, classify=sc.classify),
+  )
+
+
+def _dense_task(config) -> Task:
+  sc, dn = config.scene, config.dense
+  num_classes = 10 if sc.classify else 1
+  geometry = dict(canvas_size=config.canvas_size, stride=dn.stride)
+  decode = functools.partial(dense.decode, k=dn.top_k, **geometry)
+  score_chunk = functools.partial(
+    metrics.dense_chunk,
+    decode=decode,
+    threshold=dn.score_threshold,
+    loss_fn=functools.partial(
+      dense.scene_loss,
+      num_classes=num_classes,
+      heatmap_weight=dn.heatmap_loss_weight,
+      box_weight=dn.box_loss_weight,
+      **geometry,
+    ),
+  )
+  summarize = functools.partial(
+    metrics.scene_summary,
+    classify=sc.classify,
+    digit_size=sum(sc.size_range) / 2 / config.canvas_size,
+  )
+  make_evaluator, write_outputs = _scene_evaluation(config, score_chunk, summarize)
+  net = model.DenseDetector(
+    num_classes=num_classes,
+    conv_features=tuple(config.conv_features),
+    context_features=tuple(dn.context_features),
+    stride=dn.stride,
+    prior=dn.prior,
+  )
+  return Task(
+    model=net,
+    sample_fn=_scene_sampler(config),
+    loss_fn=score_chunk.keywords["loss_fn"],
+    make_evaluator=make_evaluator,
+    write_outputs=write_outputs,
+    answer=functools.partial(metrics.dense_answers, decode=decode, threshold=dn.score_threshold),
+  )
+
+
+def scene_loss_args(config: ml_collections.ConfigDict) -> dict:
+  """Keyword arguments of `losses.scene_loss` (the slot detector's loss) for the config."""
+  sc = config.scene
+  return dict(
+    classify=sc.classify,
+    count_weight=sc.count_loss_weight,
+    objectness_weight=sc.objectness_loss_weight,
+    class_weight=config.class_loss_weight,
+    box_weight=config.box_loss_weight,
   )
 
 
@@ -128,6 +250,33 @@ def check_scene_config(config: ml_collections.ConfigDict) -> None:
   if sc.target_class < 0 and sc.distractor_prob > 0:
     raise UserError("config.scene.distractor_prob needs a config.scene.target_class >= 0")
   canvas.check_scene(config.canvas_size, k + (sc.distractor_prob > 0), hi, sc.max_overlap)
+  if config.head not in HEADS:
+    raise UserError(f"config.head={config.head!r}: use one of {', '.join(map(repr, HEADS))}")
+  if config.head == "dense":
+    check_dense_config(config)
+
+
+def check_dense_config(config: ml_collections.ConfigDict) -> None:
+  dn, k = config.dense, config.scene.max_objects
+  stages = len(config.conv_features)
+  strides = [2**i for i in range(1, stages + 1)]
+  if dn.stride not in strides:
+    raise UserError(
+      f"config.dense.stride={dn.stride!r}: the output stride is 2 ** (pooled conv stages); "
+      f"with {stages} conv stages use one of {strides}"
+    )
+  cells = dense.grid_size(config.canvas_size, dn.stride) ** 2 * (10 if config.scene.classify else 1)
+  if not isinstance(dn.top_k, int) or not k <= dn.top_k <= cells:
+    raise UserError(
+      f"config.dense.top_k={dn.top_k!r} must be an integer from max_objects ({k}) to the "
+      f"number of heatmap cells x classes ({cells})"
+    )
+  if not 0.0 < dn.score_threshold < 1.0:
+    raise UserError(
+      f"config.dense.score_threshold={dn.score_threshold!r} must lie strictly between 0 and 1"
+    )
+  if not 0.0 < dn.prior < 1.0:
+    raise UserError(f"config.dense.prior={dn.prior!r} must lie strictly between 0 and 1")
 
 
 def load_data(config: ml_collections.ConfigDict):

@@ -25,7 +25,7 @@ from flax import serialization
 from flax.training import train_state
 from tqdm import tqdm
 
-from jaxloc import checkpoint, evaluation, losses, model, parallel, tasks, workdir
+from jaxloc import checkpoint, losses, model, parallel, tasks, workdir
 from jaxloc.errors import UserError
 
 
@@ -58,7 +58,7 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
 
 
 def create_train_state(key: jax.Array, config: ml_collections.ConfigDict) -> TrainState:
-  net = model.create_model(config)
+  net = tasks.build(config).model
   params = model.init_params(key, net, config.canvas_size)
   ema = jax.tree_util.tree_map(jnp.copy, params) if config.get("ema_decay", 0.0) > 0 else None
   state = TrainState.create(apply_fn=net.apply, params=params, tx=optimizer(config), ema_params=ema)
@@ -228,7 +228,8 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
   n_params = model.num_params(state.params)
   steps_per_call = tasks.resolve_steps_per_call(config.steps_per_call)
 
-  evaluator = evaluation.make_evaluator(config, state.apply_fn, mesh)
+  task = tasks.build(config)
+  evaluator = task.make_evaluator(state.apply_fn, mesh)
 
   def evaluate(state):
     """Figures of the exported weights (summary, per canvas) and, with an EMA, of the raw ones."""
@@ -236,7 +237,7 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
     raw = None if state.ema_params is None else evaluator(state.params, val)[0]
     return summary, per, raw
 
-  sample_fn, loss_fn = tasks.task_functions(config)
+  sample_fn, loss_fn = task.sample_fn, task.loss_fn
   ema_decay = config.get("ema_decay", 0.0)
   static = dict(sample_fn=sample_fn, loss_fn=loss_fn, mesh=mesh, ema_decay=ema_decay)
   template = zero_metrics(state, train_digits, train_labels, sample_fn=sample_fn, loss_fn=loss_fn)
@@ -319,7 +320,7 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
     summary, per, raw = evaluate(state)
   params_bytes = serialization.to_bytes(exported_params(state))
   workdir.write_bytes_atomic(path(workdir.PARAMS), params_bytes)
-  evaluation.write_plots(out_dir, config, val, per, history)
+  task.write_outputs(out_dir, val, per, history)
   final = dict(summary)
   if raw is not None:
     final["raw"] = raw  # the un-averaged weights, for comparison with the seed

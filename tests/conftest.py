@@ -3,6 +3,8 @@
 import gzip
 import os
 import struct
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -43,3 +45,12 @@ def mnist_dir(tmp_path_factory) -> str:
   if env and os.path.isdir(env):
     return env
   return fake_mnist(str(tmp_path_factory.mktemp("mnist")))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_train_command(*args: str) -> subprocess.CompletedProcess:
+  """`python -m experiments.train ARGS` from the repository root, output captured."""
+  cmd = [sys.executable, "-m", "experiments.train", *args]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -26,7 +26,8 @@ config = digit.get_config()
 init_key, data_key = jax.random.split(jax.random.key(0))
 
 config.batch_size = 16
-sample_fn, loss_fn = tasks.task_functions(config)
+task = tasks.build(config)
+sample_fn, loss_fn = task.sample_fn, task.loss_fn
 
 def run(mesh):
   state = train.create_train_state(init_key, config)
@@ -86,7 +87,8 @@ def test_steps_per_call_does_not_change_the_result():
   labels = jax.numpy.asarray(rng.integers(0, 10, 32), jax.numpy.int32)
   config = digit.get_config()
   config.batch_size = 8
-  sample_fn, loss_fn = tasks.task_functions(config)
+  task = tasks.build(config)
+  sample_fn, loss_fn = task.sample_fn, task.loss_fn
   init_key, data_key = jax.random.split(jax.random.key(0))
   results = []
   for chunk in (1, 2, 4):

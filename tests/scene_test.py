@@ -119,11 +119,14 @@ def _case_config(mnist_dir, name, **scene):
   return config
 
 
-def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path):
+@pytest.mark.parametrize("head", ["dense", "slots"])
+def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head):
   from jaxloc import inference, metrics, train, workdir
 
   run = tmp_path / "multi"
-  final = train.train_and_evaluate(_case_config(mnist_dir, "multi"), str(run))
+  config = _case_config(mnist_dir, "multi")
+  config.head = head
+  final = train.train_and_evaluate(config, str(run))
   for name in (
     "metrics.json",
     "predictions.png",
@@ -161,10 +164,14 @@ def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path):
   assert final["AP"] == pytest.approx(ev.stats[0], abs=1e-6)
   assert final["AP50"] == pytest.approx(ev.stats[1], abs=1e-6)
   assert metrics.IOU_THRESHOLD == 0.6
-  # The inference API returns per-slot results for scene models.
+  # The inference API returns detections (top-k, or K slots) and the cases' answers.
   out = inference.Predictor.from_workdir(str(run))(np.zeros((2, 64, 64), np.uint8))
-  assert out["count"].shape == (2,) and out["box"].shape == (2, 2, 4)
-  assert out["probs"].shape == (2, 2, 10) and out["presence"].dtype == bool
+  t = config.dense.top_k if head == "dense" else 2
+  assert out["count"].shape == (2,) and out["box"].shape == (2, t, 4)
+  assert out["box_px"].shape == (2, t, 4) and out["keep"].shape == (2, t)
+  np.testing.assert_array_equal(out["count"], out["keep"].sum(1))
+  assert out["presence"].dtype == bool and out["label"].shape == (2, t)
+  assert (run / "heatmap.png").exists() == (head == "dense")
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,7 @@
 import functools
 import json
-import os
-import subprocess
-import sys
 
+import conftest
 import jax
 import numpy as np
 import pytest
@@ -11,8 +9,6 @@ import pytest
 from experiments.configs import digit
 from jaxloc import canvas, evaluation, losses, tasks, train, workdir
 from jaxloc.errors import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_config(mnist_dir, **overrides):
@@ -220,15 +216,8 @@ def test_finished_workdir_is_not_overwritten(mnist_dir, tmp_path):
   ],
 )
 def test_command_line_flag_errors(override, match, tmp_path):
-  cmd = [
-    sys.executable,
-    "-m",
-    "experiments.train",
-    "--config=experiments/configs/digit.py",
-    f"--workdir={tmp_path}/run",
-    override,
-  ]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  config = "--config=experiments/configs/digit.py"
+  proc = conftest.run_train_command(config, f"--workdir={tmp_path}/run", override)
   assert proc.returncode == 2, proc.stderr
   assert match in proc.stderr and "Traceback" not in proc.stderr
 

@@ -1,0 +1,221 @@
+"""The dense detector: targets, loss and decoding round trip, shift equivariance, fixed shapes,
+the threshold answers, and its config errors."""
+
+import re
+
+import conftest
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxloc import canvas, dense, metrics, model
+from jaxloc.errors import UserError
+
+STRIDE = 8
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_dir):
+  from jaxloc import mnist
+
+  x, y = mnist.load("train", mnist_dir=mnist_dir)
+  return jnp.asarray(x[:1000]), jnp.asarray(y[:1000])
+
+
+def _scene(digits, **kw):
+  args = dict(batch_size=64, canvas_size=128, max_objects=5, count_probs=(0.1,) + (0.18,) * 5)
+  args.update(kw)
+  return canvas.sample_scene(jax.random.key(1), *digits, **args)
+
+
+def _encode(scene, canvas_size=128, num_classes=10):
+  return dense.encode_targets(
+    scene["box"],
+    scene["label"],
+    scene["valid"],
+    canvas_size=canvas_size,
+    stride=STRIDE,
+    num_classes=num_classes,
+  )
+
+
+def _as_outputs(targets):
+  """Model outputs that are exactly the targets (heatmap probabilities -> logits)."""
+  p = jnp.clip(targets["heatmap"], 1e-4, 1 - 1e-4)
+  return {"heatmap": jnp.log(p) - jnp.log1p(-p), "box": targets["box"]}
+
+
+def _ap(scene, det):
+  scene, det = jax.device_get(scene), jax.device_get(det)
+  per = {
+    "valid": scene["valid"],
+    "label": scene["label"],
+    "box": scene["box"],
+    "det_box": det["box"],
+    "det_label": det["label"],
+    "det_score": det["score"],
+  }
+  return metrics.average_precision(*metrics.scene_detections(per, classify=True))
+
+
+@pytest.mark.parametrize(
+  "kw", [{}, {"size_range": (20, 36), "tight_boxes": True}], ids=["patch28", "scaled_tight"]
+)
+def test_decoding_the_encoded_truth_gives_back_the_truth(digits, kw):
+  scene = _scene(digits, **kw)
+  t = _encode(scene)
+  assert float(t["heatmap"].max()) == 1.0 and int(t["centre"].sum()) == int(scene["count"].sum())
+  det = dense.decode(_as_outputs(t), k=100, canvas_size=128, stride=STRIDE)
+  ans = dense.answers(det["score"], 0.5)
+  np.testing.assert_array_equal(ans["count"], scene["count"])
+  np.testing.assert_array_equal(ans["presence"], scene["count"] > 0)
+  for i in range(64):
+    n = int(scene["count"][i])
+    order = np.lexsort((det["box"][i, :n, 1], det["box"][i, :n, 0]))  # the scene's order
+    np.testing.assert_allclose(det["box"][i, :n][order], scene["box"][i, :n], atol=1e-5)
+    np.testing.assert_array_equal(det["label"][i, :n][order], scene["label"][i, :n])
+  assert _ap(scene, det) == {"AP": 1.0, "AP50": 1.0, "AP75": 1.0}
+
+
+def test_class_agnostic_targets_use_one_channel(digits):
+  scene = _scene(digits)
+  t = _encode(scene, num_classes=1)
+  assert t["heatmap"].shape == (64, 16, 16, 1)
+  np.testing.assert_array_equal(t["heatmap"][..., 0] == 1.0, t["centre"])
+
+
+def test_shifting_the_boxes_by_the_stride_shifts_every_decoded_box(digits):
+  scene = _scene(digits, canvas_size=112)  # digits fit 16 px from the right and bottom edge
+  shifted = dict(scene, box=jnp.where(scene["valid"][..., None], scene["box"] + 16 / 128, 0.0))
+  decode = lambda s: dense.decode(_as_outputs(_encode(s)), k=100, canvas_size=128, stride=STRIDE)
+  a, b = decode(scene), decode(shifted)
+  keep = np.asarray(a["score"] > 0.5)
+  np.testing.assert_allclose(b["box"][keep], a["box"][keep] + 16 / 128, atol=1e-5)
+  np.testing.assert_array_equal(b["label"][keep], a["label"][keep])
+
+
+def test_shifting_the_canvas_by_the_stride_shifts_the_model_outputs():
+  """Fully convolutional: away from the zero padding of the border, the outputs for a canvas
+  shifted by one stride are the outputs one cell over, so every decoded box moves by it."""
+  net = model.DenseDetector()
+  image = jax.random.uniform(jax.random.key(0), (2, 128, 128, 1))
+  image = image.at[:, -STRIDE:].set(0).at[:, :, -STRIDE:].set(0)
+  params = model.init_params(jax.random.key(1), net, 128)
+  out = net.apply({"params": params}, image)
+  moved = net.apply({"params": params}, jnp.roll(image, (STRIDE, STRIDE), axis=(1, 2)))
+  inner = slice(4, 11)  # cells whose 54-px receptive field stays off the border in both
+  shifted = slice(5, 12)
+  for name in ("heatmap", "box"):
+    np.testing.assert_allclose(
+      moved[name][:, shifted, shifted], out[name][:, inner, inner], rtol=1e-4, atol=1e-4
+    )
+
+
+def test_decoding_has_fixed_shapes_and_traces_once():
+  traces = []
+
+  @jax.jit
+  def run(outputs):
+    traces.append(1)
+    return dense.decode(outputs, k=7, canvas_size=75, stride=STRIDE)
+
+  for seed in range(3):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    outputs = {
+      "heatmap": jax.random.normal(k1, (3, 10, 10, 10)),
+      "box": jax.random.normal(k2, (3, 10, 10, 4)),
+    }
+    det = run(outputs)
+    assert det["box"].shape == (3, 7, 4) and det["label"].shape == det["score"].shape == (3, 7)
+    assert det["label"].dtype == jnp.int32
+    assert np.all(np.diff(np.asarray(det["score"]), axis=1) <= 0)  # sorted by score
+  assert len(traces) == 1
+
+
+def test_loss_is_finite_and_box_part_zero_on_empty_canvases(digits):
+  scene = _scene(digits, count_probs=(1.0, 0, 0, 0, 0, 0))
+  assert int(scene["count"].sum()) == 0
+  net = model.DenseDetector()
+  params = model.init_params(jax.random.key(0), net, 128)
+  loss_fn = lambda p: dense.scene_loss(
+    net.apply({"params": p}, scene["image"]),
+    scene,
+    canvas_size=128,
+    stride=STRIDE,
+    num_classes=10,
+    heatmap_weight=1.0,
+    box_weight=1.0,
+  )
+  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  assert np.isfinite(float(loss)) and float(parts["box_loss"]) == 0.0
+  assert float(parts["heatmap_loss"]) > 0.0
+  assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_focal_loss_by_hand():
+  logits = jnp.array([0.0, 2.0, -1.0]).reshape(1, 1, 3, 1)
+  target = jnp.array([1.0, 0.5, 0.0]).reshape(1, 1, 3, 1)
+  p = 1 / (1 + np.exp(-np.array([0.0, 2.0, -1.0])))
+  expected = -(
+    (1 - p[0]) ** 2 * np.log(p[0])
+    + (1 - 0.5) ** 4 * p[1] ** 2 * np.log(1 - p[1])
+    + p[2] ** 2 * np.log(1 - p[2])
+  )
+  assert float(dense.focal_loss(logits, target)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_threshold_answers_on_hand_made_heatmaps():
+  prob = np.full((2, 4, 4, 10), 0.01, np.float32)
+  prob[0, 0, 0, 3], prob[0, 2, 2, 7], prob[0, 3, 0, 1] = 0.9, 0.4, 0.2  # three separate peaks
+  prob[1, 1, 1, 5] = 0.25  # one weak peak only
+  outputs = {"heatmap": jnp.log(prob) - jnp.log1p(-prob), "box": jnp.zeros((2, 4, 4, 4))}
+  det = dense.decode(outputs, k=5, canvas_size=32, stride=STRIDE)
+  np.testing.assert_allclose(det["score"][0, :3], [0.9, 0.4, 0.2], rtol=1e-5)
+  np.testing.assert_array_equal(det["label"][0, :3], [3, 7, 1])
+  ans = dense.answers(det["score"], 0.3)
+  np.testing.assert_array_equal(ans["count"], [2, 0])
+  np.testing.assert_array_equal(ans["presence"], [True, False])
+  np.testing.assert_array_equal(ans["keep"][0], [True, True, False, False, False])
+  assert dense.answers(det["score"], 0.2)["count"].tolist() == [3, 1]
+  # A cell next to a higher one is not a peak: it scores 0.
+  prob[0, 0, 1, 3] = 0.8
+  det = dense.decode(
+    {"heatmap": jnp.log(prob) - jnp.log1p(-prob), "box": outputs["box"]},
+    k=5,
+    canvas_size=32,
+    stride=STRIDE,
+  )
+  assert 0.8 not in np.round(np.asarray(det["score"][0]), 5)
+
+
+@pytest.mark.parametrize(
+  "override,match",
+  [
+    ("--config.dense.stride=6", "config.dense.stride=6: the output stride is 2 \\*\\* "),
+    ("--config.dense.stride=16", "with 3 conv stages use one of \\[2, 4, 8\\]"),
+    ("--config.dense.top_k=1", "config.dense.top_k=1 must be an integer from max_objects \\(2\\)"),
+    ("--config.dense.score_threshold=0", "score_threshold=0.0 must lie strictly between 0 and 1"),
+    ("--config.dense.score_threshold=1.5", "score_threshold=1.5 must lie strictly between"),
+    ("--config.dense.prior=1.0", "config.dense.prior=1.0 must lie strictly between 0 and 1"),
+    ("--config.head=grid", "config.head='grid': use one of 'dense', 'slots'"),
+  ],
+)
+def test_dense_config_errors_are_one_line_exit_2(override, match, tmp_path):
+  config = "--config=experiments/configs/multi.py"
+  proc = conftest.run_train_command(config, f"--workdir={tmp_path}/run", override)
+  assert proc.returncode == 2, proc.stderr
+  lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert re.search(match, lines[0]), lines[0]
+  assert not (tmp_path / "run").exists()
+
+
+def test_dense_config_errors_raise_before_training():
+  from experiments.configs import multi
+  from jaxloc import tasks
+
+  config = multi.get_config()
+  config.dense.top_k = 16 * 16 * 10 + 1
+  with pytest.raises(UserError, match="number of heatmap cells x classes \\(2560\\)"):
+    tasks.check_config(config)
