@@ -13,6 +13,9 @@ own) on the same MNIST training digits, batch 64, canvas 75:
                   backend's default steps per call; train_jaxloc_1: one step per call
   train_keras     training images/s of the seed's Keras model under model.fit on that pipeline
   matmul          float32 GFLOP/s of a 2048x2048 matmul: the machine's FLOP bound
+  train_multi_dense, train_multi_slots
+                  training images/s of case 4 (`multi`, 128x128 scenes) with the dense
+                  detector and with the slot detector
   profile         ms per batch: forward and gradient, jaxloc's conv vs XLA's native conv
 
 Rows that need TensorFlow are skipped (and the table says so) without the [tfds] extra.
@@ -29,12 +32,14 @@ import time
 from absl import flags
 
 from experiments import cli
+from jaxloc.errors import UserError
 
 _PART = flags.DEFINE_string("part", None, "Internal: run one measurement and print JSON.")
 _STEPS = flags.DEFINE_integer("steps", 200, "Timed batches / training steps per measurement.")
 _OUT = flags.DEFINE_string("out", None, "Write the figures as JSON here.")
 _MNIST_DIR = flags.DEFINE_string("mnist_dir", None, "IDX directory (default: $JAXLOC_MNIST_DIR).")
 _STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", -1, "jaxloc steps per call (-1: auto).")
+_PARTS = flags.DEFINE_list("parts", None, "Run only these measurements (default: all).")
 
 BATCH, CANVAS = 64, 75
 PARTS = (
@@ -45,6 +50,8 @@ PARTS = (
   "train_keras",
   "matmul",
   "profile",
+  "train_multi_dense",
+  "train_multi_slots",
 )
 
 
@@ -166,7 +173,25 @@ def train_jaxloc_1(steps):
   return train_jaxloc(steps, steps_per_call=1)
 
 
-def train_jaxloc(steps, steps_per_call=None):
+def train_multi_dense(steps):
+  """Training images/s of case 4 (`multi`, 128x128) with the dense detector."""
+  return train_jaxloc(steps, config=_multi_config("dense"))
+
+
+def train_multi_slots(steps):
+  """Training images/s of case 4 (`multi`, 128x128) with the slot detector."""
+  return train_jaxloc(steps, config=_multi_config("slots"))
+
+
+def _multi_config(head):
+  from experiments.configs import multi
+
+  config = multi.get_config()
+  config.head = head
+  return config
+
+
+def train_jaxloc(steps, steps_per_call=None, config=None):
   import functools
 
   import jax
@@ -174,7 +199,7 @@ def train_jaxloc(steps, steps_per_call=None):
   from experiments.configs import digit
   from jaxloc import tasks, train
 
-  config = digit.get_config()
+  config = config or digit.get_config()
   digits, labels = (jax.numpy.asarray(a) for a in _digits())
   init_key, data_key = jax.random.split(jax.random.key(0))
   task = tasks.build(config)
@@ -348,6 +373,10 @@ def _table(r: dict) -> str:
     f"{fig('train_jaxloc_1', 'images_per_s')} | | |",
     f"| jaxloc compile time of the train step, s | {fig('train_jaxloc', 'compile_s', '{:.1f}')}"
     " | | |",
+    f"| `multi` (128x128) training images/s: dense detector / slot detector | "
+    f"{fig('train_multi_dense', 'images_per_s')} / {fig('train_multi_slots', 'images_per_s')} "
+    "| | step time dense / slots: "
+    f"{ratio('train_multi_slots', 'train_multi_dense', 'images_per_s')} |",
     "",
     f"float32 bound: {r['matmul'].get('gflops', 0):.0f} GFLOP/s (2048^2 matmul) / "
     f"{train_flops_per_image() / 1e6:.1f} MFLOP per training image = {bound:,.0f} images/s; "
@@ -379,8 +408,10 @@ def main(argv):
   if _PART.value:
     print(json.dumps(_run_part(_PART.value, _STEPS.value)))
     return
-  results = {}
-  for name in PARTS:
+  results = {name: {"skipped": "not run (--parts)"} for name in PARTS}
+  for name in _PARTS.value or PARTS:
+    if name not in PARTS:
+      raise UserError(f"unknown part {name!r}; choose from {', '.join(PARTS)}")
     results[name] = _subprocess(name)
     print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
   results["machine"] = {

@@ -155,23 +155,28 @@ def plot_predictions(
 
 def plot_detections(
   image_NxHxW: np.ndarray,
-  pred_box_Nx4: np.ndarray,
-  pred_label_N: np.ndarray,
-  score_N: np.ndarray,
+  pred_box: np.ndarray,
+  pred_label: np.ndarray,
+  score: np.ndarray,
   path: str,
   *,
+  keep: np.ndarray | None = None,
   titles: list[str] | None = None,
   cols: int = 4,
 ) -> None:
-  """Canvases with the predicted box in red, labelled with class and score."""
+  """Canvases with the predicted boxes in red, labelled with class and score: one per canvas
+  (box [N,4]) or the detections `keep` [N,T] marks (box [N,T,4])."""
+  if pred_box.ndim == 2:  # one answer per canvas
+    pred_box, pred_label, score = pred_box[:, None], pred_label[:, None], score[:, None]
+  keep = np.ones(score.shape, bool) if keep is None else keep
   size = image_NxHxW.shape[1]
   fig, axes = _grid(image_NxHxW, min(cols, len(image_NxHxW)), (2.6, 2.8))
   for i, ax in enumerate(axes):
-    x0, y0 = pred_box_Nx4[i][:2] * size
-    _rect(ax, pred_box_Nx4[i] * size, "red")
-    ax.text(
-      x0, y0 - 1, f"{int(pred_label_N[i])} ({score_N[i]:.2f})", color="red", fontsize=9, va="bottom"
-    )
+    for t in np.nonzero(keep[i])[0]:
+      x0, y0 = pred_box[i, t, :2] * size
+      _rect(ax, pred_box[i, t] * size, "red")
+      text = f"{int(pred_label[i, t])} ({score[i, t]:.2f})"
+      ax.text(x0, y0 - 1, text, color="red", fontsize=9, va="bottom")
     if titles:
       ax.set_title(titles[i], fontsize=8)
   _save(fig, path)

@@ -50,7 +50,11 @@ def mnist_dir(tmp_path_factory) -> str:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_train_command(*args: str) -> subprocess.CompletedProcess:
-  """`python -m experiments.train ARGS` from the repository root, output captured."""
-  cmd = [sys.executable, "-m", "experiments.train", *args]
+def run_command(module: str, *args: str) -> subprocess.CompletedProcess:
+  """`python -m MODULE ARGS` from the repository root, output captured."""
+  cmd = [sys.executable, "-m", module, *args]
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+
+def run_train_command(*args: str) -> subprocess.CompletedProcess:
+  return run_command("experiments.train", *args)

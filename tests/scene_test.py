@@ -1,20 +1,26 @@
 """Multi-digit scenes: masks and counts, boxes, overlap, empty canvases, config errors."""
 
+import json
+
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from jaxloc import boxes, canvas
+from jaxloc import boxes, canvas, mnist, tasks
 from jaxloc.errors import UserError
+
+
+def _digits(mnist_dir):
+  x, y = mnist.load("train", mnist_dir=mnist_dir)
+  return jnp.asarray(x[:2000]), jnp.asarray(y[:2000])
 
 
 @pytest.fixture(scope="module")
 def digits(mnist_dir):
-  from jaxloc import mnist
-
-  x, y = mnist.load("train", mnist_dir=mnist_dir)
-  return jnp.asarray(x[:2000]), jnp.asarray(y[:2000])
+  return _digits(mnist_dir)
 
 
 def _scene(digits, **kw):
@@ -172,6 +178,23 @@ def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head
   np.testing.assert_array_equal(out["count"], out["keep"].sum(1))
   assert out["presence"].dtype == bool and out["label"].shape == (2, t)
   assert (run / "heatmap.png").exists() == (head == "dense")
+  # evaluate reproduces the run's figures; predict draws the detections of a scene file.
+  proc = conftest.run_command("experiments.evaluate", f"--workdir={run}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  scored = json.loads(proc.stdout[proc.stdout.index("{") :])
+  for key in ("count_accuracy", "presence_accuracy", "mean_iou", "class_accuracy", "AP", "AP50"):
+    assert scored[key] == final[key], key
+  scene = canvas.sample_scene(
+    jax.random.key(3), *_digits(mnist_dir), **tasks.scene_args(config, batch_size=1)
+  )
+  png = tmp_path / "scene.png"
+  Image.fromarray(np.asarray(scene["image"][0, :, :, 0] * 255, np.uint8)).save(png)
+  out_png = tmp_path / "out.png"
+  proc = conftest.run_command(
+    "experiments.predict", f"--workdir={run}", str(png), f"--out={out_png}"
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "scene.png: " in proc.stdout and " digit(s)" in proc.stdout and out_png.exists()
 
 
 @pytest.mark.parametrize(
