@@ -122,12 +122,19 @@ def decode(
   outputs: dict[str, jax.Array], *, k: int, canvas_size: int, stride: int
 ) -> dict[str, jax.Array]:
   """The k best detections per canvas, fixed shapes: box [B,T,4] (normalised xyxy),
-  label [B,T] int32, score [B,T] (sigmoid of the heatmap at a local 3x3 maximum; cells
-  that are not a peak score 0), sorted by score."""
+  label [B,T] int32, score [B,T] (sigmoid of the heatmap at a local 3x3 maximum of its
+  class channel; other cells score 0), sorted by score, and primary [B,T]: the detection
+  is also the maximum over all classes in its 3x3 neighbourhood (class-agnostic peak).
+
+  Every class's peaks are detections (a second guess of the class still counts for AP, as
+  in CenterNet); `answers` keeps only primary ones, one per object."""
   p = jax.nn.sigmoid(outputs["heatmap"])
   b, g, _, c = p.shape
-  peak = jax.lax.reduce_window(p, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME")
-  score = jnp.where(p == peak, p, 0.0).reshape(b, g * g * c)
+  max_3x3 = lambda x: jax.lax.reduce_window(
+    x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME"
+  )
+  score = jnp.where(p == max_3x3(p), p, 0.0).reshape(b, g * g * c)
+  primary = (p == max_3x3(jnp.max(p, axis=-1, keepdims=True))).reshape(b, g * g * c)
   score, index = jax.lax.top_k(score, k)
   cell, label = index // c, index % c
   iy, ix = cell // g, cell % g
@@ -135,12 +142,13 @@ def decode(
   cx, cy = ix + reg[..., 0], iy + reg[..., 1]
   w, h = jnp.exp(reg[..., 2]), jnp.exp(reg[..., 3])
   box = boxes.cxcywh_to_xyxy(jnp.stack([cx, cy, w, h], -1)) * stride / canvas_size
-  return {"box": box, "label": label.astype(jnp.int32), "score": score}
+  primary = jnp.take_along_axis(primary, index, axis=1)
+  return {"box": box, "label": label.astype(jnp.int32), "score": score, "primary": primary}
 
 
-def answers(score_BxT: jax.Array, threshold: float) -> dict[str, jax.Array]:
-  """The cases' answers from detection scores: keep [B,T] (score >= threshold),
-  count [B] (detections kept) and presence [B] (count > 0)."""
-  keep = score_BxT >= threshold
+def answers(detections: dict[str, jax.Array], threshold: float) -> dict[str, jax.Array]:
+  """The cases' answers from `decode`'s detections: keep [B,T] (primary and score >=
+  threshold), count [B] (detections kept) and presence [B] (count > 0)."""
+  keep = detections["primary"] & (detections["score"] >= threshold)
   count = jnp.sum(keep, axis=-1).astype(jnp.int32)
   return {"keep": keep, "count": count, "presence": count > 0}

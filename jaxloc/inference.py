@@ -51,7 +51,7 @@ def load_config(work_dir: str) -> ml_collections.ConfigDict:
   path = os.path.join(work_dir, workdir.CONFIG)
   if not os.path.exists(path):
     raise UserError(f"{path} not found: {work_dir!r} is not a jaxloc workdir")
-  return ml_collections.ConfigDict(workdir.read_json(path))
+  return ml_collections.ConfigDict(tasks.upgrade_config(workdir.read_json(path)))
 
 
 def to_canvas_batch(images, canvas_size: int) -> jax.Array:

@@ -70,28 +70,55 @@ def _iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def _class_precision(dets: list, gts: dict, threshold: float) -> np.ndarray:
-  """Interpolated precision of one class at the 101 recall points (its mean is the AP).
+def _class_precision(dets: list, gts: dict) -> np.ndarray:
+  """Interpolated precision of one class at the 101 recall points, per IoU threshold
+  [len(IOU_THRESHOLDS), 101] (the mean of a row is that threshold's AP).
 
-  dets = [(image, score, box)], gts = {image: [boxes]}; COCO's greedy matching."""
+  dets = [(image, score, box)], gts = {image: [boxes]}. COCO's matching: within each image,
+  detections in order of score take the unmatched box of highest IoU (>= the threshold);
+  then all detections are ranked by score (stable: ties keep input order, as COCO).
+  Vectorised over images and thresholds: step r matches every image's r-th detection."""
   n_gt = sum(len(b) for b in gts.values())
-  dets = sorted(dets, key=lambda d: -d[1])  # stable: ties keep input order, as COCO
-  used = {img: np.zeros(len(b), bool) for img, b in gts.items()}
-  tp = np.zeros(len(dets))
-  for i, (img, _, box) in enumerate(dets):
-    if img not in gts or len(gts[img]) == 0:
-      continue
-    ious = _iou_np(np.asarray(box)[None, :], np.asarray(gts[img]))
-    ious[used[img]] = -1.0
-    best = int(np.argmax(ious))
-    if ious[best] >= threshold:
-      tp[i], used[img][best] = 1, True
-  ctp, cfp = np.cumsum(tp), np.cumsum(1 - tp)
-  recall = ctp / n_gt
+  t = len(IOU_THRESHOLDS)
+  if not dets:
+    return np.zeros((t, len(RECALL_POINTS)))
+  order = np.argsort(-np.array([d[1] for d in dets]), kind="stable")
+  images = sorted({d[0] for d in dets})
+  row = {img: i for i, img in enumerate(images)}
+  image_n = np.array([row[dets[i][0]] for i in order])  # image row of each ranked detection
+  rank = np.zeros(len(order), int)  # its rank within its image
+  seen = np.zeros(len(images), int)
+  for n, i in enumerate(image_n):
+    rank[n], seen[i] = seen[i], seen[i] + 1
+  det_box = np.zeros((len(images), seen.max(), 4))
+  det_box[image_n, rank] = [dets[i][2] for i in order]
+  g = max([len(gts.get(img, [])) for img in images] + [1])
+  gt_box, gt_ok = np.zeros((len(images), g, 4)), np.zeros((len(images), g), bool)
+  for img, i in row.items():
+    k = len(gts.get(img, []))
+    if k:
+      gt_box[i, :k], gt_ok[i, :k] = gts[img], True
+  ious = np.where(gt_ok[:, None, :], _iou_np(det_box[:, :, None, :], gt_box[:, None, :, :]), -1.0)
+  used = np.zeros((t, len(images), g), bool)
+  tp_at = np.zeros((t, len(images), seen.max()), bool)
+  for r in range(seen.max()):
+    iou = np.where(used, -1.0, ious[None, :, r, :])  # [T, I, G]
+    best = np.argmax(iou, axis=-1)
+    hit = np.take_along_axis(iou, best[..., None], -1)[..., 0] >= IOU_THRESHOLDS[:, None]
+    hit &= (r < seen)[None, :]
+    tp_at[:, :, r] = hit
+    used[np.arange(t)[:, None], np.arange(len(images))[None, :], best] |= hit
+  tp = tp_at[:, image_n, rank].astype(float)  # [T, detections in score order]
+  ctp, cfp = np.cumsum(tp, axis=1), np.cumsum(1 - tp, axis=1)
+  recall = ctp / max(n_gt, 1)
   precision = ctp / np.maximum(ctp + cfp, np.finfo(float).eps)
-  precision = np.maximum.accumulate(precision[::-1])[::-1] if len(precision) else precision
-  at = np.searchsorted(recall, RECALL_POINTS, side="left")
-  return np.array([precision[i] if i < len(precision) else 0.0 for i in at])
+  precision = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+  out = np.zeros((t, len(RECALL_POINTS)))
+  for i in range(t):
+    at = np.searchsorted(recall[i], RECALL_POINTS, side="left")
+    inside = at < precision.shape[1]
+    out[i, inside] = precision[i, at[inside]]
+  return out
 
 
 def average_precision(
@@ -113,8 +140,7 @@ def average_precision(
       if g["category_id"] == c:
         gts.setdefault(g["image_id"], []).append(g["box"])
     dets = [(d["image_id"], d["score"], d["box"]) for d in detections if d["category_id"] == c]
-    for t_i, t in enumerate(IOU_THRESHOLDS):
-      table[t_i, c_i] = _class_precision(dets, gts, t)
+    table[:, c_i] = _class_precision(dets, gts)
   if not classes:
     return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
   per_threshold = table.mean(axis=(1, 2))
@@ -268,9 +294,9 @@ def slot_answers(outputs: dict[str, jax.Array], *, classify: bool) -> dict[str, 
 
 def dense_answers(outputs: dict[str, jax.Array], *, decode, threshold: float) -> dict:
   """The dense detector's answers: the top-k detections (`decode`: box, label, score [B,T]),
-  keep [B,T] (score >= threshold), count and presence [B] (`dense.answers`)."""
+  keep [B,T] (primary, score >= threshold), count and presence [B] (`dense.answers`)."""
   det = decode(outputs)
-  return {**det, **dense.answers(det["score"], threshold)}
+  return {**det, **dense.answers(det, threshold)}
 
 
 # --- Scoring one chunk of validation scenes: per-canvas results and loss parts ---

@@ -34,6 +34,18 @@ class Task(NamedTuple):
   answer: Callable  # jittable (model outputs) -> {name: array}: the Predictor's answers
 
 
+# Fields added after runs were written, with the value that reproduces those runs.
+ADDED_FIELDS = {"lr_schedule": "constant", "warmup_steps": 0}
+ADDED_SCENE_FIELDS = {"head": "slots"}
+
+
+def upgrade_config(config: dict) -> dict:
+  """A saved config.json as a dict of today's fields: what a workdir written before a field
+  existed ran with (scene runs then had only the slot detector)."""
+  added = dict(ADDED_FIELDS, **(ADDED_SCENE_FIELDS if config.get("scene") else {}))
+  return {**added, **config}
+
+
 def build(config: ml_collections.ConfigDict) -> Task:
   """The model, data, loss, evaluation and answers of the config's task."""
   if not config.get("scene"):
@@ -218,6 +230,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     )
   if not config.learning_rate > 0:
     raise UserError(f"config.learning_rate={config.learning_rate!r} must be positive")
+  if config.lr_schedule not in ("constant", "cosine"):
+    raise UserError(f"config.lr_schedule={config.lr_schedule!r}: use 'constant' or 'cosine'")
+  if not isinstance(config.warmup_steps, int) or config.warmup_steps < 0:
+    raise UserError(f"config.warmup_steps={config.warmup_steps!r} must be an integer >= 0")
   if not 0.0 <= config.get("ema_decay", 0.0) < 1.0:
     raise UserError(
       f"config.ema_decay={config.ema_decay!r} must lie in [0, 1) (0 = no moving average)"

@@ -52,9 +52,20 @@ def exported_params(state: TrainState):
   return state.params if state.ema_params is None else state.ema_params
 
 
+def learning_rate(config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
+  """`config.learning_rate` held constant (the seed), or with `lr_schedule = "cosine"` a
+  linear warm-up over `warmup_steps` to it, then a cosine decay to 0 at the last step."""
+  if config.lr_schedule == "constant":
+    return config.learning_rate
+  total = config.epochs * config.steps_per_epoch
+  return optax.warmup_cosine_decay_schedule(
+    0.0, config.learning_rate, config.warmup_steps, max(total, config.warmup_steps + 1), 0.0
+  )
+
+
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Adam with Keras' defaults (epsilon 1e-7, not optax's 1e-8), as the seed used."""
-  return optax.adam(config.learning_rate, b1=0.9, b2=0.999, eps=1e-7)
+  return optax.adam(learning_rate(config), b1=0.9, b2=0.999, eps=1e-7)
 
 
 def create_train_state(key: jax.Array, config: ml_collections.ConfigDict) -> TrainState:
@@ -162,7 +173,10 @@ def _check_resume(path: str, config: ml_collections.ConfigDict, latest, *, fresh
   if latest is None and not finished:
     return None  # nothing to resume: a new run (a partial log of a run killed early is replaced)
   old = workdir.read_json(config_path) if os.path.exists(config_path) else None
-  diff = workdir.config_diff(old or {}, config.to_dict(), RESUMABLE_CHANGES)
+  old = tasks.upgrade_config(old) if old is not None else None
+  # A decaying schedule is laid out over all epochs: changing them would change the past.
+  resumable = RESUMABLE_CHANGES - ({"epochs"} if config.lr_schedule != "constant" else set())
+  diff = workdir.config_diff(old or {}, config.to_dict(), resumable)
   total = config.epochs * config.steps_per_epoch
   problem = None
   if old is None:
@@ -172,9 +186,10 @@ def _check_resume(path: str, config: ml_collections.ConfigDict, latest, *, fresh
       f"workdir {path!r} holds a run with another config; differing fields:\n  " + "\n  ".join(diff)
     )
   elif latest is None or latest >= total:
-    problem = (
-      f"workdir {path!r} holds a finished run of {latest or total} steps; "
+    problem = f"workdir {path!r} holds a finished run of {latest or total} steps; " + (
       "raise --config.epochs to train on"
+      if config.lr_schedule == "constant"
+      else f"its {config.lr_schedule} learning-rate schedule has ended"
     )
   if problem is None:
     return latest

@@ -67,7 +67,7 @@ def test_decoding_the_encoded_truth_gives_back_the_truth(digits, kw):
   t = _encode(scene)
   assert float(t["heatmap"].max()) == 1.0 and int(t["centre"].sum()) == int(scene["count"].sum())
   det = dense.decode(_as_outputs(t), k=100, canvas_size=128, stride=STRIDE)
-  ans = dense.answers(det["score"], 0.5)
+  ans = dense.answers(det, 0.5)
   np.testing.assert_array_equal(ans["count"], scene["count"])
   np.testing.assert_array_equal(ans["presence"], scene["count"] > 0)
   for i in range(64):
@@ -173,20 +173,28 @@ def test_threshold_answers_on_hand_made_heatmaps():
   det = dense.decode(outputs, k=5, canvas_size=32, stride=STRIDE)
   np.testing.assert_allclose(det["score"][0, :3], [0.9, 0.4, 0.2], rtol=1e-5)
   np.testing.assert_array_equal(det["label"][0, :3], [3, 7, 1])
-  ans = dense.answers(det["score"], 0.3)
+  ans = dense.answers(det, 0.3)
   np.testing.assert_array_equal(ans["count"], [2, 0])
   np.testing.assert_array_equal(ans["presence"], [True, False])
   np.testing.assert_array_equal(ans["keep"][0], [True, True, False, False, False])
-  assert dense.answers(det["score"], 0.2)["count"].tolist() == [3, 1]
-  # A cell next to a higher one is not a peak: it scores 0.
-  prob[0, 0, 1, 3] = 0.8
-  det = dense.decode(
+  assert dense.answers(det, 0.2)["count"].tolist() == [3, 1]
+  decode = lambda prob: dense.decode(
     {"heatmap": jnp.log(prob) - jnp.log1p(-prob), "box": outputs["box"]},
     k=5,
     canvas_size=32,
     stride=STRIDE,
   )
-  assert 0.8 not in np.round(np.asarray(det["score"][0]), 5)
+  # A cell next to a higher one of its class is not a peak: it scores 0.
+  prob[0, 0, 1, 3] = 0.8
+  assert 0.8 not in np.round(np.asarray(decode(prob)["score"][0]), 5)
+  # A second class at the same cell, or next to it, is a detection (for AP) but not an
+  # answer: one object is counted once.
+  prob[0, 0, 1, 3] = 0.01
+  prob[0, 2, 2, 4], prob[0, 2, 3, 9] = 0.35, 0.33
+  det = decode(prob)
+  np.testing.assert_allclose(det["score"][0, :5], [0.9, 0.4, 0.35, 0.33, 0.2], rtol=1e-5)
+  np.testing.assert_array_equal(det["primary"][0], [True, True, False, False, True])
+  assert dense.answers(det, 0.3)["count"].tolist() == [2, 0]
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.epochs = 10  # evaluations happen at the end of each epoch
   config.steps_per_epoch = 60000 // 64  # the seed's epoch: 60,000 canvases
   config.steps_per_call = -1  # steps per compiled call: N > 1 scans N steps; -1 = per backend
-  config.learning_rate = 1e-3  # Adam step size
+  config.learning_rate = 1e-3  # Adam step size (the peak of a schedule)
+  config.lr_schedule = "constant"  # "constant" (the seed), or "cosine": warm-up, decay to 0
+  config.warmup_steps = 0  # cosine only: steps of linear warm-up from 0
   config.class_loss_weight = 1.0  # weight of the softmax cross-entropy
   config.box_loss_weight = 1.0  # weight of the box MSE
   # Decay of an exponential moving average of the weights, kept beside them (0 = none). Training

@@ -1,0 +1,51 @@
+"""Count accuracy of a trained dense detector at several score thresholds, on training scenes.
+
+    python -m experiments.threshold --workdir=DIR [--thresholds=0.1,0.2,0.3,0.4,0.5]
+
+Scores `config.num_val` scenes drawn from the MNIST *training* digits (never the test
+digits the validation set is made of) at each threshold and prints count and presence
+accuracy, so the default `config.dense.score_threshold` is chosen without looking at the
+validation set. Writes nothing.
+"""
+
+import json
+
+import jax
+from absl import flags
+
+from experiments import cli
+from jaxloc import inference, mnist, tasks
+from jaxloc.errors import UserError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir of a dense-detector run.")
+_THRESHOLDS = flags.DEFINE_list("thresholds", ["0.1", "0.2", "0.3", "0.4", "0.5"], "Thresholds.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  predictor = inference.Predictor.from_workdir(_WORKDIR.value)
+  config = predictor.config
+  if not config.get("scene") or config.head != "dense":
+    raise UserError(f"{_WORKDIR.value!r} is not a run of the dense detector (config.head)")
+  try:
+    thresholds = [float(t) for t in _THRESHOLDS.value]
+  except ValueError:
+    raise UserError(f"--thresholds={_THRESHOLDS.value}: give numbers in (0, 1)") from None
+  digits, labels = mnist.load("train", mnist_dir=config.mnist_dir or None)
+  train_scenes = {"digits": jax.numpy.asarray(digits), "labels": jax.numpy.asarray(labels)}
+  rows = {}
+  for threshold in thresholds:
+    config.dense.score_threshold = threshold
+    tasks.check_config(config)
+    task = tasks.build(config)
+    summary, _ = task.make_evaluator(task.model.apply)(predictor.params, train_scenes)
+    rows[threshold] = {k: summary[k] for k in ("count_accuracy", "presence_accuracy")}
+    print(f"threshold {threshold}: {json.dumps(rows[threshold])}", flush=True)
+  best = max(rows, key=lambda t: rows[t]["count_accuracy"])
+  print(f"best count accuracy on {config.num_val} training scenes: threshold {best}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
