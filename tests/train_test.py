@@ -178,12 +178,51 @@ def test_evaluation_ignores_padding_of_last_batch(mnist_dir, tmp_path):
     ("canvas_size", 20, "smaller than a 28x28 digit"),
     ("learning_rate", 0.0, "learning_rate=0.0 must be positive"),
     ("ema_decay", 1.0, r"ema_decay=1.0 must lie in \[0, 1\)"),
+    ("lr_schedule", "linear", "lr_schedule='linear': use 'constant' or 'cosine'"),
+    ("warmup_steps", -5, "warmup_steps=-5 must be an integer >= 0"),
   ],
 )
 def test_bad_config_is_rejected(field, value, match, tmp_path):
   with pytest.raises(UserError, match=match):
     train.train_and_evaluate(small_config("", **{field: value}), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+  config = digit.get_config()
+  config.update(lr_schedule="cosine", warmup_steps=10, epochs=2, steps_per_epoch=50)
+  lr = train.learning_rate(config)
+  assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(config.learning_rate)
+  assert float(lr(55)) == pytest.approx(config.learning_rate / 2, rel=1e-2)
+  assert float(lr(100)) == pytest.approx(0.0, abs=1e-9)
+  assert train.learning_rate(digit.get_config()) == 1e-3  # the seed: constant
+
+
+def test_cosine_run_refuses_more_epochs(mnist_dir, tmp_path):
+  """Its schedule is laid out over the epochs: more of them would change the past."""
+  config = small_config(mnist_dir, lr_schedule="cosine", warmup_steps=1, epochs=1)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  config.epochs = 2
+  with pytest.raises(UserError, match="epochs: 1 -> 2"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  config.epochs = 1
+  with pytest.raises(UserError, match="its cosine learning-rate schedule has ended"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_configs_saved_before_new_fields_keep_their_meaning():
+  from experiments.configs import multi
+
+  old = multi.get_config().to_dict()
+  for name in ("head", "lr_schedule", "warmup_steps"):
+    del old[name]
+  upgraded = tasks.upgrade_config(old)
+  assert (upgraded["head"], upgraded["lr_schedule"], upgraded["warmup_steps"]) == (
+    "slots",
+    "constant",
+    0,
+  )
+  assert "head" not in tasks.upgrade_config(digit.get_config().to_dict())
 
 
 def test_workdir_that_is_a_file(tmp_path):

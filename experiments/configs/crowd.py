@@ -12,6 +12,8 @@ from experiments.configs import scene_base
 def get_config():
   config = scene_base.get_config()
   config.canvas_size = 256
+  config.batch_size = 16  # 4x the pixels of a 128x128 canvas and ~10 digits each: the cost
+  # of a step of batch 64 on the 128x128 cases, with 2.5x their digits
   config.num_val = 2000  # validation scenes (each holds about 10 digits)
   sc = config.scene
   sc.max_objects = 20
