@@ -1,7 +1,7 @@
 """Trains every localisation case on a fixed budget and writes a markdown table of its metrics.
 
     python -m experiments.run_cases --root=runs/cases --steps=1000 --num_val=2000 \\
-      [--head=slots] [--set=learning_rate=1e-3,lr_schedule=constant]
+      [--head=slots] [--set=learning_rate=1e-3 --set=lr_schedule=constant ...]
 
 Cases (experiments/configs/): single (case 1), presence (case 2), digit128 (case 3 on
 128x128; the seed's 75x75 protocol is digit.py), multi (case 4) and detect (up to 5
@@ -32,9 +32,7 @@ _NUM_VAL = flags.DEFINE_integer("num_val", 2000, "Validation canvases per case."
 _CASES = flags.DEFINE_list("cases", list(CASES), "Which cases to run.")
 _STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", -1, "Steps per call (-1: per backend).")
 _HEAD = flags.DEFINE_enum("head", None, list(tasks.HEADS), "Detector of every case (default: own).")
-_SET = flags.DEFINE_list(
-  "set", [], "Config overrides for every case: field=value,... (Python literals)."
-)
+_SET = flags.DEFINE_multi_string("set", [], "Config override for every case: field=value.")
 
 
 def _override(config, assignments: list[str]) -> None:
@@ -50,7 +48,10 @@ def _override(config, assignments: list[str]) -> None:
       node = node.get(part)
     if not sep or node is None or field not in node:
       raise UserError(f"--set {item!r}: expected field=value with an existing config field")
-    node[field] = value
+    try:
+      node[field] = value
+    except TypeError as e:
+      raise UserError(f"--set {item!r}: {e}") from None
 
 
 def _row(name: str, head: str, m: dict, wall: float) -> str:
