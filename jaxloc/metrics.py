@@ -334,13 +334,13 @@ def slot_chunk(outputs, scene, **loss_args) -> tuple[dict, dict]:
   return _scene_results(scene, ans, _take(ans["box"], assign), _take(ans["label"], assign)), parts
 
 
-def dense_chunk(outputs, scene, *, decode, threshold: float, loss_fn) -> tuple[dict, dict]:
+def dense_chunk(outputs, scene, *, answer, loss_fn) -> tuple[dict, dict]:
   """Dense detector: with one object per canvas at most, the target's answer is the top
   detection (case 3's class and box); with more, it is the kept detection (score >=
   threshold) of highest IoU with it (none kept: box zero, label -1). Also returns the
   class-max heatmap [B,G,G] for the heatmap picture."""
   _, parts = loss_fn(outputs, scene)
-  ans = dense_answers(outputs, decode=decode, threshold=threshold)
+  ans = answer(outputs)  # `dense_answers` with the run's decoding and threshold
   k = scene["box"].shape[1]
   if k == 1:
     best = jnp.zeros(scene["valid"].shape, jnp.int32)

@@ -80,9 +80,14 @@ def _scene_sampler(config):
   return lambda data_key, step, *data: scene(jax.random.fold_in(data_key, step), *data)
 
 
-def _scene_evaluation(config, score_chunk, summarize):
+def _scene_evaluation(config, score_chunk):
   """make_evaluator and write_outputs of a scene task, given how a chunk is scored."""
   sc = config.scene
+  summarize = functools.partial(
+    metrics.scene_summary,
+    classify=sc.classify,
+    digit_size=sum(sc.size_range) / 2 / config.canvas_size,
+  )
   num_val = config.num_val if config.num_val > 0 else 10_000
   chunk = min(evaluation.SCENE_VAL_CHUNK, num_val)
   val_args = dict(sample_args=scene_args(config, chunk), num_val=num_val, val_seed=config.val_seed)
@@ -111,12 +116,7 @@ def _slot_task(config) -> Task:
   sc = config.scene
   loss_args = scene_loss_args(config)
   score_chunk = functools.partial(metrics.slot_chunk, **loss_args)
-  summarize = functools.partial(
-    metrics.scene_summary,
-    classify=sc.classify,
-    digit_size=sum(sc.size_range) / 2 / config.canvas_size,
-  )
-  make_evaluator, write_outputs = _scene_evaluation(config, score_chunk, summarize)
+  make_evaluator, write_outputs = _scene_evaluation(config, score_chunk)
   common = dict(conv_features=tuple(config.conv_features), dense_features=config.dense_features)
   return Task(
     model=model.Detector(max_objects=sc.max_objects, num_classes=10, **common),
@@ -133,24 +133,16 @@ def _dense_task(config) -> Task:
   num_classes = 10 if sc.classify else 1
   geometry = dict(canvas_size=config.canvas_size, stride=dn.stride)
   decode = functools.partial(dense.decode, k=dn.top_k, **geometry)
-  score_chunk = functools.partial(
-    metrics.dense_chunk,
-    decode=decode,
-    threshold=dn.score_threshold,
-    loss_fn=functools.partial(
-      dense.scene_loss,
-      num_classes=num_classes,
-      heatmap_weight=dn.heatmap_loss_weight,
-      box_weight=dn.box_loss_weight,
-      **geometry,
-    ),
+  loss_fn = functools.partial(
+    dense.scene_loss,
+    num_classes=num_classes,
+    heatmap_weight=dn.heatmap_loss_weight,
+    box_weight=dn.box_loss_weight,
+    **geometry,
   )
-  summarize = functools.partial(
-    metrics.scene_summary,
-    classify=sc.classify,
-    digit_size=sum(sc.size_range) / 2 / config.canvas_size,
-  )
-  make_evaluator, write_outputs = _scene_evaluation(config, score_chunk, summarize)
+  answer = functools.partial(metrics.dense_answers, decode=decode, threshold=dn.score_threshold)
+  score_chunk = functools.partial(metrics.dense_chunk, answer=answer, loss_fn=loss_fn)
+  make_evaluator, write_outputs = _scene_evaluation(config, score_chunk)
   net = model.DenseDetector(
     num_classes=num_classes,
     conv_features=tuple(config.conv_features),
@@ -161,10 +153,10 @@ def _dense_task(config) -> Task:
   return Task(
     model=net,
     sample_fn=_scene_sampler(config),
-    loss_fn=score_chunk.keywords["loss_fn"],
+    loss_fn=loss_fn,
     make_evaluator=make_evaluator,
     write_outputs=write_outputs,
-    answer=functools.partial(metrics.dense_answers, decode=decode, threshold=dn.score_threshold),
+    answer=answer,
   )
 
 
