@@ -15,17 +15,18 @@ from jaxloc.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _EIGHT_DEVICES = r"""
-import functools, jax, numpy as np
-from experiments.configs import digit
+import functools, importlib, sys, jax, numpy as np
 from jaxloc import parallel, tasks, train
 assert jax.device_count() == 8, jax.devices()
 rng = np.random.default_rng(0)
 digits = jax.numpy.asarray(rng.integers(0, 256, (64, 28, 28)).astype(np.uint8))
 labels = jax.numpy.asarray(rng.integers(0, 10, 64), jax.numpy.int32)
-config = digit.get_config()
+config = importlib.import_module("experiments.configs." + sys.argv[1]).get_config()
 init_key, data_key = jax.random.split(jax.random.key(0))
 
 config.batch_size = 16
+if config.get("scene"):
+  config.canvas_size, config.num_val = 64, 48
 task = tasks.build(config)
 sample_fn, loss_fn = task.sample_fn, task.loss_fn
 
@@ -48,6 +49,13 @@ assert len(leaf.sharding.device_set) == 8, leaf.sharding
 np.testing.assert_allclose(one_sums["loss"], eight_sums["loss"], rtol=1e-5)
 for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(eight.params)):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
+if config.get("scene"):  # the evaluation gives the same figures on 8 devices as on 1
+  val = {"digits": digits, "labels": labels}
+  place = lambda m: val if m is None else parallel.replicate(val, m)
+  score = lambda m: task.make_evaluator(one.apply_fn, m)(one.params, place(m))
+  a, b = score(None)[0], score(mesh)[0]
+  for key in ("count_accuracy", "mean_iou", "AP", "AP50"):
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
 try:
   parallel.check_divisible(12)
 except Exception as e:
@@ -56,10 +64,11 @@ print("OK", float(one_sums["loss"]), float(eight_sums["loss"]))
 """
 
 
-def test_eight_devices_match_one_device():
+@pytest.mark.parametrize("config", ["digit", "multi"])  # the seed's task; the dense detector
+def test_eight_devices_match_one_device(config):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.run(
-    [sys.executable, "-c", _EIGHT_DEVICES],
+    [sys.executable, "-c", _EIGHT_DEVICES, config],
     cwd=ROOT,
     env=env,
     capture_output=True,
