@@ -21,6 +21,9 @@ train: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest tests $(ARGS)
 
+benchmark: $(VENV)/.installed
+	$(PY) -m experiments.benchmark $(ARGS)
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .

@@ -4,9 +4,9 @@ A canvas is a black `canvas_size` x `canvas_size` image with 28x28 MNIST digits
 pasted on it. A digit kept at 28x28 is copied in (`paste_unscaled`). A resized
 digit is pasted with a pair of small matrix products,
 `canvas = P_y @ digit @ P_x^T`, where `P_y` [H, 28] and `P_x` [W, 28] are
-placement matrices holding bilinear weights. For an unscaled digit they are
-one-hot, so the pasted pixels equal the digit's pixels exactly; the same
-formula resizes a digit when its size on the canvas is not 28.
+placement matrices holding bilinear weights (`paste`; for a size of 28 they would be
+one-hot and give the digit's pixels exactly, which the tests check against
+`paste_unscaled`).
 
 The seed's protocol (one digit, offsets `xmin, ymin` uniform integers in
 [0, canvas_size - 28], box = the pasted patch; see `jaxloc.boxes`) is

@@ -35,7 +35,7 @@ class Task(NamedTuple):
 
 
 # Fields added after runs were written, with the value that reproduces those runs.
-ADDED_FIELDS = {"lr_schedule": "constant", "warmup_steps": 0}
+ADDED_FIELDS = {"ema_decay": 0.0, "lr_schedule": "constant", "warmup_steps": 0}
 ADDED_SCENE_FIELDS = {"head": "slots"}
 
 
@@ -226,7 +226,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"config.lr_schedule={config.lr_schedule!r}: use 'constant' or 'cosine'")
   if not isinstance(config.warmup_steps, int) or config.warmup_steps < 0:
     raise UserError(f"config.warmup_steps={config.warmup_steps!r} must be an integer >= 0")
-  if not 0.0 <= config.get("ema_decay", 0.0) < 1.0:
+  if not 0.0 <= config.ema_decay < 1.0:
     raise UserError(
       f"config.ema_decay={config.ema_decay!r} must lie in [0, 1) (0 = no moving average)"
     )

@@ -1,4 +1,5 @@
-"""TrainState, the jitted train and eval steps, and `train_and_evaluate`, the whole run.
+"""TrainState, the jitted train step, and `train_and_evaluate`, the whole run (scoring is
+`jaxloc.evaluation`; what the config's task is, `jaxloc.tasks.build`).
 
 The hot loop does no host work per step: each call of the compiled step function
 draws its batches on the device (`sample_fn(data_key, step, ...)`, e.g.
@@ -71,7 +72,7 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
 def create_train_state(key: jax.Array, config: ml_collections.ConfigDict) -> TrainState:
   net = tasks.build(config).model
   params = model.init_params(key, net, config.canvas_size)
-  ema = jax.tree_util.tree_map(jnp.copy, params) if config.get("ema_decay", 0.0) > 0 else None
+  ema = jax.tree_util.tree_map(jnp.copy, params) if config.ema_decay > 0 else None
   state = TrainState.create(apply_fn=net.apply, params=params, tx=optimizer(config), ema_params=ema)
   return state.replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints restore it
 
@@ -253,7 +254,7 @@ def _run(config, work_dir, mngr, resume_step) -> dict:
     return summary, per, raw
 
   sample_fn, loss_fn = task.sample_fn, task.loss_fn
-  ema_decay = config.get("ema_decay", 0.0)
+  ema_decay = config.ema_decay
   static = dict(sample_fn=sample_fn, loss_fn=loss_fn, mesh=mesh, ema_decay=ema_decay)
   template = zero_metrics(state, train_digits, train_labels, sample_fn=sample_fn, loss_fn=loss_fn)
   zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, template)

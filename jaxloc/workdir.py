@@ -2,11 +2,15 @@
 
 config.json      the run's config, at start
 metrics.jsonl    one JSON object per logged training step and per evaluation
-params.msgpack   the trained parameters (flax.serialization)
+params.msgpack   the trained parameters (flax.serialization; the moving average when kept)
 metrics.json     the final validation metrics and run statistics
-curves.png       train / validation class and box loss per epoch
-predictions.png  validation canvases, true box green, predicted box red
-checkpoints/     Orbax checkpoints of the train state (params, Adam state, step)
+curves.png       train / validation losses per epoch
+predictions.png  validation canvases, true boxes green, predicted boxes red
+pr.png, detections.json, ground_truth.json
+                 scene cases: precision-recall at IoU 0.5, COCO files of the validation set
+heatmap.png      dense detector: validation scenes beside its heatmap
+checkpoints/     Orbax checkpoints of the train state (params, moving average, Adam state,
+                 step)
 .lock            held (flock) while a run uses the workdir
 
 JSON, plots and parameters are written to a temporary file and renamed into place.
