@@ -419,7 +419,11 @@ def main(argv):
     "python": sys.version.split()[0],
     "steps": _STEPS.value,
   }
-  print(_table(results))
+  if _PARTS.value:  # a subset: its figures only (the table needs every part)
+    for name in _PARTS.value:
+      print(f"{name}: {json.dumps(results[name])}")
+  else:
+    print(_table(results))
   if _OUT.value:
     from jaxloc import workdir
 
