@@ -266,3 +266,21 @@ def test_workdir_that_cannot_be_created(tmp_path):
   parent.write_text("")
   with pytest.raises(UserError, match="cannot create workdir .*Not a directory"):
     train.train_and_evaluate(small_config(""), str(parent / "run"))
+
+
+@pytest.mark.parametrize(
+  "module,args,match",
+  [
+    ("experiments.run_cases", ["--cases=multi,nope"], "unknown cases ['nope']; choose from"),
+    ("experiments.run_cases", ["--set=dense.no_such=1"], "expected field=value with an existing"),
+    ("experiments.run_cases", ["--set=batch_size"], "expected field=value with an existing"),
+    ("experiments.run_cases", ["--set=dense.context_features=7"], "Could not override field"),
+    ("experiments.benchmark", ["--parts=nope"], "unknown part 'nope'; choose from"),
+  ],
+)
+def test_experiment_script_errors(module, args, match, tmp_path):
+  root = [f"--root={tmp_path}/cases"] if module == "experiments.run_cases" else []
+  proc = conftest.run_command(module, *root, *args)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert match in proc.stderr and "Traceback" not in proc.stderr
+  assert not (tmp_path / "cases").exists()
