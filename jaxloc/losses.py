@@ -38,6 +38,14 @@ def total_loss(
 EXHAUSTIVE_MAX_K = 5  # up to 5! = 120 permutations; above that, the Hungarian algorithm
 
 
+def take_slots(a_BxKx: jax.Array, index_BxJ: jax.Array) -> jax.Array:
+  """`a[b, index[b, j], ...]` for every b, j: the rows of per-slot arrays [B,K,...] that an
+  assignment or a matching [B,J] names."""
+  return jnp.take_along_axis(
+    a_BxKx, index_BxJ.reshape(index_BxJ.shape + (1,) * (a_BxKx.ndim - 2)), 1
+  )
+
+
 def match_cost(
   outputs: dict[str, jax.Array],
   scene,
@@ -118,7 +126,7 @@ def scene_loss(
     weights = dict(class_weight=class_weight, box_weight=box_weight)
     assign = assign_slots(outputs, scene, classify=classify, **weights)
   assign = jax.lax.stop_gradient(assign)
-  take = lambda a: jnp.take_along_axis(a, assign.reshape(assign.shape + (1,) * (a.ndim - 2)), 1)
+  take = lambda a: take_slots(a, assign)
   v = valid.astype(jnp.float32)
   n = jnp.maximum(jnp.sum(v), 1.0)
   box = jnp.sum(v * box_loss(take(outputs["box"]), scene["box"])) / n

@@ -248,7 +248,9 @@ def scene_summary(per: dict, classify: bool, digit_size: float) -> dict[str, flo
   if classify:
     out["class_accuracy"] = float(np.mean(per["matched_label"][valid] == per["label"][valid]))
     labels = per["label"][valid]
-    out["baseline_class_accuracy"] = float(np.bincount(labels).max() / max(len(labels), 1))
+    out["baseline_class_accuracy"] = (
+      float(np.bincount(labels).max() / len(labels)) if labels.size else 0.0
+    )
   dets, gts = scene_detections(per, classify)
   out.update(average_precision(dets, gts))
   return out
@@ -318,12 +320,6 @@ def _scene_results(scene, ans, matched_box, matched_label) -> dict[str, jax.Arra
   }
 
 
-def _take(a_BxTx: jax.Array, index_BxK: jax.Array) -> jax.Array:
-  return jnp.take_along_axis(
-    a_BxTx, index_BxK.reshape(index_BxK.shape + (1,) * (a_BxTx.ndim - 2)), 1
-  )
-
-
 def slot_chunk(outputs, scene, **loss_args) -> tuple[dict, dict]:
   """Slots: each target is matched to the slot `losses.assign_slots` gives it (the loss's
   set matching)."""
@@ -331,7 +327,9 @@ def slot_chunk(outputs, scene, **loss_args) -> tuple[dict, dict]:
   assign = losses.assign_slots(outputs, scene, **cost_args)
   _, parts = losses.scene_loss(outputs, scene, assign=assign, **loss_args)
   ans = slot_answers(outputs, classify=loss_args["classify"])
-  return _scene_results(scene, ans, _take(ans["box"], assign), _take(ans["label"], assign)), parts
+  return _scene_results(
+    scene, ans, losses.take_slots(ans["box"], assign), losses.take_slots(ans["label"], assign)
+  ), parts
 
 
 def dense_chunk(outputs, scene, *, answer, loss_fn) -> tuple[dict, dict]:
@@ -350,8 +348,8 @@ def dense_chunk(outputs, scene, *, answer, loss_fn) -> tuple[dict, dict]:
     iou = jnp.where(ans["keep"][:, None, :], iou, -1.0)
     best, found = jnp.argmax(iou, -1), jnp.any(ans["keep"], -1, keepdims=True)
     found = jnp.repeat(found, k, axis=1)
-  matched_box = jnp.where(found[..., None], _take(ans["box"], best), 0.0)
-  matched_label = jnp.where(found, _take(ans["label"], best), -1)
+  matched_box = jnp.where(found[..., None], losses.take_slots(ans["box"], best), 0.0)
+  matched_label = jnp.where(found, losses.take_slots(ans["label"], best), -1)
   results = _scene_results(scene, ans, matched_box, matched_label)
   results["heatmap"] = jnp.max(jax.nn.sigmoid(outputs["heatmap"]), axis=-1)
   return results, parts

@@ -120,7 +120,7 @@ class DenseDetector(nn.Module):
 
   num_classes: int = 10
   conv_features: Sequence[int] = (16, 32, 64)
-  context_features: Sequence[int] = (64, 64)
+  context_features: Sequence[int] = (128, 128)
   stride: int = 8
   prior: float = 0.01
 
