@@ -246,10 +246,11 @@ def scene_summary(per: dict, classify: bool, digit_size: float) -> dict[str, flo
     float(_iou_np(centre, per["box"])[valid].mean()) if (valid.any()) else 0.0
   )
   if classify:
-    out["class_accuracy"] = float(np.mean(per["matched_label"][valid] == per["label"][valid]))
     labels = per["label"][valid]
+    right = per["matched_label"][valid] == labels
+    out["class_accuracy"] = float(right.mean()) if labels.size else 0.0
     out["baseline_class_accuracy"] = (
-      float(np.bincount(labels).max() / len(labels)) if labels.size else 0.0
+      float(np.bincount(labels).max() / labels.size) if labels.size else 0.0
     )
   dets, gts = scene_detections(per, classify)
   out.update(average_precision(dets, gts))

@@ -89,3 +89,24 @@ def test_matches_pycocotools():
   assert ours["AP"] == pytest.approx(ev.stats[0], abs=1e-6)
   assert ours["AP50"] == pytest.approx(ev.stats[1], abs=1e-6)
   assert ours["AP75"] == pytest.approx(ev.stats[2], abs=1e-6)
+
+
+def test_scene_summary_of_scenes_without_digits():
+  """An all-empty validation set (e.g. count_probs=(1, 0, ...)) gives figures, not a crash."""
+  n, k, t = 4, 2, 3
+  per = {
+    "valid": np.zeros((n, k), bool),
+    "count": np.zeros(n, np.int64),
+    "pred_count": np.array([0, 0, 1, 0]),
+    "label": np.zeros((n, k), np.int64),
+    "box": np.zeros((n, k, 4)),
+    "matched_box": np.zeros((n, k, 4)),
+    "matched_label": np.full((n, k), -1),
+    "det_box": np.full((n, t, 4), 0.2) + np.array([0, 0, 0.1, 0.1]),
+    "det_label": np.zeros((n, t), np.int64),
+    "det_score": np.full((n, t), 0.5),
+  }
+  out = metrics.scene_summary(per, classify=True, digit_size=0.2)
+  assert out["count_accuracy"] == 0.75 and out["presence_precision"] == 0.0
+  assert out["class_accuracy"] == 0.0
+  assert out["baseline_class_accuracy"] == 0.0 and out["mean_iou"] == 0.0 and out["AP"] == 0.0
