@@ -192,8 +192,6 @@ def _multi_config(head):
 
 
 def train_jaxloc(steps, steps_per_call=None, config=None):
-  import functools
-
   import jax
 
   from experiments.configs import digit
@@ -207,12 +205,10 @@ def train_jaxloc(steps, steps_per_call=None, config=None):
   state = train.create_train_state(init_key, config)
   sums = train.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
   n = steps_per_call or tasks.resolve_steps_per_call(_STEPS_PER_CALL.value)
-  fn = jax.jit(
-    functools.partial(train.train_steps, num_steps=n, sample_fn=sample_fn, loss_fn=loss_fn),
-    donate_argnums=(0, 1),
-  )
   t = time.perf_counter()
-  fn = fn.lower(state, sums, digits, labels, data_key).compile()
+  fn = train.compile_train_steps(
+    state, digits, labels, data_key, num_steps=n, sample_fn=sample_fn, loss_fn=loss_fn
+  )
   compile_s = time.perf_counter() - t
   state, sums = fn(state, sums, digits, labels, data_key)  # warm-up
   jax.block_until_ready(sums)

@@ -1,5 +1,6 @@
 """Runs an experiment script's `main` so that mistakes end in one clear line, exit status 2.
 
+Library INFO logs (Orbax, jax, TensorFlow) are off unless `--verbose` is given.
 Flag and config-override errors (an unknown field, a misspelt override, a bad
 value, a missing config file) and `jaxloc.errors.UserError` are printed as
 `error: ...` without a traceback.
@@ -10,12 +11,25 @@ import sys
 
 from absl import app, flags
 
+from jaxloc import console
 from jaxloc.errors import UserError
+
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the INFO logs of Orbax, jax and TensorFlow.")
 
 
 def _fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+def _with_log_level(main):
+  """`main`, with library logs set after app.run has set up absl logging."""
+
+  def run_main(argv):
+    console.quiet_library_logs(_VERBOSE.value)
+    return main(argv)
+
+  return run_main
 
 
 def run(main) -> None:
@@ -35,6 +49,6 @@ def run(main) -> None:
     except OSError as e:
       _fail(f"cannot load --config={flags.FLAGS['config'].config_filename}: {e.__cause__ or e}")
   try:
-    app.run(main, argv=argv)
+    app.run(_with_log_level(main), argv=argv)
   except UserError as e:
     _fail(str(e))

@@ -4,8 +4,6 @@ A workdir that holds checkpoints of the same config is resumed; `--fresh` moves
 an incompatible or finished run aside (DIR.old-<time>) and starts over.
 """
 
-import json
-
 import jax
 from absl import flags
 from ml_collections import config_flags
@@ -20,8 +18,16 @@ _WORKDIR = flags.DEFINE_string(
 )
 _FRESH = flags.DEFINE_bool("fresh", False, "Move an existing incompatible run aside, start over.")
 _DISTRIBUTED = flags.DEFINE_bool(
-  "distributed", False, "Multi-host: call jax.distributed.initialize() (cluster from the env)."
+  "distributed",
+  False,
+  "Multi-process: call jax.distributed.initialize(); on SLURM, Open MPI and Cloud TPU it finds "
+  "the cluster in the environment, elsewhere give the three flags below.",
 )
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "--distributed: host:port of process 0, the same for all."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--distributed: processes in all.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "--distributed: this process, 0..N-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,9 +35,10 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
-  final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
-  print(json.dumps(final, indent=2, sort_keys=True))
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if jax.process_index() == 0:
+    print(f"config {flags.FLAGS['config'].config_filename} -> workdir {_WORKDIR.value}")
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
 
 
 if __name__ == "__main__":

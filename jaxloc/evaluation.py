@@ -47,9 +47,9 @@ def evaluate(apply_fn, params, val: dict, *, canvas_size: int, batch_size: int, 
       mesh=mesh,
     )
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    per.append(jax.tree_util.tree_map(lambda a, m=mask: np.asarray(a)[m], ex))
+    per.append(jax.tree_util.tree_map(lambda a, m=mask: a[m], parallel.to_host(ex)))
   per = {k: np.concatenate([p[k] for p in per]) for k in per[0]}
-  return metrics.summarize(jax.device_get(totals), per["iou"]), per
+  return metrics.summarize(parallel.to_host(totals), per["iou"]), per
 
 
 SCENE_VAL_CHUNK = 500  # scene validation canvases per key: chunk i uses fold_in(val_key, i)
@@ -77,8 +77,8 @@ def evaluate_scenes(step, params, val: dict, summarize, *, sample_args, num_val,
   per, parts = [], []
   for i in range(-(-num_val // chunk)):
     ex, loss_parts = step(params, jax.random.fold_in(val_key, i), val["digits"], val["labels"])
-    per.append(jax.device_get(ex))
-    parts.append(jax.device_get(loss_parts))
+    per.append(parallel.to_host(ex))
+    parts.append(parallel.to_host(loss_parts))
   per = {k: np.concatenate([p[k] for p in per])[:num_val] for k in per[0]}
   summary = summarize(per)
   summary.update({k: float(np.mean([p[k] for p in parts])) for k in parts[0] if "_loss" in k})
@@ -90,18 +90,23 @@ def write_digit_outputs(
 ) -> None:
   """curves.png from the evaluation records, predictions.png of the first validation canvases."""
   plots.plot_curves(history, os.path.join(out_dir, "curves.png"))
+  plot_digit_predictions(out_dir, val, per, canvas_size=canvas_size, num_plot=num_plot)
+
+
+def plot_digit_predictions(out_dir: str, val: dict, per: dict, *, canvas_size: int, num_plot: int):
+  """predictions.png: the first `num_plot` validation canvases, true and predicted boxes."""
   k = min(num_plot, len(per["iou"]))
-  images = canvas.render(
-    val["digits"][:k], val["labels"][:k], val["xy"][:k], canvas_size=canvas_size
+  images = parallel.to_host(
+    canvas.render(val["digits"][:k], val["labels"][:k], val["xy"][:k], canvas_size=canvas_size)
   )
   plots.plot_predictions(
-    np.asarray(images["image"][..., 0]),
-    np.asarray(images["box"]),
+    images["image"][..., 0],
+    images["box"],
     per["pred_box"][:k],
     per["pred_label"][:k],
     per["iou"][:k],
     os.path.join(out_dir, "predictions.png"),
-    true_label_N=np.asarray(val["labels"][:k]),
+    true_label_N=parallel.to_host(val["labels"][:k]),
   )
 
 
@@ -131,12 +136,25 @@ def write_scene_outputs(
   plots.plot_pr(
     metrics.RECALL_POINTS, np.asarray(curve["pr50"]), curve["AP50"], os.path.join(out_dir, "pr.png")
   )
+  image, first_per = _first_scenes(val, per, num_plot, sample_args, val_seed)
+  plots.plot_scenes(image, first_per, classify, os.path.join(out_dir, "predictions.png"))
+  if "heatmap" in per:
+    plots.plot_heatmaps(image, first_per, os.path.join(out_dir, "heatmap.png"))
+
+
+def plot_scene_predictions(
+  out_dir: str, val: dict, per: dict, *, num_plot: int, classify: bool, sample_args, val_seed
+) -> None:
+  """predictions.png: kept detections on the first `num_plot` validation scenes."""
+  image, first_per = _first_scenes(val, per, num_plot, sample_args, val_seed)
+  plots.plot_scenes(image, first_per, classify, os.path.join(out_dir, "predictions.png"))
+
+
+def _first_scenes(val: dict, per: dict, num_plot: int, sample_args, val_seed):
+  """The first `num_plot` validation scenes (images [k,H,W]) and their per-canvas results."""
   k = min(num_plot, len(per["count"]))
   first = canvas.sample_scene(
     jax.random.fold_in(jax.random.key(val_seed), 0), val["digits"], val["labels"], **sample_args
   )
-  image = np.asarray(first["image"][:k, :, :, 0])
-  first_per = {name: a[:k] for name, a in per.items()}
-  plots.plot_scenes(image, first_per, classify, os.path.join(out_dir, "predictions.png"))
-  if "heatmap" in per:
-    plots.plot_heatmaps(image, first_per, os.path.join(out_dir, "heatmap.png"))
+  image = parallel.to_host(first["image"][:k, :, :, 0])
+  return image, {name: a[:k] for name, a in per.items()}

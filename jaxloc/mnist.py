@@ -3,12 +3,17 @@
 `load(split, mnist_dir=...)` (or the env variable `JAXLOC_MNIST_DIR`) reads the
 standard IDX files, gzip or raw; without a directory it uses TFDS, which
 downloads and prepares MNIST on first use. TensorFlow Datasets is imported
-lazily, only on that path, so `import jaxloc` never imports TensorFlow.
+lazily, only on that path, so `import jaxloc` never imports TensorFlow. Before TFDS
+downloads, a few seconds' probe of MNIST's download server turns an offline machine
+into one clear error (TFDS itself would retry for minutes).
 """
 
 import gzip
 import os
 import struct
+import threading
+import urllib.error
+import urllib.request
 
 import numpy as np
 
@@ -18,6 +23,8 @@ ENV_VAR = "JAXLOC_MNIST_DIR"
 SPLITS = ("train", "test")
 _PREFIX = {"train": "train", "test": "t10k"}
 _IMAGE_MAGIC, _LABEL_MAGIC = 0x00000803, 0x00000801  # ubyte data, 3 dims / 1 dim
+DOWNLOAD_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"  # where TFDS gets MNIST
+PROBE_TIMEOUT_S = 5.0
 
 
 def load(split: str, *, mnist_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +112,9 @@ def load_tfds(split: str, *, data_dir: str | None = None) -> tuple[np.ndarray, n
       "no MNIST directory given and tensorflow-datasets is not installed: "
       f"`pip install 'jaxloc[tfds]'`, or set {ENV_VAR}=/path/to/idx/files"
     ) from None
+  builder = tfds.builder("mnist", data_dir=data_dir, file_format="array_record")
+  if not builder.is_prepared():
+    check_reachable(DOWNLOAD_URL, PROBE_TIMEOUT_S)
   try:
     source = tfds.data_source(
       "mnist",
@@ -114,11 +124,41 @@ def load_tfds(split: str, *, data_dir: str | None = None) -> tuple[np.ndarray, n
     )
     examples = [source[i] for i in range(len(source))]
   except Exception as e:  # TFDS raises many types when offline; all mean the same here.
-    raise UserError(
-      f"could not load MNIST with TFDS ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-      f"Offline? Point jaxloc at local IDX files: set {ENV_VAR}=/path/to/mnist or pass "
-      "--config.mnist_dir=/path/to/mnist"
-    ) from None
+    raise UserError(_offline_message(e)) from None
   images = np.stack([np.asarray(ex["image"], np.uint8).reshape(28, 28) for ex in examples])
   labels = np.asarray([ex["label"] for ex in examples], np.int32)
   return images, labels
+
+
+def check_reachable(url: str, timeout_s: float) -> None:
+  """A `UserError` unless the server at `url` answers within `timeout_s` seconds.
+
+  The probe runs in a thread so that a name lookup that hangs (no timeout of its own)
+  is bounded too. Any HTTP answer, even an error status, means the network works.
+  """
+  outcome = []
+
+  def probe():
+    try:
+      urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s)
+      outcome.append(None)
+    except urllib.error.HTTPError:
+      outcome.append(None)
+    except Exception as e:  # noqa: BLE001 (URLError, OSError, ssl errors: all unreachable)
+      outcome.append(e)
+
+  thread = threading.Thread(target=probe, daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  error = outcome[0] if outcome else TimeoutError(f"no answer from {url} in {timeout_s:.0f} s")
+  if error is not None:
+    raise UserError(_offline_message(error))
+
+
+def _offline_message(e: Exception) -> str:
+  first_line = (str(e).splitlines() or [""])[0][:200]
+  return (
+    f"could not load MNIST with TFDS ({type(e).__name__}: {first_line}). "
+    f"Offline? Point jaxloc at local IDX files: set {ENV_VAR}=/path/to/mnist or pass "
+    "--config.mnist_dir=/path/to/mnist"
+  )

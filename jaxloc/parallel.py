@@ -7,10 +7,15 @@ split canvas synthesis, forward and backward passes across devices and insert
 the gradient all-reduce. With partitionable threefry (jax's default), each
 device, and so each process of a multi-host run, draws only its own shard of
 every batch, and the values equal those of a single-device run.
+
+With several processes (`jax.distributed.initialize`), `replicate` builds global
+arrays from the same host values on every process, and `to_host` gathers results
+that are spread over the processes' devices.
 """
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxloc.errors import UserError
@@ -34,8 +39,32 @@ def check_divisible(batch_size: int, name: str = "batch_size") -> None:
 
 
 def replicate(tree, mesh: Mesh):
-  """Places every array of `tree` on all devices of `mesh`."""
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+  """Places every array of `tree` on all devices of `mesh` (every process passes the same)."""
+  sharding = NamedSharding(mesh, PartitionSpec())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree_util.tree_map(lambda x: _global_copy(x, sharding), tree)
+
+
+def _global_copy(x, sharding: NamedSharding) -> jax.Array:
+  """A global array over `sharding`'s devices of every process, holding this host's `x`."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = _global_copy(jax.random.key_data(x), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(tree):
+  """Numpy copies of the arrays of `tree`; with several processes, arrays split over their
+  devices are gathered (every process must call this at the same point)."""
+
+  def get(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree_util.tree_map(get, tree)
 
 
 def shard_batch(tree, mesh: Mesh | None):

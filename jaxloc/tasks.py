@@ -31,6 +31,7 @@ class Task(NamedTuple):
   loss_fn: Callable  # (outputs, batch) -> (loss, {name: scalar})
   make_evaluator: Callable  # (apply_fn, mesh) -> evaluator(params, val) -> (summary, per)
   write_outputs: Callable  # (out_dir, val, per, history): plots (and COCO files for scenes)
+  plot_predictions: Callable  # (out_dir, val, per): predictions.png (after every evaluation)
   answer: Callable  # jittable (model outputs) -> {name: array}: the Predictor's answers
 
 
@@ -70,6 +71,9 @@ def _digit_task(config) -> Task:
     write_outputs=functools.partial(
       evaluation.write_digit_outputs, num_plot=config.num_plot, **digit_args
     ),
+    plot_predictions=functools.partial(
+      evaluation.plot_digit_predictions, num_plot=config.num_plot, **digit_args
+    ),
     answer=metrics.digit_answers,
   )
 
@@ -81,7 +85,8 @@ def _scene_sampler(config):
 
 
 def _scene_evaluation(config, score_chunk):
-  """make_evaluator and write_outputs of a scene task, given how a chunk is scored."""
+  """make_evaluator, write_outputs and plot_predictions of a scene task, given how a chunk
+  is scored."""
   sc = config.scene
   summarize = functools.partial(
     metrics.scene_summary,
@@ -109,14 +114,21 @@ def _scene_evaluation(config, score_chunk):
     categories=categories,
     **val_args,
   )
-  return make_evaluator, write_outputs
+  plot_predictions = functools.partial(
+    evaluation.plot_scene_predictions,
+    num_plot=config.num_plot,
+    classify=sc.classify,
+    sample_args=val_args["sample_args"],
+    val_seed=config.val_seed,
+  )
+  return make_evaluator, write_outputs, plot_predictions
 
 
 def _slot_task(config) -> Task:
   sc = config.scene
   loss_args = scene_loss_args(config)
   score_chunk = functools.partial(metrics.slot_chunk, **loss_args)
-  make_evaluator, write_outputs = _scene_evaluation(config, score_chunk)
+  make_evaluator, write_outputs, plot_predictions = _scene_evaluation(config, score_chunk)
   common = dict(conv_features=tuple(config.conv_features), dense_features=config.dense_features)
   return Task(
     model=model.Detector(max_objects=sc.max_objects, num_classes=10, **common),
@@ -124,6 +136,7 @@ def _slot_task(config) -> Task:
     loss_fn=functools.partial(losses.scene_loss, **loss_args),
     make_evaluator=make_evaluator,
     write_outputs=write_outputs,
+    plot_predictions=plot_predictions,
     answer=functools.partial(metrics.slot_answers, classify=sc.classify),
   )
 
@@ -142,7 +155,7 @@ def _dense_task(config) -> Task:
   )
   answer = functools.partial(metrics.dense_answers, decode=decode, threshold=dn.score_threshold)
   score_chunk = functools.partial(metrics.dense_chunk, answer=answer, loss_fn=loss_fn)
-  make_evaluator, write_outputs = _scene_evaluation(config, score_chunk)
+  make_evaluator, write_outputs, plot_predictions = _scene_evaluation(config, score_chunk)
   net = model.DenseDetector(
     num_classes=num_classes,
     conv_features=tuple(config.conv_features),
@@ -156,6 +169,7 @@ def _dense_task(config) -> Task:
     loss_fn=loss_fn,
     make_evaluator=make_evaluator,
     write_outputs=write_outputs,
+    plot_predictions=plot_predictions,
     answer=answer,
   )
 

@@ -11,7 +11,6 @@ the host fetches only when it logs.
 import contextlib
 import functools
 import os
-import sys
 import tempfile
 import time
 from typing import Any
@@ -24,9 +23,8 @@ import optax
 from absl import logging
 from flax import serialization
 from flax.training import train_state
-from tqdm import tqdm
 
-from jaxloc import checkpoint, losses, model, parallel, tasks, workdir
+from jaxloc import checkpoint, console, events, losses, model, parallel, tasks, workdir
 from jaxloc.errors import UserError
 
 
@@ -135,6 +133,30 @@ def train_steps(
   return jax.lax.scan(one, (state, sums), None, length=num_steps)[0]
 
 
+def compile_train_steps(
+  state: TrainState,
+  digits: jax.Array,
+  labels: jax.Array,
+  data_key: jax.Array,
+  *,
+  num_steps: int,
+  sample_fn,
+  loss_fn,
+  mesh: jax.sharding.Mesh | None = None,
+  ema_decay: float = 0.0,
+):
+  """`train_steps` of `num_steps` steps jitted and compiled for these arguments.
+
+  Returns `fn(state, sums, digits, labels, data_key) -> (state, sums)`, which donates
+  `state` and `sums`; `zero_metrics` gives the first sums.
+  """
+  static = dict(num_steps=num_steps, sample_fn=sample_fn, loss_fn=loss_fn)
+  static.update(mesh=mesh, ema_decay=ema_decay)
+  fn = jax.jit(functools.partial(train_steps, **static), donate_argnums=(0, 1))
+  sums = zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
+  return fn.lower(state, sums, digits, labels, data_key).compile()
+
+
 # Fields that may change when a run is resumed: they change neither the model,
 # the data nor the optimizer (more epochs continue training).
 RESUMABLE_CHANGES = frozenset(
@@ -151,205 +173,266 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+def resumable_changes(config: ml_collections.ConfigDict) -> frozenset[str]:
+  """RESUMABLE_CHANGES, less `epochs` under a decaying schedule (laid out over all epochs,
+  so changing them would change the past)."""
+  return RESUMABLE_CHANGES - ({"epochs"} if config.lr_schedule != "constant" else set())
+
+
 class TrainingDiverged(UserError):
   """The training loss became NaN or infinite."""
 
 
-def prepare_workdir(path: str) -> None:
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise UserError(f"workdir {path!r} is a file; pass a directory path as --workdir")
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, work_dir: str, *, fresh=False, echo=console.echo
+) -> dict:
+  """Trains the config's model, evaluates every epoch, writes the workdir; returns the
+  final figures (those of metrics.json).
+
+  A workdir with checkpoints of the same config is resumed from its latest one (see
+  `workdir.resume_step`). `echo(line)` receives the console lines (process 0 only).
+  """
+  tasks.check_config(config)
+  workdir.prepare(work_dir)
+  main_process = jax.process_index() == 0
+  with workdir.lock(work_dir) if main_process else contextlib.nullcontext():
+    mngr = checkpoint.manager(work_dir, config.keep_checkpoints)
+    with mngr:
+      resume_step = workdir.resume_step(
+        work_dir,
+        config,
+        mngr.latest_step(),
+        fresh=fresh,
+        resumable=resumable_changes(config),
+        upgrade=tasks.upgrade_config,
+      )
+      mngr.reload()  # --fresh may have moved the old checkpoints aside
+      return _run(config, work_dir, mngr, resume_step, echo if main_process else _silent)
+
+
+def _silent(line: str) -> None:
+  del line
+
+
+def _run(config, work_dir, mngr, resume_step, echo) -> dict:
+  """The run after the workdir decision: restore, train and evaluate, export."""
+  t_start = time.perf_counter()
+  # Multi-host: only process 0 writes logs, plots and metrics; the others write
+  # theirs to a throwaway directory (every process takes part in checkpoints).
+  main_process = jax.process_index() == 0
+  out_dir = work_dir if main_process else tempfile.mkdtemp(prefix="jaxloc-")
+  workdir.write_json(os.path.join(out_dir, workdir.CONFIG), config.to_dict())
+  task = tasks.build(config)
+  mesh = parallel.data_mesh()
+  state, (digits, labels, val), data_key = _restore(config, mngr, resume_step, mesh)
+  static = dict(sample_fn=task.sample_fn, loss_fn=task.loss_fn, mesh=mesh)
+  steps = _Steps(state, (digits, labels, data_key), ema_decay=config.ema_decay, **static)
+  steps_per_call = tasks.resolve_steps_per_call(config.steps_per_call)
+  n_params = model.num_params(state.params)
+  for line in console.start_lines(config, n_params, steps_per_call, resume_step):
+    echo(line)
+  plot = functools.partial(task.plot_predictions, out_dir, val)
+  log = _Log(out_dir, resume_step, main_process, echo, plot)
+  evaluate = _evaluator(task, state.apply_fn, val, mesh)
   try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    msg = f"cannot create workdir {path!r}: {e.strerror}; choose another --workdir"
-    raise UserError(msg) from None
-  if not os.access(path, os.W_OK):
-    raise UserError(f"workdir {path!r} is not writable; choose another --workdir")
+    state, result = _train(config, state, steps, steps_per_call, log, evaluate, mngr)
+  finally:
+    log.close()
+  if result is None:  # resumed at the very end: evaluate the restored state
+    result = evaluate(state)
+  final = _export(out_dir, task, state, val, result, log.history)
+  final.update(
+    num_params=n_params,
+    steps=int(state.step),
+    train_images_per_s=steps.images_per_s(config.batch_size),
+    train_s=steps.train_s,
+    compile_s=steps.compile_s,
+    wall_s=time.perf_counter() - t_start,
+    backend=jax.default_backend(),
+    devices=jax.device_count(),
+    resumed_from_step=resume_step,
+  )
+  workdir.write_json(os.path.join(out_dir, workdir.METRICS), final)
+  for line in console.end_lines(work_dir, final):
+    echo(line)
+  return final
 
 
-def _check_resume(path: str, config: ml_collections.ConfigDict, latest, *, fresh: bool):
-  """Decides between a new run, a resume and a refusal; returns the step to resume from."""
-  config_path = os.path.join(path, workdir.CONFIG)
-  finished = os.path.exists(os.path.join(path, workdir.METRICS))
-  if latest is None and not finished:
-    return None  # nothing to resume: a new run (a partial log of a run killed early is replaced)
-  old = workdir.read_json(config_path) if os.path.exists(config_path) else None
-  old = tasks.upgrade_config(old) if old is not None else None
-  # A decaying schedule is laid out over all epochs: changing them would change the past.
-  resumable = RESUMABLE_CHANGES - ({"epochs"} if config.lr_schedule != "constant" else set())
-  diff = workdir.config_diff(old or {}, config.to_dict(), resumable)
-  total = config.epochs * config.steps_per_epoch
-  problem = None
-  if old is None:
-    problem = f"workdir {path!r} holds results of a run without {workdir.CONFIG}"
-  elif diff:
-    problem = (
-      f"workdir {path!r} holds a run with another config; differing fields:\n  " + "\n  ".join(diff)
-    )
-  elif latest is None or latest >= total:
-    problem = f"workdir {path!r} holds a finished run of {latest or total} steps; " + (
-      "raise --config.epochs to train on"
-      if config.lr_schedule == "constant"
-      else f"its {config.lr_schedule} learning-rate schedule has ended"
-    )
-  if problem is None:
-    return latest
-  if not fresh:
-    raise UserError(
-      problem + "\nUse another --workdir, or pass --fresh to move the old run "
-      "aside (nothing is deleted) and start over here."
-    )
-  backup = workdir.move_aside(path)
-  logging.warning("moved the previous run in %s to %s", path, backup)
-  return None
+def _restore(config, mngr, resume_step, mesh):
+  """The train state (restored from `resume_step`, or new), the data and the data key,
+  all replicated on `mesh`."""
+  data = parallel.replicate(tasks.load_data(config), mesh)
+  init_key, data_key = jax.random.split(jax.random.key(config.seed))
+  state = create_train_state(init_key, config)
+  if resume_step is not None:
+    state = checkpoint.restore(mngr, state, resume_step)
+    logging.info("resumed from step %d", resume_step)
+  state, data_key = parallel.replicate((state, data_key), mesh)
+  return state, data, data_key
+
+
+class _Steps:
+  """Calls compiled `train_steps`, compiling each number of steps once; times both."""
+
+  def __init__(self, state, data, **static):
+    self.data, self.static = data, static  # data: (digits, labels, data_key)
+    fns = dict(sample_fn=static["sample_fn"], loss_fn=static["loss_fn"])
+    self.template = zero_metrics(state, *data[:2], **fns)
+    self.compiled, self.compile_s, self.train_s, self.trained = {}, 0.0, 0.0, 0
+
+  def zeros(self) -> dict[str, jax.Array]:
+    return jax.tree_util.tree_map(jnp.zeros_like, self.template)
+
+  def __call__(self, state, sums, n: int):
+    """`n` training steps: (state, sums) -> (state, sums). Dispatches without waiting."""
+    if n not in self.compiled:
+      t = time.perf_counter()
+      self.compiled[n] = compile_train_steps(state, *self.data, num_steps=n, **self.static)
+      self.compile_s += time.perf_counter() - t
+    t = time.perf_counter()
+    state, sums = self.compiled[n](state, sums, *self.data)
+    self.train_s += time.perf_counter() - t
+    self.trained += n
+    return state, sums
+
+  def fetch(self, sums) -> dict[str, np.ndarray]:
+    """The metric sums on the host: the only host sync of the hot loop (timed as training)."""
+    t = time.perf_counter()
+    fetched = parallel.to_host(sums)
+    self.train_s += time.perf_counter() - t
+    return fetched
+
+  def images_per_s(self, batch_size: int) -> float:
+    return self.trained * batch_size / self.train_s if self.train_s > 0 else 0.0
+
+
+class _Log:
+  """Where the loop's records go: metrics.jsonl, TensorBoard, the console, `history`."""
+
+  def __init__(self, out_dir: str, resume_step: int | None, main_process: bool, echo, plot):
+    self.out_dir, self.echo, self.plot = out_dir, echo, plot
+    self.path = os.path.join(out_dir, workdir.METRICS_LOG)
+    self.records = workdir.truncate_jsonl(self.path, resume_step or 0)
+    self.history = [r for r in self.records if "val/num_val" in r]  # evaluation records
+    self.events = events.EventWriter(out_dir if main_process else None, resume_step)
+
+  def write(self, record: dict) -> None:
+    workdir.append_jsonl(self.path, record)
+    self.events.scalars(record)
+    if "val/num_val" in record:
+      self.history.append(record)
+
+  def predictions(self, step: int, per: dict) -> None:
+    """predictions.png of this evaluation (`per`), also into TensorBoard."""
+    self.plot(per)
+    self.events.image("predictions", os.path.join(self.out_dir, "predictions.png"), step)
+
+  def close(self) -> None:
+    self.events.close()
+
+
+class _EpochMeans:
+  """Sums of the train metrics of the epoch in progress, rebuilt from its log on resume."""
+
+  def __init__(self, records: list[dict], epoch_start: int):
+    self.sums, self.count = {}, 0
+    for r in records:
+      if "steps_averaged" in r and r["step"] > epoch_start:
+        self.add({k[6:]: v * r["steps_averaged"] for k, v in r.items() if k.startswith("train/")})
+        self.count += r["steps_averaged"]
+
+  def add(self, sums: dict) -> None:
+    for k, v in sums.items():
+      self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+  def means(self) -> dict[str, float]:
+    return _means(self.sums, self.count)
 
 
 def _means(sums: dict, count: int) -> dict[str, float]:
   return {f"train/{k}": float(v) / count for k, v in sums.items()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, work_dir: str, *, fresh=False) -> dict:
-  """Trains the localiser with `config`, evaluates every epoch, writes the workdir.
-
-  A workdir with checkpoints of the same config is resumed from its latest one.
-  """
-  tasks.check_config(config)
-  prepare_workdir(work_dir)
-  main_process = jax.process_index() == 0
-  with workdir.lock(work_dir) if main_process else contextlib.nullcontext():
-    mngr = checkpoint.manager(work_dir, config.keep_checkpoints)
-    with mngr:
-      resume_step = _check_resume(work_dir, config, mngr.latest_step(), fresh=fresh)
-      mngr.reload()  # --fresh may have moved the old checkpoints aside
-      return _run(config, work_dir, mngr, resume_step)
-
-
-def _run(config, work_dir, mngr, resume_step) -> dict:
-  # Multi-host: only process 0 writes logs, plots and metrics; the others write
-  # theirs to a throwaway directory (every process takes part in checkpoints).
-  out_dir = work_dir if jax.process_index() == 0 else tempfile.mkdtemp(prefix="jaxloc-")
-  path = lambda name: os.path.join(out_dir, name)
-  t_start = time.perf_counter()
-  workdir.write_json(path(workdir.CONFIG), config.to_dict())
-  records = workdir.truncate_jsonl(path(workdir.METRICS_LOG), resume_step or 0)
-
-  mesh = parallel.data_mesh()
-  train_digits, train_labels, val = parallel.replicate(tasks.load_data(config), mesh)
-  init_key, data_key = jax.random.split(jax.random.key(config.seed))
-  state = create_train_state(init_key, config)
-  if resume_step is not None:
-    state = checkpoint.restore(mngr, state, resume_step)
-    logging.info("resumed %s from step %d", work_dir, resume_step)
-  state, data_key = parallel.replicate((state, data_key), mesh)
-  n_params = model.num_params(state.params)
-  steps_per_call = tasks.resolve_steps_per_call(config.steps_per_call)
-
-  task = tasks.build(config)
-  evaluator = task.make_evaluator(state.apply_fn, mesh)
+def _evaluator(task, apply_fn, val, mesh):
+  """`evaluate(state)`: figures of the exported weights (summary, per canvas) and, with a
+  moving average, the summary of the raw weights."""
+  evaluator = task.make_evaluator(apply_fn, mesh)
 
   def evaluate(state):
-    """Figures of the exported weights (summary, per canvas) and, with an EMA, of the raw ones."""
     summary, per = evaluator(exported_params(state), val)
     raw = None if state.ema_params is None else evaluator(state.params, val)[0]
     return summary, per, raw
 
-  sample_fn, loss_fn = task.sample_fn, task.loss_fn
-  ema_decay = config.ema_decay
-  static = dict(sample_fn=sample_fn, loss_fn=loss_fn, mesh=mesh, ema_decay=ema_decay)
-  template = zero_metrics(state, train_digits, train_labels, sample_fn=sample_fn, loss_fn=loss_fn)
-  zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, template)
-  compiled, compile_s = {}, 0.0
+  return evaluate
 
-  def step_fn(n):
-    nonlocal compile_s
-    if n not in compiled:
-      t = time.perf_counter()
-      fn = jax.jit(functools.partial(train_steps, num_steps=n, **static), donate_argnums=(0, 1))
-      compiled[n] = fn.lower(state, sums, train_digits, train_labels, data_key).compile()
-      compile_s += time.perf_counter() - t
-    return compiled[n]
 
-  spe, total_steps = config.steps_per_epoch, config.epochs * config.steps_per_epoch
+def _train(config, state, steps, steps_per_call, log, evaluate, mngr):
+  """Trains from `state.step` to the last epoch, evaluating at the end of each; returns
+  the final state and the last evaluation (None when there was nothing left to train)."""
+  spe, total = config.steps_per_epoch, config.epochs * config.steps_per_epoch
   step = int(state.step)
-  history = [r for r in records if "val/num_val" in r]
-  # Train means of the epoch in progress, rebuilt from its logged records on resume.
-  epoch_start = step // spe * spe
-  epoch_sums, epoch_count = {}, 0
-  for r in records:
-    if "steps_averaged" in r and r["step"] > epoch_start:
-      for k, v in r.items():
-        if k.startswith("train/"):
-          epoch_sums[k[6:]] = epoch_sums.get(k[6:], 0.0) + v * r["steps_averaged"]
-      epoch_count += r["steps_averaged"]
-  sums, since_log, train_s, trained = zeros(), 0, 0.0, 0
-  summary = per = raw = None
-  bar = tqdm(total=total_steps, initial=step, desc="train", disable=not sys.stderr.isatty())
+  epoch_means = _EpochMeans(log.records, step // spe * spe)
+  result = None
+  bar = console.progress_bar(total, step)
   for epoch in range(step // spe + 1, config.epochs + 1):
-    epoch_end = epoch * spe
-    while step < epoch_end:
-      next_log = min((step // config.log_every + 1) * config.log_every, epoch_end)
-      n = min(steps_per_call, next_log - step)
-      fn = step_fn(n)
-      t = time.perf_counter()
-      state, sums = fn(state, sums, train_digits, train_labels, data_key)
-      step, since_log, trained = step + n, since_log + n, trained + n
-      if step != next_log:
-        train_s += time.perf_counter() - t
-        bar.update(n)
-        continue
-      fetched = jax.device_get(sums)  # the only host sync of the hot loop
-      train_s += time.perf_counter() - t
-      bar.update(n)
-      if not np.isfinite(fetched["loss"]):
-        raise TrainingDiverged(
-          f"training loss is {fetched['loss']} in steps {step - since_log + 1}..{step}; "
-          f"the last good checkpoint (step {mngr.latest_step()}) is kept. "
-          "Lower --config.learning_rate and start a new workdir."
-        )
-      record = {
-        "step": step,
-        "epoch": epoch,
-        "steps_averaged": since_log,
-        **_means(fetched, since_log),
-      }
-      workdir.append_jsonl(path(workdir.METRICS_LOG), record)
-      bar.set_postfix(loss=f"{record['train/loss']:.4f}")
-      for k, v in fetched.items():
-        epoch_sums[k] = epoch_sums.get(k, 0.0) + float(v)
-      epoch_count += since_log
-      sums, since_log = zeros(), 0
-      if step == epoch_end:
-        summary, per, raw = evaluate(state)
-        record = {"step": step, "epoch": epoch, **_means(epoch_sums, epoch_count)}
-        record.update({f"val/{k}": v for k, v in summary.items()})
-        record.update({f"val_raw/{k}": v for k, v in (raw or {}).items()})
-        workdir.append_jsonl(path(workdir.METRICS_LOG), record)
-        history.append(record)
-        epoch_sums, epoch_count = {}, 0
-      if step // config.checkpoint_every > (step - n) // config.checkpoint_every or (
-        step == total_steps
-      ):
-        checkpoint.save(mngr, state)
+    t0, trained0 = steps.train_s, steps.trained
+    state = _train_epoch(config, state, epoch, steps, steps_per_call, log, epoch_means, mngr, bar)
+    result = evaluate(state)
+    summary, per, raw = result
+    record = {"step": epoch * spe, "epoch": epoch, **epoch_means.means()}
+    record.update({f"val/{k}": v for k, v in summary.items()})
+    record.update({f"val_raw/{k}": v for k, v in (raw or {}).items()})
+    log.write(record)
+    epoch_means = _EpochMeans([], 0)
+    seconds = steps.train_s - t0
+    images_per_s = (steps.trained - trained0) * config.batch_size / max(seconds, 1e-9)
+    log.echo(console.epoch_line(record, config.epochs, images_per_s, seconds))
+    log.predictions(record["step"], per)
   bar.close()
+  return state, result
 
-  if per is None:  # resumed at the very end: evaluate the restored state
-    summary, per, raw = evaluate(state)
+
+def _train_epoch(config, state, epoch, steps, steps_per_call, log, epoch_means, mngr, bar):
+  """The steps of `epoch` from `state.step`: a metrics.jsonl record every `log_every`
+  steps, a checkpoint every `checkpoint_every` steps and at the end of training."""
+  step, epoch_end = int(state.step), epoch * config.steps_per_epoch
+  total = config.epochs * config.steps_per_epoch
+  sums = steps.zeros()
+  while step < epoch_end:
+    next_log = min((step // config.log_every + 1) * config.log_every, epoch_end)
+    since_log = 0
+    while step < next_log:
+      n = min(steps_per_call, next_log - step)
+      state, sums = steps(state, sums, n)
+      step, since_log = step + n, since_log + n
+      bar.update(n)
+    fetched = steps.fetch(sums)
+    if not np.isfinite(fetched["loss"]):
+      raise TrainingDiverged(
+        f"training loss is {fetched['loss']} in steps {step - since_log + 1}..{step}; "
+        f"the last good checkpoint (step {mngr.latest_step()}) is kept. "
+        "Lower --config.learning_rate and start a new workdir."
+      )
+    record = {"step": step, "epoch": epoch, "steps_averaged": since_log}
+    log.write({**record, **_means(fetched, since_log)})
+    bar.set_postfix(loss=f"{float(fetched['loss']) / since_log:.4f}")
+    epoch_means.add(fetched)
+    epoch_means.count += since_log
+    sums = steps.zeros()
+    if step // config.checkpoint_every > (step - since_log) // config.checkpoint_every or (
+      step == total
+    ):
+      checkpoint.save(mngr, state)
+  return state
+
+
+def _export(out_dir, task, state, val, result, history) -> dict:
+  """params.msgpack (the exported weights), the task's plots and files; the final figures."""
+  summary, per, raw = result
   params_bytes = serialization.to_bytes(exported_params(state))
-  workdir.write_bytes_atomic(path(workdir.PARAMS), params_bytes)
+  workdir.write_bytes_atomic(os.path.join(out_dir, workdir.PARAMS), params_bytes)
   task.write_outputs(out_dir, val, per, history)
   final = dict(summary)
   if raw is not None:
     final["raw"] = raw  # the un-averaged weights, for comparison with the seed
-  final.update(
-    num_params=n_params,
-    steps=step,
-    train_images_per_s=(trained * config.batch_size) / train_s if train_s > 0 else 0.0,
-    train_s=train_s,
-    compile_s=compile_s,
-    wall_s=time.perf_counter() - t_start,
-    backend=jax.default_backend(),
-    devices=jax.device_count(),
-    resumed_from_step=resume_step,
-  )
-  workdir.write_json(path(workdir.METRICS), final)
   return final

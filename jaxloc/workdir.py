@@ -9,11 +9,14 @@ predictions.png  validation canvases, true boxes green, predicted boxes red
 pr.png, detections.json, ground_truth.json
                  scene cases: precision-recall at IoU 0.5, COCO files of the validation set
 heatmap.png      dense detector: validation scenes beside its heatmap
+tensorboard/     TensorBoard events: the metrics.jsonl figures, predictions.png per epoch
 checkpoints/     Orbax checkpoints of the train state (params, moving average, Adam state,
                  step)
 .lock            held (flock) while a run uses the workdir
 
 JSON, plots and parameters are written to a temporary file and renamed into place.
+The lifecycle of a workdir is here too: `prepare` it, decide with `resume_step`
+whether a run starts, resumes or is refused, and `move_aside` a run replaced by --fresh.
 """
 
 import contextlib
@@ -23,6 +26,8 @@ import os
 import socket
 import tempfile
 import time
+
+from absl import logging
 
 from jaxloc.errors import UserError
 
@@ -136,3 +141,61 @@ def truncate_jsonl(path: str, last_step: int) -> list[dict]:
   records = [r for r in read_jsonl(path) if r["step"] <= last_step]
   write_bytes_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
   return records
+
+
+def prepare(path: str) -> None:
+  """Creates workdir `path` if needed; a file there or no write access is a `UserError`."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"workdir {path!r} is a file; pass a directory path as --workdir")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    msg = f"cannot create workdir {path!r}: {e.strerror}; choose another --workdir"
+    raise UserError(msg) from None
+  if not os.access(path, os.W_OK):
+    raise UserError(f"workdir {path!r} is not writable; choose another --workdir")
+
+
+def resume_step(path: str, config, latest: int | None, *, fresh: bool, resumable, upgrade):
+  """Decides between a new run (None), a resume (the step to resume from) and a refusal.
+
+  `config` is the new run's ConfigDict, `latest` the step of the newest checkpoint,
+  `resumable` the fields that may differ from the saved config.json and `upgrade`
+  fills the fields an older config.json lacks. A run that cannot be resumed (another
+  config, finished, results without config) is a `UserError`; with `fresh` it is
+  moved aside instead and a new run starts.
+  """
+  config_path = os.path.join(path, CONFIG)
+  finished = os.path.exists(os.path.join(path, METRICS))
+  if latest is None and not finished:
+    return None  # nothing to resume: a new run (a partial log of a run killed early is replaced)
+  old = upgrade(read_json(config_path)) if os.path.exists(config_path) else None
+  problem = _resume_problem(path, config, latest, old, resumable)
+  if problem is None:
+    return latest
+  if not fresh:
+    raise UserError(
+      problem + "\nUse another --workdir, or pass --fresh to move the old run "
+      "aside (nothing is deleted) and start over here."
+    )
+  logging.warning("moved the previous run in %s to %s", path, move_aside(path))
+  return None
+
+
+def _resume_problem(path: str, config, latest: int | None, old: dict | None, resumable):
+  """Why the run in `path` (config `old`, newest checkpoint `latest`) cannot go on; or None."""
+  if old is None:
+    return f"workdir {path!r} holds results of a run without {CONFIG}"
+  diff = config_diff(old, config.to_dict(), resumable)
+  if diff:
+    return f"workdir {path!r} holds a run with another config; differing fields:\n  " + (
+      "\n  ".join(diff)
+    )
+  total = config.epochs * config.steps_per_epoch
+  if latest is None or latest >= total:
+    return f"workdir {path!r} holds a finished run of {latest or total} steps; " + (
+      "raise --config.epochs to train on"
+      if config.lr_schedule == "constant"
+      else f"its {config.lr_schedule} learning-rate schedule has ended"
+    )
+  return None

@@ -1,4 +1,5 @@
-"""Shared test set-up: loud rank promotion, and a small MNIST directory for every test."""
+"""Shared test set-up: loud rank promotion, a small MNIST directory for every test, the
+small config, random digits, and running the experiment commands."""
 
 import gzip
 import os
@@ -9,6 +10,8 @@ import sys
 import jax
 import numpy as np
 import pytest
+
+from experiments.configs import smoke
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -58,3 +61,20 @@ def run_command(module: str, *args: str) -> subprocess.CompletedProcess:
 
 def run_train_command(*args: str) -> subprocess.CompletedProcess:
   return run_command("experiments.train", *args)
+
+
+def small_config(mnist_dir: str, **overrides):
+  """experiments/configs/smoke.py (the seed's task in seconds), MNIST from `mnist_dir`."""
+  config = smoke.get_config()
+  config.mnist_dir = mnist_dir
+  config.update(overrides)
+  return config
+
+
+def random_digits(n: int = 32, seed: int = 0):
+  """`n` random 28x28 uint8 "digits" and int32 labels, as device arrays."""
+  rng = np.random.default_rng(seed)
+  return (
+    jax.numpy.asarray(rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)),
+    jax.numpy.asarray(rng.integers(0, 10, n), jax.numpy.int32),
+  )

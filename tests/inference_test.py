@@ -7,9 +7,8 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, small_config
 from PIL import Image
-from train_test import small_config
 
 from jaxloc import images, inference, mnist, train, workdir
 from jaxloc.errors import UserError

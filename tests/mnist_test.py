@@ -1,6 +1,9 @@
 import gzip
 import os
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -107,6 +110,7 @@ def test_empty_file(tmp_path):
 def test_tfds_path_with_mock_data(monkeypatch):
   tfds = pytest.importorskip("tensorflow_datasets")
   monkeypatch.delenv(mnist.ENV_VAR, raising=False)
+  monkeypatch.setattr(mnist, "check_reachable", lambda url, timeout_s: None)  # mocks need no net
   with tfds.testing.mock_data(num_examples=12):
     x, y = mnist.load("train")
   assert x.shape == (12, 28, 28) and x.dtype == np.uint8
@@ -123,6 +127,35 @@ def test_tfds_failure_is_one_clear_error(monkeypatch):
   monkeypatch.delenv(mnist.ENV_VAR, raising=False)
   with pytest.raises(UserError, match="Offline\\? Point jaxloc at local IDX files"):
     mnist.load("test")
+
+
+def test_offline_fails_within_seconds(monkeypatch, tmp_path):
+  """No MNIST on disk and a network that never answers (a firewalled node): the clear
+  error comes after the probe's timeout, not after minutes of TFDS download retries."""
+  pytest.importorskip("tensorflow_datasets")
+  calls = []
+
+  def hangs(request, timeout):
+    calls.append(request.full_url)
+    time.sleep(60)
+
+  monkeypatch.setattr(urllib.request, "urlopen", hangs)
+  start = time.perf_counter()
+  with pytest.raises(UserError, match="TimeoutError: no answer from .* Offline\\? Point jaxloc"):
+    mnist.load_tfds("train", data_dir=str(tmp_path))
+  assert time.perf_counter() - start < 10
+  assert calls == [mnist.DOWNLOAD_URL]
+
+
+def test_unreachable_server_is_one_clear_error(monkeypatch, tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+
+  def refused(request, timeout):
+    raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+  monkeypatch.setattr(urllib.request, "urlopen", refused)
+  with pytest.raises(UserError, match="URLError: .*Connection refused.*--config.mnist_dir"):
+    mnist.load_tfds("test", data_dir=str(tmp_path))
 
 
 def test_tfds_missing_is_one_clear_error(monkeypatch):

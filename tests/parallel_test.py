@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import random_digits
 
 from experiments.configs import digit
 from jaxloc import parallel, tasks, train
@@ -15,7 +16,7 @@ from jaxloc.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _EIGHT_DEVICES = r"""
-import functools, importlib, sys, jax, numpy as np
+import importlib, sys, jax, numpy as np
 from jaxloc import parallel, tasks, train
 assert jax.device_count() == 8, jax.devices()
 rng = np.random.default_rng(0)
@@ -32,13 +33,13 @@ sample_fn, loss_fn = task.sample_fn, task.loss_fn
 
 def run(mesh):
   state = train.create_train_state(init_key, config)
-  sums = train.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
-  args = (state, sums, digits, labels, data_key)
+  data = (digits, labels, data_key)
   if mesh is not None:
-    args = parallel.replicate(args, mesh)
-  fn = jax.jit(functools.partial(train.train_steps, num_steps=3, sample_fn=sample_fn,
-                                 loss_fn=loss_fn, mesh=mesh))
-  state, sums = fn(*args)
+    state, data = parallel.replicate((state, data), mesh)
+  fn = train.compile_train_steps(state, *data, num_steps=3, sample_fn=sample_fn,
+                                 loss_fn=loss_fn, mesh=mesh)
+  sums = train.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
+  state, sums = fn(state, sums, *data)
   return state, jax.device_get(sums)
 
 one, one_sums = run(None)
@@ -91,9 +92,7 @@ def test_batch_not_divisible_by_devices_is_rejected(monkeypatch):
 
 
 def test_steps_per_call_does_not_change_the_result():
-  rng = np.random.default_rng(0)
-  digits = jax.numpy.asarray(rng.integers(0, 256, (32, 28, 28)).astype(np.uint8))
-  labels = jax.numpy.asarray(rng.integers(0, 10, 32), jax.numpy.int32)
+  digits, labels = random_digits()
   config = digit.get_config()
   config.batch_size = 8
   task = tasks.build(config)
@@ -103,13 +102,11 @@ def test_steps_per_call_does_not_change_the_result():
   for chunk in (1, 2, 4):
     state = train.create_train_state(init_key, config)
     sums = train.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
-    fn = jax.jit(
-      lambda s, m, n=chunk: train.train_steps(
-        s, m, digits, labels, data_key, num_steps=n, sample_fn=sample_fn, loss_fn=loss_fn
-      )
+    fn = train.compile_train_steps(
+      state, digits, labels, data_key, num_steps=chunk, sample_fn=sample_fn, loss_fn=loss_fn
     )
     for _ in range(4 // chunk):
-      state, sums = fn(state, sums)
+      state, sums = fn(state, sums, digits, labels, data_key)
     results.append((state, jax.device_get(sums)))
   ref_state, ref_sums = results[0]
   for state, sums in results[1:]:

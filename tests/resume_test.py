@@ -7,8 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
-from train_test import small_config
+from conftest import ROOT, small_config
 
 from jaxloc import train, workdir
 from jaxloc.errors import UserError

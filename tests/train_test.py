@@ -5,38 +5,17 @@ import conftest
 import jax
 import numpy as np
 import pytest
+from conftest import random_digits, small_config
 
 from experiments.configs import digit
 from jaxloc import canvas, evaluation, losses, tasks, train, workdir
 from jaxloc.errors import UserError
 
 
-def small_config(mnist_dir, **overrides):
-  config = digit.get_config()
-  config.mnist_dir = mnist_dir
-  config.epochs = 2
-  config.steps_per_epoch = 3
-  config.batch_size = 8
-  config.num_val = 40
-  config.eval_batch_size = 16
-  config.log_every = 2
-  config.num_plot = 4
-  config.update(overrides)
-  return config
-
-
-def _digits(n=32):
-  rng = np.random.default_rng(0)
-  return (
-    jax.numpy.asarray(rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)),
-    jax.numpy.asarray(rng.integers(0, 10, n), jax.numpy.int32),
-  )
-
-
 def test_loss_falls_when_overfitting_one_batch():
   config = digit.get_config()
   state = train.create_train_state(jax.random.key(0), config)
-  batch = canvas.sample_batch(jax.random.key(1), *_digits(), batch_size=8)
+  batch = canvas.sample_batch(jax.random.key(1), *random_digits(), batch_size=8)
   step = jax.jit(train.train_step)
   losses = []
   for _ in range(40):
@@ -56,7 +35,7 @@ def test_train_step_traces_once():
 
   step = jax.jit(counted, donate_argnums=0)
   for i in range(3):
-    batch = canvas.sample_batch(jax.random.key(i), *_digits(), batch_size=8)
+    batch = canvas.sample_batch(jax.random.key(i), *random_digits(), batch_size=8)
     state, _ = step(state, batch)
   assert len(traces) == 1
 
@@ -70,7 +49,7 @@ def test_ema_update_follows_the_formula():
 
 
 def test_moving_average_does_not_change_training():
-  digits, labels = _digits()
+  digits, labels = random_digits()
   sample = functools.partial(canvas.training_batch, batch_size=8, canvas_size=75)
   key, data_key = jax.random.key(0), jax.random.key(1)
   out = {}

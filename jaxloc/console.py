@@ -1,0 +1,87 @@
+"""What a run prints, and the switch that keeps library INFO logs off the console.
+
+A training run prints what it is about to do (backend and devices, parameters,
+steps), a progress bar (only on a terminal), one line per epoch with the figures a
+researcher watches, and where its outputs went. Orbax, jax and TensorFlow log at
+INFO through absl / Python logging; `quiet_library_logs` sets them to WARNING
+unless asked for (`--verbose` on every experiment script).
+"""
+
+import os
+
+import jax
+from absl import logging
+from tqdm import tqdm
+
+# Validation figures on an epoch line, when the task reports them: (key, label).
+VAL_FIGURES = (
+  ("accuracy", "acc"),
+  ("count_accuracy", "count"),
+  ("presence_accuracy", "presence"),
+  ("class_accuracy", "class"),
+  ("mean_iou", "IoU"),
+  ("AP", "AP"),
+  ("AP50", "AP50"),
+)
+
+
+def quiet_library_logs(verbose: bool = False) -> None:
+  """Library logs at WARNING (or, `verbose`, INFO): absl, Python logging, TF's C++ logs."""
+  logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
+  # Read by TensorFlow's C++ side when TFDS imports it (only to prepare MNIST).
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
+
+
+def echo(line: str) -> None:
+  """Prints a line without breaking a progress bar on the terminal."""
+  tqdm.write(line)
+
+
+def progress_bar(total: int, initial: int):
+  """A tqdm bar over training steps, shown only when stderr is a terminal."""
+  return tqdm(total=total, initial=initial, desc="train", disable=not os.isatty(2), leave=False)
+
+
+def devices_line() -> str:
+  """The backend and devices JAX uses, e.g. `backend cpu: 1 device (TFRT_CPU_0), 1 process`."""
+  devices = jax.devices()
+  kinds = sorted({d.device_kind for d in devices})
+  n = len(devices)
+  return (
+    f"backend {jax.default_backend()}: {n} device{'s' * (n != 1)} ({', '.join(kinds)}), "
+    f"{jax.process_count()} process{'es' * (jax.process_count() != 1)}"
+  )
+
+
+def start_lines(config, n_params: int, steps_per_call: int, resume_step: int | None) -> list[str]:
+  total = config.epochs * config.steps_per_epoch
+  where = f"resuming at step {resume_step}" if resume_step is not None else "new run"
+  return [
+    devices_line(),
+    f"model: {n_params:,} parameters; {where}",
+    f"training: {config.epochs} epochs x {config.steps_per_epoch} steps of batch "
+    f"{config.batch_size} = {total:,} steps, {steps_per_call} per compiled call",
+  ]
+
+
+def epoch_line(record: dict, epochs: int, images_per_s: float, seconds: float) -> str:
+  """`epoch 3/10 | train loss 0.31 class_loss 0.29 ... | val acc 0.95 IoU 0.81 | ... img/s`."""
+  losses = sorted((k != "train/loss", k) for k in record if k.startswith("train/") and "loss" in k)
+  train = " ".join(f"{k[6:]} {record[k]:.4f}" for _, k in losses)
+  val = " ".join(
+    f"{label} {record['val/' + key]:.3f}" for key, label in VAL_FIGURES if "val/" + key in record
+  )
+  return (
+    f"epoch {record['epoch']}/{epochs} | train {train} | val {val} | "
+    f"{images_per_s:,.0f} img/s, {seconds:.1f} s"
+  )
+
+
+def end_lines(out_dir: str, final: dict) -> list[str]:
+  return [
+    f"done: {final['steps']:,} steps in {final['wall_s']:.1f} s "
+    f"({final['compile_s']:.1f} s compiling), {final['train_images_per_s']:,.0f} images/s",
+    f"outputs in {out_dir}: metrics.json (final figures), metrics.jsonl, params.msgpack, "
+    "predictions.png, curves.png, tensorboard/ (tensorboard --logdir "
+    f"{os.path.dirname(os.path.abspath(out_dir))})",
+  ]
