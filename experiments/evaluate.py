@@ -12,7 +12,7 @@ import os
 from absl import flags
 
 from experiments import cli
-from jaxloc import inference, parallel, tasks, workdir
+from jaxloc import console, inference, parallel, tasks, workdir
 from jaxloc.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
@@ -24,6 +24,7 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   work_dir = _WORKDIR.value
+  print(console.devices_line())
   predictor = inference.Predictor.from_workdir(work_dir)
   config = predictor.config
   if _MNIST_DIR.value:
@@ -42,6 +43,7 @@ def main(argv):
     final = {**previous, **summary}
     workdir.write_json(path(workdir.METRICS), final)
   print(json.dumps(summary, indent=2, sort_keys=True))
+  print(f"rewrote metrics.json and the plots in {work_dir}")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,14 @@ so `xmax` is exclusive in pixel terms (pixel columns xmin_px .. xmin_px+27 are
 covered). Other formats exist only at the edges (plots, COCO JSON) and are
 reached through the explicit functions below, each with a round-trip test.
 
-Shape letters: B batch, K object slots, N boxes.
+Shape letters: B batch, K object slots, N boxes. `area`, `iou` and the format
+conversions take numpy arrays too (and then compute in numpy, in the arrays' dtype):
+the host-side scoring (AP, COCO files) uses the same functions as the jitted code.
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Index of each coordinate in the last axis of a box array.
 XMIN, YMIN, XMAX, YMAX = 0, 1, 2, 3
@@ -30,10 +33,16 @@ def patch_box(xmin_px: jax.Array, ymin_px: jax.Array, size_px, canvas_size: int)
   return jnp.stack([xmin, ymin, xmin + size, ymin + size], axis=-1) / canvas_size
 
 
+def _xp(*arrays):
+  """numpy when every argument is a numpy array, else jax.numpy."""
+  return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
+
+
 def area(box_Nx4: jax.Array) -> jax.Array:
   """Area of xyxy boxes (zero for degenerate boxes)."""
-  w = jnp.maximum(box_Nx4[..., XMAX] - box_Nx4[..., XMIN], 0.0)
-  h = jnp.maximum(box_Nx4[..., YMAX] - box_Nx4[..., YMIN], 0.0)
+  xp = _xp(box_Nx4)
+  w = xp.maximum(box_Nx4[..., XMAX] - box_Nx4[..., XMIN], 0.0)
+  h = xp.maximum(box_Nx4[..., YMAX] - box_Nx4[..., YMIN], 0.0)
   return w * h
 
 
@@ -45,15 +54,16 @@ def iou(a: jax.Array, b: jax.Array) -> jax.Array:
   """
   if a.shape != b.shape:
     raise ValueError(f"iou needs boxes of one shape, got {a.shape} and {b.shape}")
-  ix = jnp.maximum(
-    jnp.minimum(a[..., XMAX], b[..., XMAX]) - jnp.maximum(a[..., XMIN], b[..., XMIN]), 0.0
+  xp = _xp(a, b)
+  ix = xp.maximum(
+    xp.minimum(a[..., XMAX], b[..., XMAX]) - xp.maximum(a[..., XMIN], b[..., XMIN]), 0.0
   )
-  iy = jnp.maximum(
-    jnp.minimum(a[..., YMAX], b[..., YMAX]) - jnp.maximum(a[..., YMIN], b[..., YMIN]), 0.0
+  iy = xp.maximum(
+    xp.minimum(a[..., YMAX], b[..., YMAX]) - xp.maximum(a[..., YMIN], b[..., YMIN]), 0.0
   )
   inter = ix * iy
   union = area(a) + area(b) - inter
-  return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+  return xp.where(union > 0, inter / xp.where(union > 0, union, 1.0), 0.0)
 
 
 def pairwise_iou(a_Nx4: jax.Array, b_Mx4: jax.Array) -> jax.Array:
@@ -66,12 +76,12 @@ def pairwise_iou(a_Nx4: jax.Array, b_Mx4: jax.Array) -> jax.Array:
 
 def xyxy_to_xywh(box: jax.Array) -> jax.Array:
   """(xmin, ymin, xmax, ymax) -> (xmin, ymin, width, height); the COCO format."""
-  return jnp.concatenate([box[..., :2], box[..., 2:] - box[..., :2]], axis=-1)
+  return _xp(box).concatenate([box[..., :2], box[..., 2:] - box[..., :2]], axis=-1)
 
 
 def xywh_to_xyxy(box: jax.Array) -> jax.Array:
   """(xmin, ymin, width, height) -> (xmin, ymin, xmax, ymax)."""
-  return jnp.concatenate([box[..., :2], box[..., :2] + box[..., 2:]], axis=-1)
+  return _xp(box).concatenate([box[..., :2], box[..., :2] + box[..., 2:]], axis=-1)
 
 
 def xyxy_to_cxcywh(box: jax.Array) -> jax.Array:

@@ -282,21 +282,53 @@ def sample_scene(
   count = jax.random.categorical(
     keys[0], jnp.log(jnp.asarray(count_probs, jnp.float32)), shape=(batch_size,)
   )
+  index, wanted = _choose_digits(
+    keys[1:4], labels, count, k_slots, target_class=target_class, distractor_prob=distractor_prob
+  )
+  size = jax.random.randint(keys[4], (batch_size, k_slots), size_range[0], size_range[1] + 1)
+  xy, placed, placed_box = _place(keys[5], size, wanted, canvas_size, max_overlap, tries)
+  chosen = digits[index]  # [B, K+1, 28, 28]
+  if size_range == (DIGIT_SIZE, DIGIT_SIZE):
+    image = paste_unscaled(chosen, xy, placed, canvas_size=canvas_size)
+  else:
+    image = paste(chosen, xy, size, placed, canvas_size=canvas_size)
+  if tight_boxes:
+    ext = ink_extent(chosen.reshape(-1, DIGIT_SIZE, DIGIT_SIZE)).reshape(batch_size, k_slots, 4)
+    scale = (size / DIGIT_SIZE)[..., None]
+    origin = jnp.concatenate([xy, xy], axis=-1)
+    box = (origin + ext * scale) / canvas_size
+  else:
+    box = placed_box
+  valid = placed[:, :max_objects]
+  box = jnp.where(valid[..., None], box[:, :max_objects], 0.0)
+  label = jnp.where(valid, labels[index[:, :max_objects]], 0)
+  return _left_to_right(image, label, box, valid)
+
+
+def _choose_digits(keys, labels, count, k_slots: int, *, target_class: int, distractor_prob):
+  """Which digit goes in each of the K + 1 slots ([B, K+1] indices into `labels`), and which
+  slots are wanted: the first `count`, and the last one for a distractor (`target_class`
+  >= 0, an empty canvas, probability `distractor_prob`)."""
+  batch_size = count.shape[0]
   is_target = labels == target_class if target_class >= 0 else jnp.ones_like(labels, bool)
   pick = lambda k, allowed: jax.random.categorical(
     k, jnp.where(allowed, 0.0, -jnp.inf)[None, :], shape=(batch_size, k_slots)
   )
-  index = pick(keys[1], is_target)
+  index = pick(keys[0], is_target)
   if target_class >= 0:
-    index = index.at[:, -1].set(pick(keys[2], ~is_target)[:, -1])
-  distractor = (count == 0) & jax.random.bernoulli(keys[3], distractor_prob, (batch_size,))
+    index = index.at[:, -1].set(pick(keys[1], ~is_target)[:, -1])
+  distractor = (count == 0) & jax.random.bernoulli(keys[2], distractor_prob, (batch_size,))
   wanted = jnp.arange(k_slots)[None, :] < count[:, None]
   wanted = wanted.at[:, -1].set(distractor if target_class >= 0 else False)
-  size = jax.random.randint(keys[4], (batch_size, k_slots), size_range[0], size_range[1] + 1)
+  return index, wanted
 
-  # Sequential placement with rejection: slot j tries `tries` offsets, keeps the first
-  # whose patch overlaps the earlier placed patches by IoU <= max_overlap.
-  xy_keys = jax.random.split(keys[5], k_slots)
+
+def _place(key, size, wanted, canvas_size: int, max_overlap: float, tries: int):
+  """Sequential placement with rejection: slot j tries `tries` offsets and keeps the first
+  whose patch overlaps the patches placed before by IoU <= max_overlap (none fits: the
+  slot stays empty). Returns offsets xy [B, K+1, 2], placed [B, K+1], patch boxes."""
+  batch_size, k_slots = size.shape
+  xy_keys = jax.random.split(key, k_slots)
   placed_box = jnp.zeros((batch_size, k_slots, 4))
   placed = jnp.zeros((batch_size, k_slots), bool)
   xy_all = jnp.zeros((batch_size, k_slots, 2), jnp.int32)
@@ -316,23 +348,11 @@ def sample_scene(
     placed_box = placed_box.at[:, j].set(
       jnp.where(found[:, None], jnp.take_along_axis(cand_box, first[:, None, None], 1)[:, 0], 0.0)
     )
+  return xy_all, placed, placed_box
 
-  chosen = digits[index]  # [B, K+1, 28, 28]
-  if size_range == (DIGIT_SIZE, DIGIT_SIZE):
-    image = paste_unscaled(chosen, xy_all, placed, canvas_size=canvas_size)
-  else:
-    image = paste(chosen, xy_all, size, placed, canvas_size=canvas_size)
-  if tight_boxes:
-    ext = ink_extent(chosen.reshape(-1, DIGIT_SIZE, DIGIT_SIZE)).reshape(batch_size, k_slots, 4)
-    scale = (size / DIGIT_SIZE)[..., None]
-    origin = jnp.concatenate([xy_all, xy_all], axis=-1)
-    box = (origin + ext * scale) / canvas_size
-  else:
-    box = placed_box
-  valid = placed[:, :max_objects]
-  box = jnp.where(valid[..., None], box[:, :max_objects], 0.0)
-  label = jnp.where(valid, labels[index[:, :max_objects]], 0)
-  # Order: valid slots first, left to right (xmin, then ymin).
+
+def _left_to_right(image, label, box, valid) -> Scene:
+  """The scene with its slots ordered: valid first, left to right (xmin, then ymin)."""
   sort_key = jnp.where(valid, box[..., 0] + box[..., 1] * 1e-4, 1e9)  # ymin breaks ties
   order = jnp.argsort(sort_key, axis=1)
   take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), 1)

@@ -1,5 +1,5 @@
 """Validation metrics: accuracy and IoU statistics of the seed's task; count, presence,
-matched IoU and COCO-style AP of scenes; and model outputs turned into answers.
+matched IoU and COCO-style AP of scenes (what the model answers: `jaxloc.answers`).
 
 `batch_sums` runs on the device inside the jitted evaluation and returns sums
 (so a padded last batch cannot skew a mean); `summarize` turns the summed
@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxloc import boxes, dense, losses
+from jaxloc import answers, boxes, losses
 
 IOU_THRESHOLD = 0.6  # the seed's "correct box" threshold
 
 
 def per_example(outputs: dict[str, jax.Array], batch) -> dict[str, jax.Array]:
   """Predicted class, its probability, predicted box and IoU with the true box, per canvas."""
-  ans = digit_answers(outputs)
+  ans = answers.digit_answers(outputs)
   return {
     "pred_label": ans["label"],
     "score": ans["score"],
@@ -60,16 +60,6 @@ IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # COCO's 0.50:0.05:0.95
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's 101-point interpolation
 
 
-def _iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """NumPy `boxes.iou`, broadcasting over leading axes (0 where the union is empty)."""
-  ix = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-  iy = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-  inter = ix * iy
-  area = lambda x: np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)
-  union = area(a) + area(b) - inter
-  return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
 def _class_precision(dets: list, gts: dict) -> np.ndarray:
   """Interpolated precision of one class at the 101 recall points, per IoU threshold
   [len(IOU_THRESHOLDS), 101] (the mean of a row is that threshold's AP).
@@ -98,7 +88,11 @@ def _class_precision(dets: list, gts: dict) -> np.ndarray:
     k = len(gts.get(img, []))
     if k:
       gt_box[i, :k], gt_ok[i, :k] = gts[img], True
-  ious = np.where(gt_ok[:, None, :], _iou_np(det_box[:, :, None, :], gt_box[:, None, :, :]), -1.0)
+  ious = np.where(
+    gt_ok[:, None, :],
+    boxes.iou(*np.broadcast_arrays(det_box[:, :, None, :], gt_box[:, None, :, :])),
+    -1.0,
+  )
   used = np.zeros((t, len(images), g), bool)
   tp_at = np.zeros((t, len(images), seen.max()), bool)
   for r in range(seen.max()):
@@ -159,9 +153,8 @@ def coco_json(
 ) -> tuple[dict, list[dict]]:
   """(ground_truth.json, detections.json) in COCO format; boxes in pixels as [x, y, w, h]."""
 
-  def xywh(box):
-    x0, y0, x1, y1 = (float(v) * canvas_size for v in box)
-    return [x0, y0, x1 - x0, y1 - y0]
+  def xywh(box):  # in pixels, computed in float64 as COCO's own tools do
+    return boxes.xyxy_to_xywh(np.asarray(box, np.float64) * canvas_size).tolist()
 
   annotations = []
   for i, g in enumerate(ground_truth):
@@ -222,7 +215,7 @@ def scene_detections(per: dict, classify: bool) -> tuple[list[dict], list[dict]]
 def scene_summary(per: dict, classify: bool, digit_size: float) -> dict[str, float]:
   """Count / presence / class accuracy, IoU of matched digits, AP, and trivial baselines."""
   valid = per["valid"]
-  ious = _iou_np(per["matched_box"], per["box"])[valid]
+  ious = boxes.iou(per["matched_box"], per["box"])[valid]
   true_p, pred_p = per["count"] > 0, per["pred_count"] > 0
   tp = np.sum(true_p & pred_p)
   out = {
@@ -243,7 +236,7 @@ def scene_summary(per: dict, classify: bool, digit_size: float) -> dict[str, flo
     np.array([0.5 - half, 0.5 - half, 0.5 + half, 0.5 + half]), per["box"].shape
   )
   out["baseline_mean_iou"] = (
-    float(_iou_np(centre, per["box"])[valid].mean()) if (valid.any()) else 0.0
+    float(boxes.iou(centre, per["box"])[valid].mean()) if (valid.any()) else 0.0
   )
   if classify:
     labels = per["label"][valid]
@@ -255,102 +248,3 @@ def scene_summary(per: dict, classify: bool, digit_size: float) -> dict[str, flo
   dets, gts = scene_detections(per, classify)
   out.update(average_precision(dets, gts))
   return out
-
-
-# --- Model outputs -> answers (the Predictor's and the evaluator's), jittable ---
-
-
-def digit_answers(outputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """The seed model's answers: label [B], probs [B,C], score [B] (its probability), box [B,4]."""
-  probs = jax.nn.softmax(outputs["logits"], axis=-1)
-  return {
-    "label": jnp.argmax(probs, axis=-1).astype(jnp.int32),
-    "probs": probs,
-    "score": jnp.max(probs, axis=-1),
-    "box": outputs["box"],
-  }
-
-
-def slot_answers(outputs: dict[str, jax.Array], *, classify: bool) -> dict[str, jax.Array]:
-  """The slot detector's answers. Per slot [B,K]: box, label, probs, objectness, score
-  (objectness, x the class probability when classes are predicted) and keep (the `count`
-  slots of highest objectness); per canvas [B]: count (argmax of the count head),
-  count_probs, presence."""
-  probs = jax.nn.softmax(outputs["logits"], -1)
-  count_probs = jax.nn.softmax(outputs["count_logits"], -1)
-  count = jnp.argmax(count_probs, -1).astype(jnp.int32)
-  objectness = jax.nn.sigmoid(outputs["objectness"])
-  score = objectness * jnp.max(probs, -1) if classify else objectness
-  rank = jnp.argsort(jnp.argsort(-objectness, axis=-1), axis=-1)  # 0 = most object-like
-  return {
-    "box": outputs["box"],
-    "label": jnp.argmax(probs, -1).astype(jnp.int32),
-    "probs": probs,
-    "objectness": objectness,
-    "score": score,
-    "keep": rank < count[:, None],
-    "count": count,
-    "count_probs": count_probs,
-    "presence": count > 0,
-  }
-
-
-def dense_answers(outputs: dict[str, jax.Array], *, decode, threshold: float) -> dict:
-  """The dense detector's answers: the top-k detections (`decode`: box, label, score [B,T]),
-  keep [B,T] (primary, score >= threshold), count and presence [B] (`dense.answers`)."""
-  det = decode(outputs)
-  return {**det, **dense.answers(det, threshold)}
-
-
-# --- Scoring one chunk of validation scenes: per-canvas results and loss parts ---
-
-
-def _scene_results(scene, ans, matched_box, matched_label) -> dict[str, jax.Array]:
-  return {
-    "count": scene["count"],
-    "valid": scene["valid"],
-    "box": scene["box"],
-    "label": scene["label"],
-    "det_box": ans["box"],
-    "det_label": ans["label"],
-    "det_score": ans["score"],
-    "det_keep": ans["keep"],
-    "pred_count": ans["count"],
-    "matched_box": matched_box,
-    "matched_label": matched_label,
-  }
-
-
-def slot_chunk(outputs, scene, **loss_args) -> tuple[dict, dict]:
-  """Slots: each target is matched to the slot `losses.assign_slots` gives it (the loss's
-  set matching)."""
-  cost_args = {k: loss_args[k] for k in ("classify", "class_weight", "box_weight")}
-  assign = losses.assign_slots(outputs, scene, **cost_args)
-  _, parts = losses.scene_loss(outputs, scene, assign=assign, **loss_args)
-  ans = slot_answers(outputs, classify=loss_args["classify"])
-  return _scene_results(
-    scene, ans, losses.take_slots(ans["box"], assign), losses.take_slots(ans["label"], assign)
-  ), parts
-
-
-def dense_chunk(outputs, scene, *, answer, loss_fn) -> tuple[dict, dict]:
-  """Dense detector: with one object per canvas at most, the target's answer is the top
-  detection (case 3's class and box); with more, it is the kept detection (score >=
-  threshold) of highest IoU with it (none kept: box zero, label -1). Also returns the
-  class-max heatmap [B,G,G] for the heatmap picture."""
-  _, parts = loss_fn(outputs, scene)
-  ans = answer(outputs)  # `dense_answers` with the run's decoding and threshold
-  k = scene["box"].shape[1]
-  if k == 1:
-    best = jnp.zeros(scene["valid"].shape, jnp.int32)
-    found = jnp.ones(scene["valid"].shape, bool)
-  else:
-    iou = boxes.pairwise_iou(scene["box"], ans["box"])  # [B, K, T]
-    iou = jnp.where(ans["keep"][:, None, :], iou, -1.0)
-    best, found = jnp.argmax(iou, -1), jnp.any(ans["keep"], -1, keepdims=True)
-    found = jnp.repeat(found, k, axis=1)
-  matched_box = jnp.where(found[..., None], losses.take_slots(ans["box"], best), 0.0)
-  matched_label = jnp.where(found, losses.take_slots(ans["label"], best), -1)
-  results = _scene_results(scene, ans, matched_box, matched_label)
-  results["heatmap"] = jnp.max(jax.nn.sigmoid(outputs["heatmap"]), axis=-1)
-  return results, parts

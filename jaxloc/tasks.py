@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxloc import canvas, dense, evaluation, losses, metrics, mnist, model, parallel
+from jaxloc import answers, canvas, dense, evaluation, losses, metrics, mnist, model, parallel
 from jaxloc.errors import UserError
 
 HEADS = ("dense", "slots")
@@ -74,7 +74,7 @@ def _digit_task(config) -> Task:
     plot_predictions=functools.partial(
       evaluation.plot_digit_predictions, num_plot=config.num_plot, **digit_args
     ),
-    answer=metrics.digit_answers,
+    answer=answers.digit_answers,
   )
 
 
@@ -127,7 +127,7 @@ def _scene_evaluation(config, score_chunk):
 def _slot_task(config) -> Task:
   sc = config.scene
   loss_args = scene_loss_args(config)
-  score_chunk = functools.partial(metrics.slot_chunk, **loss_args)
+  score_chunk = functools.partial(answers.slot_chunk, **loss_args)
   make_evaluator, write_outputs, plot_predictions = _scene_evaluation(config, score_chunk)
   common = dict(conv_features=tuple(config.conv_features), dense_features=config.dense_features)
   return Task(
@@ -137,7 +137,7 @@ def _slot_task(config) -> Task:
     make_evaluator=make_evaluator,
     write_outputs=write_outputs,
     plot_predictions=plot_predictions,
-    answer=functools.partial(metrics.slot_answers, classify=sc.classify),
+    answer=functools.partial(answers.slot_answers, classify=sc.classify),
   )
 
 
@@ -153,8 +153,8 @@ def _dense_task(config) -> Task:
     box_weight=dn.box_loss_weight,
     **geometry,
   )
-  answer = functools.partial(metrics.dense_answers, decode=decode, threshold=dn.score_threshold)
-  score_chunk = functools.partial(metrics.dense_chunk, answer=answer, loss_fn=loss_fn)
+  answer = functools.partial(answers.dense_answers, decode=decode, threshold=dn.score_threshold)
+  score_chunk = functools.partial(answers.dense_chunk, answer=answer, loss_fn=loss_fn)
   make_evaluator, write_outputs, plot_predictions = _scene_evaluation(config, score_chunk)
   net = model.DenseDetector(
     num_classes=num_classes,

@@ -1,17 +1,32 @@
 """Shared test set-up: loud rank promotion, a small MNIST directory for every test, the
 small config, random digits, and running the experiment commands."""
 
+import atexit
 import gzip
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 
-import jax
-import numpy as np
-import pytest
+# Tests check behaviour, not speed: XLA's quickest compilation (the suite spends most of
+# its time compiling), and one compilation cache shared by the session's processes (the
+# command-line tests compile what the in-process tests compiled). Set before jax is
+# imported so that the commands the tests start inherit them.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="jaxloc-test-xla-cache-")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-from experiments.configs import smoke
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from experiments.configs import smoke  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

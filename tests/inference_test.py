@@ -77,7 +77,7 @@ def test_evaluate_reproduces_the_training_metrics(trained, mnist_dir):
     text=True,
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
-  scored = json.loads(proc.stdout[proc.stdout.index("{") :])
+  scored = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{") :])[0]
   for key in ("accuracy", "mean_iou", "median_iou", "iou_at_0_6", "class_loss", "box_loss"):
     assert scored[key] == final[key], key
   on_disk = workdir.read_json(f"{run}/metrics.json")

@@ -181,7 +181,7 @@ def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head
   # evaluate reproduces the run's figures; predict draws the detections of a scene file.
   proc = conftest.run_command("experiments.evaluate", f"--workdir={run}")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  scored = json.loads(proc.stdout[proc.stdout.index("{") :])
+  scored = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{") :])[0]
   for key in ("count_accuracy", "presence_accuracy", "mean_iou", "class_accuracy", "AP", "AP50"):
     assert scored[key] == final[key], key
   scene = canvas.sample_scene(

@@ -8,7 +8,7 @@ import pytest
 from conftest import random_digits, small_config
 
 from experiments.configs import digit
-from jaxloc import canvas, evaluation, losses, tasks, train, workdir
+from jaxloc import canvas, losses, train, workdir
 from jaxloc.errors import UserError
 
 
@@ -134,20 +134,6 @@ def test_end_to_end_run_writes_every_output(mnist_dir, tmp_path):
   assert plain["mean_iou"] == pytest.approx(on_disk["raw"]["mean_iou"], rel=1e-6)
 
 
-def test_evaluation_ignores_padding_of_last_batch(mnist_dir, tmp_path):
-  config = small_config(mnist_dir)
-  _, _, val = tasks.load_data(config)
-  state = train.create_train_state(jax.random.key(0), config)
-  eval_fn = functools.partial(
-    evaluation.evaluate, state.apply_fn, state.params, val, canvas_size=75
-  )
-  a, per_a = eval_fn(batch_size=40)
-  b, per_b = eval_fn(batch_size=16)  # 16 + 16 + 8 real canvases, 8 padded
-  assert a["num_val"] == b["num_val"] == 40 and len(per_b["iou"]) == 40
-  for k in a:
-    assert a[k] == pytest.approx(b[k], rel=1e-5)
-
-
 @pytest.mark.parametrize(
   "field,value,match",
   [
@@ -189,41 +175,6 @@ def test_cosine_run_refuses_more_epochs(mnist_dir, tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
-def test_configs_saved_before_new_fields_keep_their_meaning():
-  from experiments.configs import multi
-
-  old = multi.get_config().to_dict()
-  for name in ("head", "lr_schedule", "warmup_steps"):
-    del old[name]
-  upgraded = tasks.upgrade_config(old)
-  assert (upgraded["head"], upgraded["lr_schedule"], upgraded["warmup_steps"]) == (
-    "slots",
-    "constant",
-    0,
-  )
-  assert "head" not in tasks.upgrade_config(digit.get_config().to_dict())
-
-
-def test_workdir_that_is_a_file(tmp_path):
-  path = tmp_path / "file"
-  path.write_text("keep me")
-  with pytest.raises(UserError, match="is a file"):
-    train.train_and_evaluate(small_config(""), str(path))
-  assert path.read_text() == "keep me"
-
-
-def test_finished_workdir_is_not_overwritten(mnist_dir, tmp_path):
-  run = tmp_path / "run"
-  run.mkdir()
-  (run / "metrics.json").write_text('{"accuracy": 0.99}')
-  with pytest.raises(UserError, match="holds results of a run without config.json"):
-    train.train_and_evaluate(small_config(mnist_dir), str(run))
-  workdir.write_json(str(run / "config.json"), small_config(mnist_dir).to_dict())
-  with pytest.raises(UserError, match="holds a finished run of 6 steps"):
-    train.train_and_evaluate(small_config(mnist_dir), str(run))
-  assert (run / "metrics.json").read_text() == '{"accuracy": 0.99}'
-
-
 @pytest.mark.parametrize(
   "override,match",
   [
@@ -238,13 +189,6 @@ def test_command_line_flag_errors(override, match, tmp_path):
   proc = conftest.run_train_command(config, f"--workdir={tmp_path}/run", override)
   assert proc.returncode == 2, proc.stderr
   assert match in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_workdir_that_cannot_be_created(tmp_path):
-  parent = tmp_path / "a-file"
-  parent.write_text("")
-  with pytest.raises(UserError, match="cannot create workdir .*Not a directory"):
-    train.train_and_evaluate(small_config(""), str(parent / "run"))
 
 
 @pytest.mark.parametrize(

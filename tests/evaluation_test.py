@@ -1,0 +1,59 @@
+"""The evaluators: padded last batches, the fixed scene validation set, the prediction plots."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from conftest import small_config
+
+from experiments.configs import multi
+from jaxloc import evaluation, tasks, train
+
+
+def test_evaluation_ignores_padding_of_last_batch(mnist_dir, tmp_path):
+  config = small_config(mnist_dir)
+  _, _, val = tasks.load_data(config)
+  state = train.create_train_state(jax.random.key(0), config)
+  eval_fn = functools.partial(
+    evaluation.evaluate, state.apply_fn, state.params, val, canvas_size=75
+  )
+  a, per_a = eval_fn(batch_size=40)
+  b, per_b = eval_fn(batch_size=16)  # 16 + 16 + 8 real canvases, 8 padded
+  assert a["num_val"] == b["num_val"] == 40 and len(per_b["iou"]) == 40
+  for k in a:
+    assert a[k] == pytest.approx(b[k], rel=1e-5)
+
+
+def _scene_config(mnist_dir, **overrides):
+  config = multi.get_config()
+  config.update(dict(mnist_dir=mnist_dir, canvas_size=64, num_val=30, num_plot=3, **overrides))
+  return config
+
+
+def test_scene_validation_set_is_fixed_and_cut_to_num_val(mnist_dir, monkeypatch):
+  monkeypatch.setattr(evaluation, "SCENE_VAL_CHUNK", 16)  # 30 scenes: chunks of 16 + 14 used
+  config = _scene_config(mnist_dir)
+  task = tasks.build(config)
+  _, _, val = tasks.load_data(config)
+  state = train.create_train_state(jax.random.key(0), config)
+  evaluate = task.make_evaluator(state.apply_fn)
+  (a, per_a), (b, per_b) = evaluate(state.params, val), evaluate(state.params, val)
+  assert a["num_val"] == 30 and len(per_a["count"]) == 30
+  assert a == b
+  for key in per_a:
+    np.testing.assert_array_equal(per_a[key], per_b[key])
+  other = tasks.build(_scene_config(mnist_dir, val_seed=1)).make_evaluator(state.apply_fn)
+  assert not np.array_equal(other(state.params, val)[1]["box"], per_a["box"])
+
+
+@pytest.mark.parametrize("scene", [False, True])
+def test_plot_predictions_draws_the_first_validation_canvases(mnist_dir, tmp_path, scene):
+  config = _scene_config(mnist_dir) if scene else small_config(mnist_dir)
+  task = tasks.build(config)
+  _, _, val = tasks.load_data(config)
+  state = train.create_train_state(jax.random.key(0), config)
+  _, per = task.make_evaluator(state.apply_fn)(state.params, val)
+  task.plot_predictions(str(tmp_path), val, per)
+  assert (tmp_path / "predictions.png").read_bytes().startswith(b"\x89PNG")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.png"]

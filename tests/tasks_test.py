@@ -1,0 +1,74 @@
+"""tasks.build: the model, sampler, loss and answers of each kind of config, and its checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_digits
+
+from experiments.configs import digit, multi, presence
+from jaxloc import model, tasks
+
+
+def _multi(head):
+  config = multi.get_config()
+  config.update(dict(head=head, canvas_size=64, batch_size=4))
+  return config
+
+
+@pytest.mark.parametrize(
+  "config,model_type,answer_keys",
+  [
+    (digit.get_config(), model.Localizer, {"label", "probs", "score", "box"}),
+    (_multi("dense"), model.DenseDetector, {"box", "label", "score", "keep", "count"}),
+    (_multi("slots"), model.Detector, {"box", "label", "score", "keep", "count"}),
+  ],
+  ids=["digit", "dense", "slots"],
+)
+def test_build_gives_a_consistent_task(config, model_type, answer_keys):
+  """Sampler, model, loss and answers fit together: a batch gives a finite loss and
+  answers with one row per canvas."""
+  task = tasks.build(config)
+  assert type(task.model) is model_type
+  batch = task.sample_fn(jax.random.key(0), jnp.zeros((), jnp.int32), *random_digits())
+  params = model.init_params(jax.random.key(1), task.model, config.canvas_size)
+  outputs = task.model.apply({"params": params}, batch["image"])
+  loss, parts = task.loss_fn(outputs, batch)
+  assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in parts.values())
+  answers = task.answer(outputs)
+  assert answer_keys <= set(answers)
+  assert all(a.shape[0] == batch["image"].shape[0] for a in answers.values())
+
+
+def test_single_class_cases_answer_presence():
+  config = presence.get_config()  # one class at 128 px: 256 cells >= its top_k of 100
+  config.batch_size = 4
+  task = tasks.build(config)
+  batch = task.sample_fn(jax.random.key(0), jnp.zeros((), jnp.int32), *random_digits())
+  params = model.init_params(jax.random.key(1), task.model, config.canvas_size)
+  answers = task.answer(task.model.apply({"params": params}, batch["image"]))
+  assert answers["presence"].dtype == bool and answers["presence"].shape == (4,)
+  np.testing.assert_array_equal(answers["presence"], answers["count"] > 0)
+
+
+def test_steps_per_call_default_is_per_backend():
+  assert tasks.resolve_steps_per_call(7) == 7
+  expected = tasks.DEFAULT_STEPS_PER_CALL.get(
+    jax.default_backend(), tasks.DEFAULT_STEPS_PER_CALL_ACCELERATOR
+  )
+  assert tasks.resolve_steps_per_call(-1) == expected
+
+
+def test_configs_saved_before_new_fields_keep_their_meaning():
+  from experiments.configs import multi
+
+  old = multi.get_config().to_dict()
+  for name in ("head", "lr_schedule", "warmup_steps"):
+    del old[name]
+  upgraded = tasks.upgrade_config(old)
+  assert (upgraded["head"], upgraded["lr_schedule"], upgraded["warmup_steps"]) == (
+    "slots",
+    "constant",
+    0,
+  )
+  assert "head" not in tasks.upgrade_config(digit.get_config().to_dict())
