@@ -24,8 +24,9 @@ $(INSTALLED): pyproject.toml
 train: $(INSTALLED)
 	$(PY) -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
+# The suite on up to 4 cores (pytest-xdist): it is mostly XLA compiling, one core a test.
 test: $(INSTALLED)
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests -n auto --maxprocesses=4 $(ARGS)
 
 benchmark: $(INSTALLED)
 	$(PY) -m experiments.benchmark $(ARGS)
