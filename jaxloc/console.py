@@ -79,8 +79,9 @@ def epoch_line(record: dict, epochs: int, images_per_s: float, seconds: float) -
 
 def end_lines(out_dir: str, final: dict) -> list[str]:
   return [
-    f"done: {final['steps']:,} steps in {final['wall_s']:.1f} s "
-    f"({final['compile_s']:.1f} s compiling), {final['train_images_per_s']:,.0f} images/s",
+    f"done: {final['steps']:,} steps in {final['wall_s']:.1f} s: {final['train_s']:.1f} s "
+    f"training ({final['train_images_per_s']:,.0f} images/s), {final['compile_s']:.1f} s "
+    f"compiling the train step, {final['eval_s']:.1f} s evaluating",
     f"outputs in {out_dir}: metrics.json (final figures), metrics.jsonl, params.msgpack, "
     "predictions.png, curves.png, tensorboard/ (tensorboard --logdir "
     f"{os.path.dirname(os.path.abspath(out_dir))})",

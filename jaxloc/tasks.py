@@ -203,10 +203,13 @@ def scene_args(config: ml_collections.ConfigDict, batch_size: int | None = None)
 
 # Steps per compiled call when config.steps_per_call = -1. CPU: a lax.scan of 10
 # steps ran 1.7x as fast as one step per call on the 2-core CPU machine (632 vs 372
-# images/s, `python -m experiments.benchmark`). Accelerators: a scan of 50 steps removes
-# per-step dispatch (not measured in this repository: no GPU was lent to this work).
+# images/s, `python -m experiments.benchmark`). GPU: on one H100 a scan of 50 steps ran the
+# seed's step at 73,261 images/s and one step per call at 70,678 (benchmark parts
+# train_jaxloc / train_jaxloc_1, --steps=2000), but every other chunk length (the steps
+# left before a log or an epoch end) is one more compilation: the seed protocol compiled
+# 20 lengths in 64 s with 50. One step per call compiles once.
 DEFAULT_STEPS_PER_CALL = {"cpu": 10}
-DEFAULT_STEPS_PER_CALL_ACCELERATOR = 50
+DEFAULT_STEPS_PER_CALL_ACCELERATOR = 1
 
 
 def resolve_steps_per_call(steps_per_call: int) -> int:

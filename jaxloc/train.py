@@ -233,7 +233,7 @@ def _run(config, work_dir, mngr, resume_step, echo) -> dict:
     echo(line)
   plot = functools.partial(task.plot_predictions, out_dir, val)
   log = _Log(out_dir, resume_step, main_process, echo, plot)
-  evaluate = _evaluator(task, state.apply_fn, val, mesh)
+  evaluate = _Evaluation(task, state.apply_fn, val, mesh)
   try:
     state, result = _train(config, state, steps, steps_per_call, log, evaluate, mngr)
   finally:
@@ -247,6 +247,7 @@ def _run(config, work_dir, mngr, resume_step, echo) -> dict:
     train_images_per_s=steps.images_per_s(config.batch_size),
     train_s=steps.train_s,
     compile_s=steps.compile_s,
+    eval_s=evaluate.seconds,
     wall_s=time.perf_counter() - t_start,
     backend=jax.default_backend(),
     devices=jax.device_count(),
@@ -353,17 +354,19 @@ def _means(sums: dict, count: int) -> dict[str, float]:
   return {f"train/{k}": float(v) / count for k, v in sums.items()}
 
 
-def _evaluator(task, apply_fn, val, mesh):
-  """`evaluate(state)`: figures of the exported weights (summary, per canvas) and, with a
-  moving average, the summary of the raw weights."""
-  evaluator = task.make_evaluator(apply_fn, mesh)
+class _Evaluation:
+  """`self(state)`: the figures of the exported weights (summary, per canvas) and, with a
+  moving average, the summary of the raw weights; `seconds`: time spent in it so far."""
 
-  def evaluate(state):
-    summary, per = evaluator(exported_params(state), val)
-    raw = None if state.ema_params is None else evaluator(state.params, val)[0]
+  def __init__(self, task, apply_fn, val, mesh):
+    self.evaluator, self.val, self.seconds = task.make_evaluator(apply_fn, mesh), val, 0.0
+
+  def __call__(self, state):
+    t = time.perf_counter()
+    summary, per = self.evaluator(exported_params(state), self.val)
+    raw = None if state.ema_params is None else self.evaluator(state.params, self.val)[0]
+    self.seconds += time.perf_counter() - t
     return summary, per, raw
-
-  return evaluate
 
 
 def _train(config, state, steps, steps_per_call, log, evaluate, mngr):
