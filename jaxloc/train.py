@@ -6,6 +6,12 @@ draws its batches on the device (`sample_fn(data_key, step, ...)`, e.g.
 `canvas.training_batch`, so batch t depends only on (seed, t)), applies
 `steps_per_call` Adam steps, and adds the step metrics to device-side sums that
 the host fetches only when it logs.
+
+A run, step by step: `train_and_evaluate` checks the config, lets `workdir.resume_step`
+decide between a new run, a resume and a refusal, then `_run`: `_restore` (state, data),
+`_train` (epochs of `_train_epoch`: compiled steps from `_Steps`, a `_Log` record every
+`log_every` steps, checkpoints; an `_Evaluation` and an epoch line after each epoch),
+`_export` (params.msgpack, the task's plots and files) and metrics.json.
 """
 
 import contextlib
