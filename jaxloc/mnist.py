@@ -112,8 +112,11 @@ def load_tfds(split: str, *, data_dir: str | None = None) -> tuple[np.ndarray, n
       "no MNIST directory given and tensorflow-datasets is not installed: "
       f"`pip install 'jaxloc[tfds]'`, or set {ENV_VAR}=/path/to/idx/files"
     ) from None
-  builder = tfds.builder("mnist", data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
+  try:
+    prepared = tfds.builder("mnist", data_dir=data_dir, file_format="array_record").is_prepared()
+  except Exception as e:  # a broken TFDS directory or install: the same advice applies
+    raise UserError(_offline_message(e)) from None
+  if not prepared:
     check_reachable(DOWNLOAD_URL, PROBE_TIMEOUT_S)
   try:
     source = tfds.data_source(
