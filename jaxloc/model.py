@@ -153,4 +153,8 @@ def num_params(params) -> int:
 
 
 def init_params(key: jax.Array, model: nn.Module, canvas_size: int):
-  return model.init(key, jnp.zeros((1, canvas_size, canvas_size, 1), jnp.float32))["params"]
+  """The model's initial parameters for canvases of `canvas_size`. Jitted: run eagerly, every
+  initializer op is compiled on its own (9 s on a GPU for the seed's model, against well under
+  1 s); the values are the same bit for bit (checked on CPU for every model)."""
+  x = jnp.zeros((1, canvas_size, canvas_size, 1), jnp.float32)
+  return jax.jit(model.init)(key, x)["params"]
