@@ -31,11 +31,27 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "--distributed: this proc
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _start_distributed() -> None:
+  """jax.distributed.initialize with the flags, when --distributed; mistakes as UserError."""
+  cluster = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if not _DISTRIBUTED.value:
+    if any(v is not None for v in cluster):
+      raise UserError("--coordinator_address, --num_processes, --process_id need --distributed")
+    return
+  try:
+    jax.distributed.initialize(*cluster)
+  except (ValueError, RuntimeError) as e:
+    raise UserError(
+      f"could not start the distributed run ({type(e).__name__}: {str(e)[:300]}). Outside "
+      "SLURM, Open MPI and Cloud TPU, give --coordinator_address=HOST:PORT of process 0, "
+      "--num_processes and --process_id on every process"
+    ) from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  _start_distributed()
   if jax.process_index() == 0:
     print(f"config {flags.FLAGS['config'].config_filename} -> workdir {_WORKDIR.value}")
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
