@@ -182,7 +182,7 @@ def test_cosine_run_refuses_more_epochs(mnist_dir, tmp_path):
     ("--config.batch_sise=3", "unknown config field 'batch_sise'. Did you mean \"batch_size\""),
     ("--config.batch_size=abc", "invalid literal for int"),
     ("--config=experiments/configs/missing.py", "cannot load --config=experiments/configs/missing"),
-    ("--num_processes=2", "--coordinator_address, --num_processes, --process_id need --distributed"),
+    ("--num_processes=2", "--num_processes, --process_id need --distributed"),
     ("--distributed", "could not start the distributed run (ValueError: coordinator_address"),
   ],
 )
