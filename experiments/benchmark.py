@@ -207,7 +207,7 @@ def train_jaxloc(steps, steps_per_call=None, config=None):
   n = steps_per_call or tasks.resolve_steps_per_call(_STEPS_PER_CALL.value)
   t = time.perf_counter()
   fn = train.compile_train_steps(
-    state, digits, labels, data_key, num_steps=n, sample_fn=sample_fn, loss_fn=loss_fn
+    state, sums, digits, labels, data_key, num_steps=n, sample_fn=sample_fn, loss_fn=loss_fn
   )
   compile_s = time.perf_counter() - t
   state, sums = fn(state, sums, digits, labels, data_key)  # warm-up

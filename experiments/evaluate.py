@@ -39,6 +39,7 @@ def main(argv):
       workdir.read_json(path(workdir.METRICS)) if os.path.exists(path(workdir.METRICS)) else {}
     )
     history = [r for r in workdir.read_jsonl(path(workdir.METRICS_LOG)) if "val/num_val" in r]
+    task.plot_predictions(work_dir, val, per)
     task.write_outputs(work_dir, val, per, history)
     final = {**previous, **summary}
     workdir.write_json(path(workdir.METRICS), final)

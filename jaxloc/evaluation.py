@@ -85,12 +85,10 @@ def evaluate_scenes(step, params, val: dict, summarize, *, sample_args, num_val,
   return summary, per
 
 
-def write_digit_outputs(
-  out_dir: str, val: dict, per: dict, history: list[dict], *, canvas_size: int, num_plot: int
-) -> None:
-  """curves.png from the evaluation records, predictions.png of the first validation canvases."""
+def write_digit_outputs(out_dir: str, val: dict, per: dict, history: list[dict]) -> None:
+  """curves.png from the evaluation records (predictions.png: `plot_digit_predictions`)."""
+  del val, per  # the seed's task writes no per-canvas files
   plots.plot_curves(history, os.path.join(out_dir, "curves.png"))
-  plot_digit_predictions(out_dir, val, per, canvas_size=canvas_size, num_plot=num_plot)
 
 
 def plot_digit_predictions(out_dir: str, val: dict, per: dict, *, canvas_size: int, num_plot: int):
@@ -123,9 +121,9 @@ def write_scene_outputs(
   num_val: int,
   val_seed: int,
 ) -> None:
-  """curves.png, the COCO JSON files of the validation detections, pr.png, predictions.png
-  (kept detections on the first validation scenes) and, for the dense detector,
-  heatmap.png (its class-max heatmap beside those scenes)."""
+  """curves.png, the COCO JSON files of the validation detections, pr.png and, for the
+  dense detector, heatmap.png (its class-max heatmap beside the first validation scenes;
+  predictions.png: `plot_scene_predictions`)."""
   plots.plot_curves(history, os.path.join(out_dir, "curves.png"))
   classify = len(categories) > 1
   dets, gts = metrics.scene_detections(per, classify)
@@ -136,9 +134,8 @@ def write_scene_outputs(
   plots.plot_pr(
     metrics.RECALL_POINTS, np.asarray(curve["pr50"]), curve["AP50"], os.path.join(out_dir, "pr.png")
   )
-  image, first_per = _first_scenes(val, per, num_plot, sample_args, val_seed)
-  plots.plot_scenes(image, first_per, classify, os.path.join(out_dir, "predictions.png"))
   if "heatmap" in per:
+    image, first_per = _first_scenes(val, per, num_plot, sample_args, val_seed)
     plots.plot_heatmaps(image, first_per, os.path.join(out_dir, "heatmap.png"))
 
 

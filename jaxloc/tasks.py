@@ -30,7 +30,7 @@ class Task(NamedTuple):
   sample_fn: Callable  # (data_key, step, digits, labels) -> training batch
   loss_fn: Callable  # (outputs, batch) -> (loss, {name: scalar})
   make_evaluator: Callable  # (apply_fn, mesh) -> evaluator(params, val) -> (summary, per)
-  write_outputs: Callable  # (out_dir, val, per, history): plots (and COCO files for scenes)
+  write_outputs: Callable  # (out_dir, val, per, history): the run's end: curves (scenes: COCO..)
   plot_predictions: Callable  # (out_dir, val, per): predictions.png (after every evaluation)
   answer: Callable  # jittable (model outputs) -> {name: array}: the Predictor's answers
 
@@ -68,9 +68,7 @@ def _digit_task(config) -> Task:
     make_evaluator=lambda apply_fn, mesh=None: functools.partial(
       evaluation.evaluate, apply_fn, batch_size=config.eval_batch_size, mesh=mesh, **digit_args
     ),
-    write_outputs=functools.partial(
-      evaluation.write_digit_outputs, num_plot=config.num_plot, **digit_args
-    ),
+    write_outputs=evaluation.write_digit_outputs,
     plot_predictions=functools.partial(
       evaluation.plot_digit_predictions, num_plot=config.num_plot, **digit_args
     ),

@@ -139,27 +139,12 @@ def train_steps(
   return jax.lax.scan(one, (state, sums), None, length=num_steps)[0]
 
 
-def compile_train_steps(
-  state: TrainState,
-  digits: jax.Array,
-  labels: jax.Array,
-  data_key: jax.Array,
-  *,
-  num_steps: int,
-  sample_fn,
-  loss_fn,
-  mesh: jax.sharding.Mesh | None = None,
-  ema_decay: float = 0.0,
-):
-  """`train_steps` of `num_steps` steps jitted and compiled for these arguments.
-
-  Returns `fn(state, sums, digits, labels, data_key) -> (state, sums)`, which donates
-  `state` and `sums`; `zero_metrics` gives the first sums.
-  """
-  static = dict(num_steps=num_steps, sample_fn=sample_fn, loss_fn=loss_fn)
-  static.update(mesh=mesh, ema_decay=ema_decay)
+def compile_train_steps(state: TrainState, sums, digits, labels, data_key, **static):
+  """`train_steps` jitted and compiled for these arguments; `static` are its keyword
+  arguments (`num_steps`, `sample_fn`, `loss_fn`, ...). Returns
+  `fn(state, sums, digits, labels, data_key) -> (state, sums)`, which donates `state` and
+  `sums` (`zero_metrics` gives the first sums)."""
   fn = jax.jit(functools.partial(train_steps, **static), donate_argnums=(0, 1))
-  sums = zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
   return fn.lower(state, sums, digits, labels, data_key).compile()
 
 
@@ -246,6 +231,7 @@ def _run(config, work_dir, mngr, resume_step, echo) -> dict:
     log.close()
   if result is None:  # resumed at the very end: evaluate the restored state
     result = evaluate(state)
+    plot(result[1])
   final = _export(out_dir, task, state, val, result, log.history)
   final.update(
     num_params=n_params,
@@ -294,7 +280,7 @@ class _Steps:
     """`n` training steps: (state, sums) -> (state, sums). Dispatches without waiting."""
     if n not in self.compiled:
       t = time.perf_counter()
-      self.compiled[n] = compile_train_steps(state, *self.data, num_steps=n, **self.static)
+      self.compiled[n] = compile_train_steps(state, sums, *self.data, num_steps=n, **self.static)
       self.compile_s += time.perf_counter() - t
     t = time.perf_counter()
     state, sums = self.compiled[n](state, sums, *self.data)
@@ -345,12 +331,14 @@ class _EpochMeans:
     self.sums, self.count = {}, 0
     for r in records:
       if "steps_averaged" in r and r["step"] > epoch_start:
-        self.add({k[6:]: v * r["steps_averaged"] for k, v in r.items() if k.startswith("train/")})
-        self.count += r["steps_averaged"]
+        n = r["steps_averaged"]
+        self.add({k[6:]: v * n for k, v in r.items() if k.startswith("train/")}, n)
 
-  def add(self, sums: dict) -> None:
+  def add(self, sums: dict, count: int) -> None:
+    """Adds the metric sums of `count` steps."""
     for k, v in sums.items():
       self.sums[k] = self.sums.get(k, 0.0) + float(v)
+    self.count += count
 
   def means(self) -> dict[str, float]:
     return _means(self.sums, self.count)
@@ -422,11 +410,10 @@ def _train_epoch(config, state, epoch, steps, steps_per_call, log, epoch_means, 
         f"the last good checkpoint (step {mngr.latest_step()}) is kept. "
         "Lower --config.learning_rate and start a new workdir."
       )
-    record = {"step": step, "epoch": epoch, "steps_averaged": since_log}
-    log.write({**record, **_means(fetched, since_log)})
-    bar.set_postfix(loss=f"{float(fetched['loss']) / since_log:.4f}")
-    epoch_means.add(fetched)
-    epoch_means.count += since_log
+    means = _means(fetched, since_log)
+    log.write({"step": step, "epoch": epoch, "steps_averaged": since_log, **means})
+    bar.set_postfix(loss=f"{means['train/loss']:.4f}")
+    epoch_means.add(fetched, since_log)
     sums = steps.zeros()
     if step // config.checkpoint_every > (step - since_log) // config.checkpoint_every or (
       step == total
@@ -436,7 +423,8 @@ def _train_epoch(config, state, epoch, steps, steps_per_call, log, epoch_means, 
 
 
 def _export(out_dir, task, state, val, result, history) -> dict:
-  """params.msgpack (the exported weights), the task's plots and files; the final figures."""
+  """params.msgpack (the exported weights), the task's end-of-run plots and files (the
+  loop drew predictions.png); the final figures."""
   summary, per, raw = result
   params_bytes = serialization.to_bytes(exported_params(state))
   workdir.write_bytes_atomic(os.path.join(out_dir, workdir.PARAMS), params_bytes)

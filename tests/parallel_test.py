@@ -36,9 +36,9 @@ def run(mesh):
   data = (digits, labels, data_key)
   if mesh is not None:
     state, data = parallel.replicate((state, data), mesh)
-  fn = train.compile_train_steps(state, *data, num_steps=3, sample_fn=sample_fn,
-                                 loss_fn=loss_fn, mesh=mesh)
   sums = train.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
+  fn = train.compile_train_steps(state, sums, *data, num_steps=3, sample_fn=sample_fn,
+                                 loss_fn=loss_fn, mesh=mesh)
   state, sums = fn(state, sums, *data)
   return state, jax.device_get(sums)
 
@@ -103,7 +103,7 @@ def test_steps_per_call_does_not_change_the_result():
     state = train.create_train_state(init_key, config)
     sums = train.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
     fn = train.compile_train_steps(
-      state, digits, labels, data_key, num_steps=chunk, sample_fn=sample_fn, loss_fn=loss_fn
+      state, sums, digits, labels, data_key, num_steps=chunk, sample_fn=sample_fn, loss_fn=loss_fn
     )
     for _ in range(4 // chunk):
       state, sums = fn(state, sums, digits, labels, data_key)
