@@ -61,7 +61,7 @@ def placement_matrix(offset_B: jax.Array, size_B: jax.Array, canvas_size: int) -
   return jnp.where(inside, jnp.maximum(1.0 - jnp.abs(src - j), 0.0), 0.0)
 
 
-def paste(
+def place_digits(
   digits_BxKxDxD: jax.Array,
   xy_BxKx2: jax.Array,
   size_BxK: jax.Array,
@@ -69,10 +69,8 @@ def paste(
   *,
   canvas_size: int,
 ) -> jax.Array:
-  """Pastes K digits (uint8) per canvas; overlapping digits combine by maximum.
-
-  Returns float32 images [B, H, W, 1] in [0, 1]. Slots with `valid` False are not drawn.
-  """
+  """Each of K digits (uint8) per canvas resized to its `size` and placed on a canvas of its
+  own: float32 [B, K, H, W] in [0, 1]. Slots with `valid` False are all zero."""
   b, k = valid_BxK.shape
   flat = lambda a: a.reshape((b * k,) + a.shape[2:])
   p_x = placement_matrix(flat(xy_BxKx2[..., 0]), flat(size_BxK), canvas_size)
@@ -81,8 +79,44 @@ def paste(
   # HIGHEST precision keeps the one-hot products exact on accelerators too.
   placed = jnp.einsum("nhi,nij,nwj->nhw", p_y, digit, p_x, precision=jax.lax.Precision.HIGHEST)
   placed = jnp.where(flat(valid_BxK)[:, None, None], placed, 0.0)
-  image = placed.reshape(b, k, canvas_size, canvas_size).max(axis=1)
+  return placed.reshape(b, k, canvas_size, canvas_size)
+
+
+PASTE_MODES = ("max", "add")
+
+
+def combine(placed_BxKxHxW: jax.Array, mode: str = "max") -> jax.Array:
+  """The canvas [B, H, W, 1] of placed digits: where digits overlap, the brighter pixel
+  (`max`) or the sum clipped at 1 (`add`: the MNIST-detection generator's ink)."""
+  if mode not in PASTE_MODES:
+    raise ValueError(f"paste mode {mode!r}: use one of {PASTE_MODES}")
+  image = placed_BxKxHxW.max(axis=1) if mode == "max" else placed_BxKxHxW.sum(axis=1)
   return jnp.clip(image, 0.0, 1.0)[..., None]
+
+
+def paste(
+  digits_BxKxDxD: jax.Array,
+  xy_BxKx2: jax.Array,
+  size_BxK: jax.Array,
+  valid_BxK: jax.Array,
+  *,
+  canvas_size: int,
+  mode: str = "max",
+) -> jax.Array:
+  """Pastes K resized digits (uint8) per canvas, overlaps combined by `mode` (`combine`).
+
+  Returns float32 images [B, H, W, 1] in [0, 1]. Slots with `valid` False are not drawn.
+  """
+  placed = place_digits(digits_BxKxDxD, xy_BxKx2, size_BxK, valid_BxK, canvas_size=canvas_size)
+  return combine(placed, mode)
+
+
+def ink_box(placed_BxKxHxW: jax.Array) -> jax.Array:
+  """The pixel box of each placed digit's ink (pixels > 0), as the MNIST-detection generator
+  computes it on the resized digit: int32 [B, K, 4] xyxy in canvas pixels, max exclusive
+  ((0, 0, W, H) for a slot without ink)."""
+  b, k, h, w = placed_BxKxHxW.shape
+  return _extent(placed_BxKxHxW.reshape(b * k, h, w) > 0).reshape(b, k, 4)
 
 
 def paste_unscaled(
@@ -220,16 +254,21 @@ def check_scene(canvas_size: int, max_objects: int, max_size: int, max_overlap: 
     )
 
 
+def _extent(ink_NxHxW: jax.Array) -> jax.Array:
+  """Tight box of the True pixels of each mask: int32 [N, 4] xyxy (max exclusive); the whole
+  mask (0, 0, W, H) where nothing is True."""
+  n, h, w = ink_NxHxW.shape
+  cols, rows = ink_NxHxW.any(axis=1), ink_NxHxW.any(axis=2)
+  first = lambda m, size: jnp.min(jnp.where(m, jnp.arange(size)[None, :], size), axis=1)
+  last = lambda m: jnp.max(jnp.where(m, jnp.arange(m.shape[1])[None, :], -1), axis=1) + 1
+  empty = ~cols.any(axis=1)
+  box = jnp.stack([first(cols, w), first(rows, h), last(cols), last(rows)], axis=-1)
+  return jnp.where(empty[:, None], jnp.array([0, 0, w, h]), box).astype(jnp.int32)
+
+
 def ink_extent(digits_NxDxD: jax.Array) -> jax.Array:
   """Tight ink box of each 28x28 digit in its own pixels: int32 [N, 4] xyxy (xmax exclusive)."""
-  ink = digits_NxDxD > 0
-  cols, rows = ink.any(axis=1), ink.any(axis=2)
-  idx = jnp.arange(DIGIT_SIZE)
-  first = lambda m: jnp.min(jnp.where(m, idx[None, :], DIGIT_SIZE), axis=1)
-  last = lambda m: jnp.max(jnp.where(m, idx[None, :], -1), axis=1) + 1
-  empty = ~ink.any(axis=(1, 2))
-  box = jnp.stack([first(cols), first(rows), last(cols), last(rows)], axis=-1)
-  return jnp.where(empty[:, None], jnp.array([0, 0, DIGIT_SIZE, DIGIT_SIZE]), box)
+  return _extent(digits_NxDxD > 0)
 
 
 @functools.partial(
@@ -242,7 +281,8 @@ def ink_extent(digits_NxDxD: jax.Array) -> jax.Array:
     "target_class",
     "distractor_prob",
     "size_range",
-    "tight_boxes",
+    "box_type",
+    "paste_mode",
     "max_overlap",
     "tries",
   ),
@@ -259,7 +299,8 @@ def sample_scene(
   target_class: int = -1,
   distractor_prob: float = 0.0,
   size_range: tuple[int, int] = (DIGIT_SIZE, DIGIT_SIZE),
-  tight_boxes: bool = False,
+  box_type: str = "patch",
+  paste_mode: str = "max",
   max_overlap: float = 0.0,
   tries: int = 32,
 ) -> Scene:
@@ -273,6 +314,12 @@ def sample_scene(
     a uniform offset; a placement whose IoU with an earlier digit exceeds
     `max_overlap` is redrawn, up to `tries` times, after which that digit is dropped
     (so overlap limits always hold; `check_scene` rejects layouts where this is not rare).
+    With `box_type` "ink" a placement is tested against the earlier digits' ink boxes (the
+    28x28 ink extent scaled to the digit's size), as the MNIST-detection generator does.
+  - Overlapping ink combines by `paste_mode` (`combine`: "max", or "add" clipped at 1).
+  - Boxes (`box_type`): "patch", the pasted square (the seed's box); "tight", the digit's
+    28x28 ink extent scaled to its size (fractional pixels); "ink", the whole pixels > 0 of
+    the resized digit on the canvas (the generator's boxes).
   - Targets are ordered left to right by box xmin (ties: ymin); empty slots come last
     with box and label zero. The order is therefore visible in the image and carries
     no hidden information; the losses match slots to targets as a set anyway.
@@ -286,17 +333,22 @@ def sample_scene(
     keys[1:4], labels, count, k_slots, target_class=target_class, distractor_prob=distractor_prob
   )
   size = jax.random.randint(keys[4], (batch_size, k_slots), size_range[0], size_range[1] + 1)
-  xy, placed, placed_box = _place(keys[5], size, wanted, canvas_size, max_overlap, tries)
   chosen = digits[index]  # [B, K+1, 28, 28]
-  if size_range == (DIGIT_SIZE, DIGIT_SIZE):
-    image = paste_unscaled(chosen, xy, placed, canvas_size=canvas_size)
+  ext = ink_extent(chosen.reshape(-1, DIGIT_SIZE, DIGIT_SIZE)).reshape(batch_size, k_slots, 4)
+  ext = ext * (size / DIGIT_SIZE)[..., None]  # the ink extent in canvas pixels, from the offset
+  overlap_ext = ext if box_type == "ink" else None
+  xy, placed, placed_box = _place(
+    keys[5], size, wanted, canvas_size, max_overlap, tries, overlap_ext
+  )
+  if box_type == "ink" or paste_mode != "max" or size_range != (DIGIT_SIZE, DIGIT_SIZE):
+    digit_canvases = place_digits(chosen, xy, size, placed, canvas_size=canvas_size)
+    image = combine(digit_canvases, paste_mode)
   else:
-    image = paste(chosen, xy, size, placed, canvas_size=canvas_size)
-  if tight_boxes:
-    ext = ink_extent(chosen.reshape(-1, DIGIT_SIZE, DIGIT_SIZE)).reshape(batch_size, k_slots, 4)
-    scale = (size / DIGIT_SIZE)[..., None]
-    origin = jnp.concatenate([xy, xy], axis=-1)
-    box = (origin + ext * scale) / canvas_size
+    image = paste_unscaled(chosen, xy, placed, canvas_size=canvas_size)
+  if box_type == "ink":
+    box = ink_box(digit_canvases) / canvas_size
+  elif box_type == "tight":
+    box = (jnp.concatenate([xy, xy], axis=-1) + ext) / canvas_size
   else:
     box = placed_box
   valid = placed[:, :max_objects]
@@ -323,13 +375,16 @@ def _choose_digits(keys, labels, count, k_slots: int, *, target_class: int, dist
   return index, wanted
 
 
-def _place(key, size, wanted, canvas_size: int, max_overlap: float, tries: int):
+def _place(key, size, wanted, canvas_size: int, max_overlap: float, tries: int, ext=None):
   """Sequential placement with rejection: slot j tries `tries` offsets and keeps the first
-  whose patch overlaps the patches placed before by IoU <= max_overlap (none fits: the
-  slot stays empty). Returns offsets xy [B, K+1, 2], placed [B, K+1], patch boxes."""
+  whose patch overlaps the digits placed before by IoU <= max_overlap (none fits: the slot
+  stays empty). A digit placed before counts as its patch, or, given `ext` [B, K+1, 4] (ink
+  extents from the offset, pixels), as its ink box. Returns offsets xy [B, K+1, 2],
+  placed [B, K+1] and the patch boxes."""
   batch_size, k_slots = size.shape
   xy_keys = jax.random.split(key, k_slots)
   placed_box = jnp.zeros((batch_size, k_slots, 4))
+  earlier_box = jnp.zeros((batch_size, k_slots, 4))  # what later digits are tested against
   placed = jnp.zeros((batch_size, k_slots), bool)
   xy_all = jnp.zeros((batch_size, k_slots, 2), jnp.int32)
   for j in range(k_slots):
@@ -337,7 +392,7 @@ def _place(key, size, wanted, canvas_size: int, max_overlap: float, tries: int):
     u = jax.random.uniform(xy_keys[j], (batch_size, tries, 2))
     cand = jnp.floor(u * span[:, None, None]).astype(jnp.int32)
     cand_box = boxes.patch_box(cand[..., 0], cand[..., 1], size[:, j, None], canvas_size)
-    prev = jnp.repeat(placed_box[:, None, :, :], tries, axis=1)  # [B, T, K, 4]
+    prev = jnp.repeat(earlier_box[:, None, :, :], tries, axis=1)  # [B, T, K, 4]
     ious = boxes.iou(jnp.repeat(cand_box[:, :, None, :], k_slots, axis=2), prev)
     ok = jnp.all((ious <= max_overlap) | ~placed[:, None, :], axis=-1)  # [B, T]
     first = jnp.argmax(ok, axis=1)
@@ -345,9 +400,11 @@ def _place(key, size, wanted, canvas_size: int, max_overlap: float, tries: int):
     xy = jnp.take_along_axis(cand, first[:, None, None], axis=1)[:, 0]
     xy_all = xy_all.at[:, j].set(xy)
     placed = placed.at[:, j].set(found)
-    placed_box = placed_box.at[:, j].set(
-      jnp.where(found[:, None], jnp.take_along_axis(cand_box, first[:, None, None], 1)[:, 0], 0.0)
-    )
+    box = jnp.take_along_axis(cand_box, first[:, None, None], 1)[:, 0]
+    placed_box = placed_box.at[:, j].set(jnp.where(found[:, None], box, 0.0))
+    if ext is not None:
+      box = (jnp.concatenate([xy, xy], axis=-1) + ext[:, j]) / canvas_size
+    earlier_box = earlier_box.at[:, j].set(jnp.where(found[:, None], box, 0.0))
   return xy_all, placed, placed_box
 
 

@@ -104,8 +104,31 @@ class Detector(nn.Module):
     }
 
 
+BACKBONES = ("single", "fpn")
+NORMS = ("none", "group")
+
+
+GROUPS = 8  # GroupNorm groups (fewer when a layer has fewer channels)
+
+
+def _conv_block(x, features: int, norm: str) -> jax.Array:
+  """3x3 SAME convolution (`Conv3x3`), GroupNorm when `norm` is "group", relu. Called inside a
+  compact method, so its layers are named in the calling module (Conv3x3_i, GroupNorm_i)."""
+  x = Conv3x3(features, padding="SAME")(x)
+  if norm == "group":
+    x = nn.GroupNorm(num_groups=min(GROUPS, features))(x)
+  return nn.relu(x)
+
+
+def upsample_2x(x_BxHxWxC: jax.Array) -> jax.Array:
+  """Nearest-neighbour upsampling by 2 along H and W."""
+  return jnp.repeat(jnp.repeat(x_BxHxWxC, 2, axis=1), 2, axis=2)
+
+
 class DenseDetector(nn.Module):
   """A fully convolutional detector of the CenterNet kind ("Objects as Points").
+
+  backbone "single" (the default of the scene cases):
 
       image [B,H,W,1] -> zero-pad bottom/right to a multiple of `stride`
         -> the seed's conv stages with SAME padding, the first log2(stride) followed by a
@@ -114,8 +137,19 @@ class DenseDetector(nn.Module):
            covers the largest digit (38 px with one, 54 px with two at stride 8)
         -> per cell: heatmap logits [B,G,G,C] and a box [B,G,G,4] (see `jaxloc.dense`)
 
-  G = ceil(H / stride). The heatmap bias starts at -log((1 - prior) / prior), so every
-  cell starts out predicting "no object" with probability 1 - prior (CenterNet, RetinaNet).
+  backbone "fpn" (a feature pyramid, Lin et al. 2017, as CenterNet's ResNet / DLA necks):
+
+      image -> zero-pad to a multiple of the coarsest stride 2 ** L
+        -> L conv + pool stages: `conv_features` then `pyramid_features` (strides 2 .. 2 ** L)
+        -> top-down: from the coarsest stage, 1x1 lateral to `neck_features`, nearest 2x
+           upsampling, sum with the next finer stage's lateral, down to the output stride
+        -> context convs and the heads as above; the grid is cropped to G x G.
+
+  At stride 8 with stages up to stride 32 the receptive field is about 126 px, so a 99 px
+  digit is seen whole. `norm` = "group" puts GroupNorm (8 groups) after every 3x3 conv
+  (no batch statistics: nothing to carry in the train state). G = ceil(H / stride). The
+  heatmap bias starts at -log((1 - prior) / prior), so every cell starts out predicting
+  "no object" with probability 1 - prior (CenterNet, RetinaNet).
   """
 
   num_classes: int = 10
@@ -123,20 +157,27 @@ class DenseDetector(nn.Module):
   context_features: Sequence[int] = (128, 128)
   stride: int = 8
   prior: float = 0.01
+  backbone: str = "single"
+  pyramid_features: Sequence[int] = (128, 128)
+  neck_features: int = 128
+  norm: str = "none"
 
   @nn.compact
   def __call__(self, image_BxHxWx1: jax.Array) -> dict[str, jax.Array]:
     _, h, w, _ = image_BxHxWx1.shape
     s = self.stride
-    pad = ((0, 0), (0, -h % s), (0, -w % s), (0, 0))
-    x = jnp.pad(image_BxHxWx1, pad)
-    pools = s.bit_length() - 1  # stride = 2 ** pools (checked with the config)
-    for i, features in enumerate(self.conv_features):
-      x = nn.relu(Conv3x3(features, padding="SAME")(x))
-      if i < pools:
-        x = avg_pool_2x2(x)
+    if self.backbone == "fpn":
+      x = _pyramid(image_BxHxWx1, self)
+    else:
+      pad = ((0, 0), (0, -h % s), (0, -w % s), (0, 0))
+      x = jnp.pad(image_BxHxWx1, pad)
+      pools = s.bit_length() - 1  # stride = 2 ** pools (checked with the config)
+      for i, features in enumerate(self.conv_features):
+        x = _conv_block(x, features, self.norm)
+        if i < pools:
+          x = avg_pool_2x2(x)
     for features in self.context_features:
-      x = nn.relu(Conv3x3(features, padding="SAME")(x))
+      x = _conv_block(x, features, self.norm)
     bias = -np.log((1.0 - self.prior) / self.prior)
     heatmap = nn.Dense(
       self.num_classes,
@@ -146,6 +187,25 @@ class DenseDetector(nn.Module):
     )(x)
     box = nn.Dense(4, kernel_init=KERAS_INIT, name="box_head")(x)
     return {"heatmap": heatmap, "box": box}
+
+
+def _pyramid(image_BxHxWx1: jax.Array, net: DenseDetector) -> jax.Array:
+  """The fpn backbone and neck of `net` (called inside its compact `__call__`): features
+  [B, G, G, neck_features] at the output stride."""
+  _, h, w, _ = image_BxHxWx1.shape
+  stages = tuple(net.conv_features) + tuple(net.pyramid_features)
+  top = 2 ** len(stages)
+  x = jnp.pad(image_BxHxWx1, ((0, 0), (0, -h % top), (0, -w % top), (0, 0)))
+  levels = []  # levels[i]: the output of stage i, stride 2 ** (i + 1)
+  for features in stages:
+    x = avg_pool_2x2(_conv_block(x, features, net.norm))
+    levels.append(x)
+  lateral = lambda y, i: nn.Dense(net.neck_features, kernel_init=KERAS_INIT, name=f"lateral_{i}")(y)
+  out_level = net.stride.bit_length() - 2  # the stage whose output has the output stride
+  x = lateral(levels[-1], len(levels) - 1)
+  for i in range(len(levels) - 2, out_level - 1, -1):
+    x = upsample_2x(x) + lateral(levels[i], i)
+  return x[:, : -(-h // net.stride), : -(-w // net.stride)]
 
 
 def num_params(params) -> int:

@@ -21,6 +21,7 @@ from jaxloc import answers, canvas, dense, evaluation, losses, metrics, mnist, m
 from jaxloc.errors import UserError
 
 HEADS = ("dense", "slots")
+BOX_TYPES = ("patch", "tight", "ink")
 
 
 class Task(NamedTuple):
@@ -38,13 +39,26 @@ class Task(NamedTuple):
 # Fields added after runs were written, with the value that reproduces those runs.
 ADDED_FIELDS = {"ema_decay": 0.0, "lr_schedule": "constant", "warmup_steps": 0}
 ADDED_SCENE_FIELDS = {"head": "slots"}
+ADDED_NESTED_FIELDS = {
+  "scene": {"paste_mode": "max"},
+  "dense": {
+    "backbone": "single",
+    "pyramid_features": (128, 128),
+    "neck_features": 128,
+    "norm": "none",
+  },
+}
 
 
 def upgrade_config(config: dict) -> dict:
   """A saved config.json as a dict of today's fields: what a workdir written before a field
   existed ran with (scene runs then had only the slot detector)."""
   added = dict(ADDED_FIELDS, **(ADDED_SCENE_FIELDS if config.get("scene") else {}))
-  return {**added, **config}
+  config = {**added, **config}
+  for group, fields in ADDED_NESTED_FIELDS.items():
+    if config.get(group):
+      config[group] = {**fields, **config[group]}
+  return config
 
 
 def build(config: ml_collections.ConfigDict) -> Task:
@@ -160,6 +174,10 @@ def _dense_task(config) -> Task:
     context_features=tuple(dn.context_features),
     stride=dn.stride,
     prior=dn.prior,
+    backbone=dn.backbone,
+    pyramid_features=tuple(dn.pyramid_features),
+    neck_features=dn.neck_features,
+    norm=dn.norm,
   )
   return Task(
     model=net,
@@ -194,7 +212,8 @@ def scene_args(config: ml_collections.ConfigDict, batch_size: int | None = None)
     target_class=sc.target_class,
     distractor_prob=sc.distractor_prob,
     size_range=tuple(sc.size_range),
-    tight_boxes=sc.box_type == "tight",
+    box_type=sc.box_type,
+    paste_mode=sc.paste_mode,
     max_overlap=sc.max_overlap,
   )
 
@@ -266,8 +285,10 @@ def check_scene_config(config: ml_collections.ConfigDict) -> None:
   lo, hi = tuple(sc.size_range)
   if not 1 <= lo <= hi:
     raise UserError(f"config.scene.size_range=({lo}, {hi}) must satisfy 1 <= min <= max")
-  if sc.box_type not in ("patch", "tight"):
-    raise UserError(f"config.scene.box_type={sc.box_type!r}: use 'patch' or 'tight'")
+  if sc.box_type not in BOX_TYPES:
+    raise UserError(f"config.scene.box_type={sc.box_type!r}: use one of {BOX_TYPES}")
+  if sc.paste_mode not in canvas.PASTE_MODES:
+    raise UserError(f"config.scene.paste_mode={sc.paste_mode!r}: use one of {canvas.PASTE_MODES}")
   if not -1 <= sc.target_class <= 9:
     raise UserError(f"config.scene.target_class={sc.target_class}: use -1 (any) or 0..9")
   if sc.target_class < 0 and sc.distractor_prob > 0:
@@ -281,7 +302,15 @@ def check_scene_config(config: ml_collections.ConfigDict) -> None:
 
 def check_dense_config(config: ml_collections.ConfigDict) -> None:
   dn, k = config.dense, config.scene.max_objects
+  if dn.backbone not in model.BACKBONES:
+    raise UserError(f"config.dense.backbone={dn.backbone!r}: use one of {model.BACKBONES}")
+  if dn.norm not in model.NORMS:
+    raise UserError(f"config.dense.norm={dn.norm!r}: use one of {model.NORMS}")
+  if not isinstance(dn.neck_features, int) or dn.neck_features < 1:
+    raise UserError(f"config.dense.neck_features={dn.neck_features!r} must be a positive integer")
   stages = len(config.conv_features)
+  if dn.backbone == "fpn":
+    stages += len(dn.pyramid_features)
   strides = [2**i for i in range(1, stages + 1)]
   if dn.stride not in strides:
     raise UserError(

@@ -60,7 +60,13 @@ def _ap(scene, det):
 
 
 @pytest.mark.parametrize(
-  "kw", [{}, {"size_range": (20, 36), "tight_boxes": True}], ids=["patch28", "scaled_tight"]
+  "kw",
+  [
+    {},
+    {"size_range": (20, 36), "box_type": "tight"},
+    {"size_range": (15, 40), "box_type": "ink", "paste_mode": "add"},
+  ],
+  ids=["patch28", "scaled_tight", "benchmark_ink"],
 )
 def test_decoding_the_encoded_truth_gives_back_the_truth(digits, kw):
   scene = _scene(digits, **kw)
@@ -76,6 +82,32 @@ def test_decoding_the_encoded_truth_gives_back_the_truth(digits, kw):
     np.testing.assert_allclose(det["box"][i, :n][order], scene["box"][i, :n], atol=1e-5)
     np.testing.assert_array_equal(det["label"][i, :n][order], scene["label"][i, :n])
   assert _ap(scene, det) == {"AP": 1.0, "AP50": 1.0, "AP75": 1.0}
+
+
+def test_a_digit_of_every_size_has_one_centre_and_decodes_back_to_its_box():
+  """The benchmark's sizes, 15..99 px, on its 300 px canvas at stride 8: one centre cell
+  each (heatmap exactly 1 there and nowhere else), and the encoded truth decodes back."""
+  sizes = np.arange(15, 100)
+  rng = np.random.default_rng(0)
+  x0, y0 = (rng.integers(0, 300 - sizes) for _ in range(2))
+  w = sizes - rng.integers(0, sizes // 3)  # ink boxes are narrower than the square
+  box = np.stack([x0, y0, x0 + w, y0 + sizes], -1)[:, None, :] / 300.0
+  label = (sizes % 10)[:, None]
+  valid = np.ones_like(label, bool)
+  t = dense.encode_targets(
+    jnp.asarray(box, jnp.float32),
+    jnp.asarray(label),
+    jnp.asarray(valid),
+    canvas_size=300,
+    stride=STRIDE,
+    num_classes=10,
+  )
+  np.testing.assert_array_equal(t["centre"].sum(axis=(1, 2)), np.ones(len(sizes)))
+  np.testing.assert_array_equal((t["heatmap"] == 1.0).sum(axis=(1, 2, 3)), np.ones(len(sizes)))
+  det = dense.decode(_as_outputs(t), k=100, canvas_size=300, stride=STRIDE)
+  np.testing.assert_allclose(det["box"][:, 0], box[:, 0], atol=1e-5)
+  np.testing.assert_array_equal(det["label"][:, 0], label[:, 0])
+  assert np.all(np.asarray(dense.answers(det, 0.5)["count"]) == 1)
 
 
 def test_class_agnostic_targets_use_one_channel(digits):
@@ -110,6 +142,46 @@ def test_shifting_the_canvas_by_the_stride_shifts_the_model_outputs():
     np.testing.assert_allclose(
       moved[name][:, shifted, shifted], out[name][:, inner, inner], rtol=1e-4, atol=1e-4
     )
+
+
+@pytest.mark.parametrize("norm", ["none", "group"])
+def test_shifting_the_canvas_by_the_coarsest_stride_shifts_the_fpn_outputs(norm):
+  """The fpn network pools to stride 32, so its outputs are equivariant to shifts of 32 px
+  (4 cells at stride 8), not of one output cell: a shift of 8 px changes the phase of the
+  stride-16 and -32 pools (the shift test of the single-scale network is the one above).
+  Random biases make the black background differ from the zero padding; the digit-like
+  patch stays over 64 px (half the receptive field) from the border, and only cells whose
+  receptive field stays off the border are compared. GroupNorm's statistics are over the
+  whole canvas: the same values, moved."""
+  net = model.DenseDetector(backbone="fpn", norm=norm)
+  size = 384
+  image = jnp.zeros((2, size, size, 1))
+  image = image.at[:, 128:192, 128:192].set(jax.random.uniform(jax.random.key(0), (2, 64, 64, 1)))
+  params = model.init_params(jax.random.key(1), net, size)
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  noise = [0.05 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)]
+  params = jax.tree_util.tree_unflatten(tree, [p + n for p, n in zip(leaves, noise, strict=True)])
+  out = net.apply({"params": params}, image)
+  moved = net.apply({"params": params}, jnp.roll(image, (32, 32), axis=(1, 2)))
+  assert out["heatmap"].shape == (2, 48, 48, 10)
+  inner, shifted = slice(10, 34), slice(14, 38)  # cells 80..272 px, then 112..304 px
+  for name in ("heatmap", "box"):
+    np.testing.assert_allclose(
+      moved[name][:, shifted, shifted], out[name][:, inner, inner], rtol=1e-4, atol=1e-4
+    )
+  # an 8 px shift moves the patch by one cell, but the outputs not exactly
+  nudged = net.apply({"params": params}, jnp.roll(image, (8, 8), axis=(1, 2)))
+  assert not np.allclose(nudged["heatmap"][:, 11:35, 11:35], out["heatmap"][:, inner, inner])
+
+
+def test_fpn_grid_is_the_canvas_over_the_stride():
+  for stride, canvas_size in ((8, 300), (4, 75)):
+    net = model.DenseDetector(backbone="fpn", stride=stride)
+    params = model.init_params(jax.random.key(0), net, canvas_size)
+    out = net.apply({"params": params}, jnp.zeros((1, canvas_size, canvas_size, 1)))
+    g = dense.grid_size(canvas_size, stride)
+    assert out["heatmap"].shape == (1, g, g, 10) and out["box"].shape == (1, g, g, 4)
 
 
 def test_decoding_has_fixed_shapes_and_traces_once():
@@ -207,6 +279,11 @@ def test_threshold_answers_on_hand_made_heatmaps():
     ("--config.dense.score_threshold=1.5", "score_threshold=1.5 must lie strictly between"),
     ("--config.dense.prior=1.0", "config.dense.prior=1.0 must lie strictly between 0 and 1"),
     ("--config.head=grid", "config.head='grid': use one of 'dense', 'slots'"),
+    ("--config.dense.backbone=resnet", "config.dense.backbone='resnet': use one of"),
+    ("--config.dense.norm=batch", "config.dense.norm='batch': use one of \\('none', 'group'\\)"),
+    ("--config.dense.neck_features=0", "config.dense.neck_features=0 must be a positive integer"),
+    ("--config.scene.paste_mode=mean", "config.scene.paste_mode='mean': use one of"),
+    ("--config.scene.box_type=outline", "config.scene.box_type='outline': use one of"),
   ],
 )
 def test_dense_config_errors_are_one_line_exit_2(override, match, tmp_path):

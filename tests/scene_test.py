@@ -47,17 +47,48 @@ def test_empty_canvases_are_all_zeros(digits):
 
 
 def test_boxes_contain_every_pixel_and_no_overlap(digits):
-  for tight in (False, True):
-    s = _scene(digits, tight_boxes=tight)
+  for box_type in ("patch", "tight", "ink"):
+    s = _scene(digits, box_type=box_type, size_range=(20, 36) if box_type == "ink" else (28, 28))
     for i in range(256):
       image = s["image"][i, :, :, 0].copy()
       for b in s["box"][i][s["valid"][i]]:
         x0, y0, x1, y1 = np.rint(b * 128).astype(int)
         image[y0:y1, x0:x1] = 0
-      assert not image.any(), f"ink outside the boxes (tight={tight})"
+      assert not image.any(), f"ink outside the boxes ({box_type})"
     both = s["valid"].all(1)
     iou = boxes.iou(jnp.asarray(s["box"][both, 0]), jnp.asarray(s["box"][both, 1]))
     assert float(iou.max()) == 0.0
+
+
+def test_ink_boxes_are_the_resized_digits_pixels(digits):
+  """box_type "ink": each box is the whole-pixel extent of its digit's ink on the canvas
+  (every edge row and column of the box holds ink; nothing of the digit lies outside)."""
+  args = dict(batch_size=64, canvas_size=128, max_objects=2, count_probs=(0, 0, 1))
+  args.update(size_range=(15, 60), box_type="ink", max_overlap=1.0)
+  key = jax.random.key(4)
+  s = jax.device_get(canvas.sample_scene(key, *digits, **args))
+  alone = jax.device_get(canvas.sample_scene(key, *digits, **dict(args, count_probs=(0, 1, 0))))
+  for i in range(64):  # the first digit drawn alone: its own canvas
+    if not alone["valid"][i, 0]:
+      continue
+    x0, y0, x1, y1 = np.rint(alone["box"][i, 0] * 128).astype(int)
+    ink = alone["image"][i, :, :, 0] > 0
+    assert ink[y0:y1, x0:x1].sum() == ink.sum()
+    assert ink[y0:y1, x0].any() and ink[y0:y1, x1 - 1].any()
+    assert ink[y0, x0:x1].any() and ink[y1 - 1, x0:x1].any()
+  assert np.all(np.rint(s["box"] * 128) == s["box"] * 128)  # whole pixels (to float error)
+
+
+def test_additive_paste_sums_overlapping_digits_and_clips_at_one():
+  digit = jnp.full((1, 2, 28, 28), 100, jnp.uint8)
+  xy, size, valid = jnp.array([[[0, 0], [10, 10]]]), jnp.full((1, 2), 28), jnp.ones((1, 2), bool)
+  add = canvas.paste(digit, xy, size, valid, canvas_size=40, mode="add")[0, :, :, 0]
+  top = canvas.paste(digit, xy, size, valid, canvas_size=40, mode="max")[0, :, :, 0]
+  np.testing.assert_allclose(add[15, 15], 200 / 255, rtol=1e-6)  # both digits: the sum
+  np.testing.assert_allclose(add[5, 5], 100 / 255, rtol=1e-6)  # one digit: unchanged
+  assert float(top[15, 15]) == pytest.approx(100 / 255)
+  bright = canvas.paste(digit * 2, xy, size, valid, canvas_size=40, mode="add")[0, :, :, 0]
+  assert float(bright[15, 15]) == 1.0 and float(bright.max()) == 1.0  # 400 / 255 clipped
 
 
 def test_targets_ordered_left_to_right(digits):
@@ -215,7 +246,7 @@ def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head
       "5 digits of up to 28px cannot be placed without overlap on a 64px canvas",
     ),
     ("multi", {"count_probs": (0.5, 0.5)}, "must be 3 probabilities"),
-    ("multi", {"box_type": "ink"}, "use 'patch' or 'tight'"),
+    ("multi", {"box_type": "pixels"}, "use one of \\('patch', 'tight', 'ink'\\)"),
     ("multi", {"size_range": (30, 20)}, "must satisfy 1 <= min <= max"),
     ("single", {"target_class": 12}, "use -1 \\(any\\) or 0..9"),
     ("presence", {"distractor_prob": 0.5}, "needs a config.scene.target_class"),

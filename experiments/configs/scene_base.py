@@ -30,6 +30,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.head = "dense"  # "dense": per-cell heatmap + box (jaxloc.dense); "slots": K slot heads
   config.dense = ml_collections.ConfigDict()
   dn = config.dense
+  # "single": the seed's conv stages and context convs at one stride; "fpn": the stages
+  # continued by `pyramid_features` to stride 32 and a top-down neck back to `stride`
+  # (jaxloc.model.DenseDetector; chosen per config by measurement, README)
+  dn.backbone = "single"
+  dn.pyramid_features = (128, 128)  # fpn: conv + pool stages past conv_features (stride 16, 32)
+  dn.neck_features = 128  # fpn: channels of the 1x1 laterals and the top-down sum
+  dn.norm = "none"  # "group": GroupNorm after every 3x3 conv
   dn.stride = 8  # canvas pixels per heatmap cell (a power of two; 2 ** pooled conv stages)
   # 3x3 convs at the output stride (receptive field 54 px). 128 wide, not 64: multi, 1,000
   # steps, 2,000 val scenes: AP50 0.954 vs 0.904, class accuracy 0.928 vs 0.876 (README).
@@ -49,7 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
   sc.target_class = -1  # >= 0: only digits of this class are objects
   sc.distractor_prob = 0.0  # with target_class: P(an empty canvas shows another digit)
   sc.size_range = (28, 28)  # side of each digit on the canvas, px (inclusive range)
-  sc.box_type = "patch"  # "patch": the pasted square (the seed's box); "tight": the ink
+  # "patch": the pasted square (the seed's box); "tight": the 28x28 ink extent scaled; "ink":
+  # the resized digit's pixels > 0 on the canvas (the MNIST-detection generator's box)
+  sc.box_type = "patch"
+  sc.paste_mode = "max"  # overlapping ink: "max" (the brighter pixel) or "add" (sum, clip at 1)
   sc.max_overlap = 0.0  # largest IoU allowed between two digits' patches
   sc.classify = True  # predict each digit's class (False: presence / boxes only)
   sc.count_loss_weight = 1.0  # slots only: weight of the count cross-entropy

@@ -1,0 +1,172 @@
+"""Scores a trained run on scenes of the MNIST detection benchmark made outside jaxloc.
+
+    python -m experiments.outside_scenes --workdir=DIR [--num=500] [--seed=0] [--out=FILE.json]
+
+The scenes follow `generate_data.py` of github.com/hukkelas/MNIST-ObjectDetection, written
+again here in numpy and independent of `jaxloc.canvas`: per canvas a count uniform in
+[--min_count, --max_count] (0..19: the generator's first version); each digit a random MNIST
+test digit resized to a square of side 15..99 px by cv2's INTER_LINEAR rule (half-pixel
+centres, the border pixel repeated), placed at a uniform offset in [0, 300 - side), redrawn
+while its square has IoU >= 0.25 with an earlier digit's box; ink added in float, clipped at
+255 and truncated to uint8; the box the resized digit's columns and rows with ink (xyxy,
+max exclusive). The run's `Predictor` answers; pycocotools scores every detection (COCO's
+AP, AP50, AP75, AP_small, AP_medium, AP_large) and the kept ones give the count accuracy.
+Needs pycocotools (the `dev` extra).
+"""
+
+import contextlib
+import io
+import json
+
+import numpy as np
+from absl import flags
+
+from experiments import cli
+from jaxloc import inference, mnist
+from jaxloc.errors import UserError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir of a scene run with 300x300 canvases.")
+_NUM = flags.DEFINE_integer("num", 500, "Scenes to make and score.")
+_SEED = flags.DEFINE_integer("seed", 0, "numpy seed of the scenes.")
+_MIN_COUNT = flags.DEFINE_integer("min_count", 0, "Fewest digits per canvas.")
+_MAX_COUNT = flags.DEFINE_integer("max_count", 19, "Most digits per canvas.")
+_OUT = flags.DEFINE_string("out", "", "Also write the figures to this JSON file.")
+flags.mark_flags_as_required(["workdir"])
+
+CANVAS = 300
+SIDES = (15, 100)  # numpy's randint(15, 100): 15..99
+MAX_IOU = 0.25
+BATCH = 50  # canvases per Predictor call
+
+
+def resize_linear(digit: np.ndarray, side: int) -> np.ndarray:
+  """cv2.resize(digit, (side, side)) with INTER_LINEAR on float32, in numpy."""
+
+  def weights(n_in: int, n_out: int):
+    f = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    i0 = np.floor(f).astype(int)
+    a = f - i0
+    low, high = i0 < 0, i0 >= n_in - 1
+    a[low | high] = 0.0
+    i0 = np.clip(i0, 0, n_in - 1)
+    return i0, np.minimum(i0 + 1, n_in - 1), a
+
+  i0, i1, a = weights(digit.shape[0], side)
+  rows = digit[i0] * (1 - a)[:, None] + digit[i1] * a[:, None]
+  return rows[:, i0] * (1 - a)[None, :] + rows[:, i1] * a[None, :]
+
+
+def _iou(a, b) -> float:
+  ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+  iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+  inter = ix * iy
+  return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _tight(digit: np.ndarray, x0: int, y0: int) -> list[int]:
+  cols, rows = np.nonzero(digit.sum(axis=0))[0], np.nonzero(digit.sum(axis=1))[0]
+  if cols.size == 0:
+    return [x0, y0, x0 + digit.shape[1], y0 + digit.shape[0]]
+  return [x0 + cols[0], y0 + rows[0], x0 + cols[-1] + 1, y0 + rows[-1] + 1]
+
+
+def make_scenes(rng, digits, labels, num: int, min_count: int, max_count: int):
+  """num canvases uint8 [num, 300, 300] and per canvas a list of (label, xmin, ymin, xmax,
+  ymax) in pixels."""
+  images, targets = np.zeros((num, CANVAS, CANVAS), np.uint8), []
+  for n in range(num):
+    im, boxes_, labels_ = np.zeros((CANVAS, CANVAS), np.float32), [], []
+    for _ in range(rng.integers(min_count, max_count + 1)):
+      while True:
+        side = int(rng.integers(*SIDES))
+        x0, y0 = (int(v) for v in rng.integers(0, CANVAS - side, size=2))
+        square = [x0, y0, x0 + side, y0 + side]
+        if all(_iou(square, b) < MAX_IOU for b in boxes_):
+          break
+      i = int(rng.integers(len(labels)))
+      digit = resize_linear(digits[i].astype(np.float32), side)
+      boxes_.append(_tight(digit, x0, y0))
+      labels_.append(int(labels[i]))
+      im[y0 : y0 + side, x0 : x0 + side] += digit
+      np.minimum(im, 255, out=im)
+    images[n] = im.astype(np.uint8)
+    targets.append([(lab, *b) for lab, b in zip(labels_, boxes_, strict=True)])
+  return images, targets
+
+
+def score(predictor, images, targets) -> dict:
+  """COCO figures by pycocotools over every detection, and the count accuracy."""
+  try:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+  except ImportError:
+    raise UserError("pycocotools is not installed: pip install -e '.[dev]'") from None
+  gt = {"images": [], "annotations": [], "categories": [{"id": c} for c in range(10)]}
+  dets, right = [], 0
+  for start in range(0, len(images), BATCH):
+    out = predictor(images[start : start + BATCH])
+    for j in range(len(out["count"])):
+      n = start + j
+      right += int(out["count"][j]) == len(targets[n])
+      for t in np.nonzero(out["score"][j] > 0)[0]:
+        x0, y0, x1, y1 = (float(v) for v in out["box_px"][j, t])
+        bbox = [x0, y0, x1 - x0, y1 - y0]
+        dets.append(
+          {
+            "image_id": n,
+            "category_id": int(out["label"][j, t]),
+            "bbox": bbox,
+            "score": float(out["score"][j, t]),
+          }
+        )
+  for n, objects in enumerate(targets):
+    gt["images"].append({"id": n, "width": CANVAS, "height": CANVAS})
+    for lab, x0, y0, x1, y1 in objects:
+      w, h = x1 - x0, y1 - y0
+      ann = {"id": len(gt["annotations"]) + 1, "image_id": n, "category_id": lab}
+      gt["annotations"].append(ann | {"bbox": [x0, y0, w, h], "area": w * h, "iscrowd": 0})
+  with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+    coco = COCO()
+    coco.dataset = gt
+    coco.createIndex()
+    result = COCOeval(coco, coco.loadRes(dets) if dets else COCO(), "bbox")
+    result.evaluate()
+    result.accumulate()
+    result.summarize()
+  names = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
+  figures = {k: float(v) for k, v in zip(names, result.stats[:6], strict=True)}
+  figures["count_accuracy"] = right / len(images)
+  figures["num_scenes"] = len(images)
+  figures["num_digits"] = len(gt["annotations"])
+  return figures
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not 0 <= _MIN_COUNT.value <= _MAX_COUNT.value:
+    raise UserError(
+      f"--min_count={_MIN_COUNT.value} --max_count={_MAX_COUNT.value}: need 0 <= min <= max"
+    )
+  if _NUM.value < 1:
+    raise UserError(f"--num={_NUM.value} must be positive")
+  predictor = inference.Predictor.from_workdir(_WORKDIR.value)
+  if predictor.canvas_size != CANVAS or "keep" not in predictor(
+    np.zeros((1, predictor.canvas_size, predictor.canvas_size), np.uint8)
+  ):
+    raise UserError(f"{_WORKDIR.value} is not a scene run on {CANVAS}x{CANVAS} canvases")
+  config = predictor.config
+  digits, labels = mnist.load("test", mnist_dir=config.mnist_dir or None)
+  rng = np.random.default_rng(_SEED.value)
+  images, targets = make_scenes(rng, digits, labels, _NUM.value, _MIN_COUNT.value, _MAX_COUNT.value)
+  figures = score(predictor, images, targets)
+  print(
+    " | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
+  )
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(figures, f, indent=1)
+
+
+if __name__ == "__main__":
+  cli.run(main)
