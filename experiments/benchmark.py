@@ -16,6 +16,10 @@ own) on the same MNIST training digits, batch 64, canvas 75:
   train_multi_dense, train_multi_slots
                   training images/s of case 4 (`multi`, 128x128 scenes) with the dense
                   detector and with the slot detector
+  train_md_single, train_md_fpn, train_md_fpn_group
+                  training images/s on the MNIST detection benchmark's layout (300x300,
+                  0-19 digits of 15-99 px, batch 16) with the single-scale network, the
+                  feature pyramid, and the pyramid with GroupNorm
   profile         ms per batch: forward and gradient, jaxloc's conv vs XLA's native conv
 
 Rows that need TensorFlow are skipped (and the table says so) without the [tfds] extra.
@@ -52,6 +56,9 @@ PARTS = (
   "profile",
   "train_multi_dense",
   "train_multi_slots",
+  "train_md_single",
+  "train_md_fpn",
+  "train_md_fpn_group",
 )
 
 
@@ -183,6 +190,28 @@ def train_multi_slots(steps):
   return train_jaxloc(steps, config=_multi_config("slots"))
 
 
+def train_md_single(steps):
+  return train_jaxloc(steps, config=_md_config("single", "none"))
+
+
+def train_md_fpn(steps):
+  return train_jaxloc(steps, config=_md_config("fpn", "none"))
+
+
+def train_md_fpn_group(steps):
+  return train_jaxloc(steps, config=_md_config("fpn", "group"))
+
+
+def _md_config(backbone, norm):
+  """The benchmark layout at the README's CPU budget (batch 16) with one network."""
+  from experiments.configs import mnist_detection
+
+  config = mnist_detection.get_config()
+  config.batch_size = 16
+  config.dense.backbone, config.dense.norm = backbone, norm
+  return config
+
+
 def _multi_config(head):
   from experiments.configs import multi
 
@@ -219,7 +248,7 @@ def train_jaxloc(steps, steps_per_call=None, config=None):
   jax.block_until_ready(sums)
   dt = time.perf_counter() - t
   return {
-    "images_per_s": calls * n * BATCH / dt,
+    "images_per_s": calls * n * config.batch_size / dt,
     "compile_s": compile_s,
     "steps_per_call": n,
     "backend": jax.default_backend(),
@@ -373,6 +402,12 @@ def _table(r: dict) -> str:
     f"{fig('train_multi_dense', 'images_per_s')} / {fig('train_multi_slots', 'images_per_s')} "
     "| | step time dense / slots: "
     f"{ratio('train_multi_slots', 'train_multi_dense', 'images_per_s')} |",
+    "| MNIST detection layout (300x300, batch 16) training images/s: single-scale / fpn / "
+    f"fpn + GroupNorm | {fig('train_md_single', 'images_per_s', '{:,.1f}')} / "
+    f"{fig('train_md_fpn', 'images_per_s', '{:,.1f}')} / "
+    f"{fig('train_md_fpn_group', 'images_per_s', '{:,.1f}')} | | step time fpn / single: "
+    f"{ratio('train_md_single', 'train_md_fpn', 'images_per_s')}, fpn + GroupNorm / single: "
+    f"{ratio('train_md_single', 'train_md_fpn_group', 'images_per_s')} |",
     "",
     f"float32 bound: {r['matmul'].get('gflops', 0):.0f} GFLOP/s (2048^2 matmul) / "
     f"{train_flops_per_image() / 1e6:.1f} MFLOP per training image = {bound:,.0f} images/s; "
