@@ -1,9 +1,14 @@
-"""Re-scores a trained workdir: python -m experiments.evaluate --workdir=DIR.
+"""Re-scores a trained workdir: python -m experiments.evaluate --workdir=DIR [--data=PATH].
 
 Re-creates the fixed validation set from the workdir's config, scores the
 trained parameters, and rewrites metrics.json (evaluation figures; the training
 statistics of the run are kept) and the plots. The figures equal those of the
 training run's final evaluation.
+
+With --data (a scene run only), scores the run on a dataset on disk instead (`jaxloc.datasets`:
+an MNIST-detection folder, a COCO folder or .json file) and writes the same figures, COCO
+files and pictures to DIR/eval-<name>/ (name: the dataset's folder or file name); the run's
+own files are not touched. The images must be the run's canvas size.
 """
 
 import json
@@ -17,6 +22,7 @@ from jaxloc.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
 _MNIST_DIR = flags.DEFINE_string("mnist_dir", None, "IDX directory, if not the run's own.")
+_DATA = flags.DEFINE_string("data", None, "Score on this dataset on disk (scene runs).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -30,7 +36,11 @@ def main(argv):
   if _MNIST_DIR.value:
     config.mnist_dir = _MNIST_DIR.value
   mesh = parallel.data_mesh()
-  _, _, val = parallel.replicate(tasks.load_data(config), mesh)
+  if _DATA.value:
+    out_dir, val = _on_dataset(config, _DATA.value)
+  else:
+    out_dir, val = work_dir, tasks.load_data(config)[2]
+  val = parallel.replicate(val, mesh)
   task = tasks.build(config)
   summary, per = task.make_evaluator(task.model.apply, mesh)(predictor.params, val)
   path = lambda name: os.path.join(work_dir, name)
@@ -39,12 +49,26 @@ def main(argv):
       workdir.read_json(path(workdir.METRICS)) if os.path.exists(path(workdir.METRICS)) else {}
     )
     history = [r for r in workdir.read_jsonl(path(workdir.METRICS_LOG)) if "val/num_val" in r]
-    task.plot_predictions(work_dir, val, per)
-    task.write_outputs(work_dir, val, per, history)
+    os.makedirs(out_dir, exist_ok=True)
+    task.plot_predictions(out_dir, val, per)
+    task.write_outputs(out_dir, val, per, history)
     final = {**previous, **summary}
-    workdir.write_json(path(workdir.METRICS), final)
+    if _DATA.value:
+      final["data"] = os.path.abspath(_DATA.value)
+    workdir.write_json(os.path.join(out_dir, workdir.METRICS), final)
   print(json.dumps(summary, indent=2, sort_keys=True))
-  print(f"rewrote metrics.json and the plots in {work_dir}")
+  print(f"wrote metrics.json and the plots in {out_dir}")
+
+
+def _on_dataset(config, data_path: str):
+  """(DIR/eval-<name>, the dataset as the validation set); config now scores all of it."""
+  if not config.get("scene"):
+    raise UserError("--data needs a scene run (detections); the seed's digit task has no scenes")
+  val = tasks.load_set(data_path, config)
+  config.data.val_path = data_path
+  config.num_val = len(val["images"])
+  name = os.path.splitext(os.path.basename(os.path.normpath(data_path)))[0]
+  return os.path.join(_WORKDIR.value, f"eval-{name}"), val
 
 
 if __name__ == "__main__":

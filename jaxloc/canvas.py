@@ -408,6 +408,27 @@ def _place(key, size, wanted, canvas_size: int, max_overlap: float, tries: int, 
   return xy_all, placed, placed_box
 
 
+def stored_scene(data: dict, index: jax.Array) -> Scene:
+  """The scenes `index` of a stored set (`jaxloc.datasets` arrays on the device: images
+  uint8 [N, H, W], box, label, valid [N, K, ...]) as a `Scene`."""
+  valid = data["valid"][index]
+  return Scene(
+    image=(data["images"][index].astype(jnp.float32) / 255.0)[..., None],
+    label=data["label"][index],
+    box=data["box"][index],
+    valid=valid,
+    count=jnp.sum(valid, axis=1).astype(jnp.int32),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def stored_training_batch(data_key: jax.Array, step: jax.Array, data: dict, *, batch_size: int):
+  """Batch `step` of a run on a stored set: its scenes in `stream_index` order (each once
+  per pass, a fresh keyed order every pass), as `training_batch` reads digits. A function
+  of (data_key, step) alone, so resuming a run gives the same batches."""
+  return stored_scene(data, stream_index(data_key, step, batch_size, data["images"].shape[0]))
+
+
 def _left_to_right(image, label, box, valid) -> Scene:
   """The scene with its slots ordered: valid first, left to right (xmin, then ymin)."""
   sort_key = jnp.where(valid, box[..., 0] + box[..., 1] * 1e-4, 1e9)  # ymin breaks ties

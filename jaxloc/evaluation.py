@@ -2,7 +2,8 @@
 
 The seed's task scores one canvas per MNIST test digit at fixed offsets; scene
 cases score `num_val` scenes drawn from the test digits in chunks of
-`SCENE_VAL_CHUNK`, chunk i with key `fold_in(key(val_seed), i)`. Either way
+`SCENE_VAL_CHUNK`, chunk i with key `fold_in(key(val_seed), i)` (`sampled_chunk`), or the
+scenes of a dataset on disk in order (`stored_chunk`). Either way
 the validation set is the same in every run with the same config. Which of these a
 config uses is decided by `jaxloc.tasks.build`; the functions here take explicit arguments.
 """
@@ -55,28 +56,41 @@ def evaluate(apply_fn, params, val: dict, *, canvas_size: int, batch_size: int, 
 SCENE_VAL_CHUNK = 500  # scene validation canvases per key: chunk i uses fold_in(val_key, i)
 
 
-def scene_eval_step(apply_fn, score_chunk, sample_args: dict, mesh=None):
-  """The jitted scoring of one chunk of validation scenes: draws the chunk from the test
-  digits, applies the model and returns `score_chunk(outputs, scene)` = (per-canvas
-  results, loss parts)."""
+def sampled_chunk(val: dict, i, *, sample_args: dict, val_seed: int):
+  """Chunk i of the validation scenes drawn from the test digits (val: digits, labels)."""
+  key = jax.random.fold_in(jax.random.key(val_seed), i)
+  return canvas.sample_scene(key, val["digits"], val["labels"], **sample_args)
+
+
+def stored_chunk(val: dict, i, *, chunk: int):
+  """Chunk i of a stored set (val: `jaxloc.datasets` arrays), in order; the last chunk
+  wraps around to the start (`evaluate_scenes` drops what lies past the set's end)."""
+  index = (i * chunk + jnp.arange(chunk)) % val["images"].shape[0]
+  return canvas.stored_scene(val, index)
+
+
+def scene_eval_step(apply_fn, score_chunk, make_chunk, mesh=None):
+  """The jitted scoring of one chunk of validation scenes: makes chunk i with
+  `make_chunk(val, i)` (`sampled_chunk` or `stored_chunk`), applies the model and returns
+  `score_chunk(outputs, scene)` = (per-canvas results, loss parts)."""
 
   @jax.jit
-  def step(params, key, digits, labels):
-    scene = canvas.sample_scene(key, digits, labels, **sample_args)
-    scene = parallel.shard_batch(scene, mesh)
+  def step(params, i, val):
+    scene = parallel.shard_batch(make_chunk(val, i), mesh)
     return score_chunk(apply_fn({"params": params}, scene["image"]), scene)
 
   return step
 
 
-def evaluate_scenes(step, params, val: dict, summarize, *, sample_args, num_val, val_seed):
-  """Scores `num_val` fixed validation scenes with `step` (a `scene_eval_step`), chunk i
-  drawn with key fold_in(key(val_seed), i); returns (summary, per-canvas numpy arrays)."""
-  chunk = sample_args["batch_size"]
-  val_key = jax.random.key(val_seed)
+def evaluate_scenes(step, params, val: dict, summarize, *, chunk: int, num_val: int):
+  """Scores the validation scenes with `step` (a `scene_eval_step`) in chunks: `num_val`
+  of them, or all of a stored set if it holds fewer; returns (summary, per-canvas numpy
+  arrays)."""
+  if "images" in val:
+    num_val = min(num_val, val["images"].shape[0])
   per, parts = [], []
   for i in range(-(-num_val // chunk)):
-    ex, loss_parts = step(params, jax.random.fold_in(val_key, i), val["digits"], val["labels"])
+    ex, loss_parts = step(params, i, val)
     per.append(parallel.to_host(ex))
     parts.append(parallel.to_host(loss_parts))
   per = {k: np.concatenate([p[k] for p in per])[:num_val] for k in per[0]}
@@ -117,9 +131,7 @@ def write_scene_outputs(
   canvas_size: int,
   num_plot: int,
   categories,
-  sample_args: dict,
-  num_val: int,
-  val_seed: int,
+  make_chunk,
 ) -> None:
   """curves.png, the COCO JSON files of the validation detections, pr.png and, for the
   dense detector, heatmap.png (its class-max heatmap beside the first validation scenes;
@@ -135,23 +147,21 @@ def write_scene_outputs(
     metrics.RECALL_POINTS, np.asarray(curve["pr50"]), curve["AP50"], os.path.join(out_dir, "pr.png")
   )
   if "heatmap" in per:
-    image, first_per = _first_scenes(val, per, num_plot, sample_args, val_seed)
+    image, first_per = _first_scenes(val, per, num_plot, make_chunk)
     plots.plot_heatmaps(image, first_per, os.path.join(out_dir, "heatmap.png"))
 
 
 def plot_scene_predictions(
-  out_dir: str, val: dict, per: dict, *, num_plot: int, classify: bool, sample_args, val_seed
+  out_dir: str, val: dict, per: dict, *, num_plot: int, classify: bool, make_chunk
 ) -> None:
   """predictions.png: kept detections on the first `num_plot` validation scenes."""
-  image, first_per = _first_scenes(val, per, num_plot, sample_args, val_seed)
+  image, first_per = _first_scenes(val, per, num_plot, make_chunk)
   plots.plot_scenes(image, first_per, classify, os.path.join(out_dir, "predictions.png"))
 
 
-def _first_scenes(val: dict, per: dict, num_plot: int, sample_args, val_seed):
+def _first_scenes(val: dict, per: dict, num_plot: int, make_chunk):
   """The first `num_plot` validation scenes (images [k,H,W]) and their per-canvas results."""
   k = min(num_plot, len(per["count"]))
-  first = canvas.sample_scene(
-    jax.random.fold_in(jax.random.key(val_seed), 0), val["digits"], val["labels"], **sample_args
-  )
+  first = make_chunk(val, 0)
   image = parallel.to_host(first["image"][:k, :, :, 0])
   return image, {name: a[:k] for name, a in per.items()}

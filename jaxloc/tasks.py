@@ -14,10 +14,21 @@ from typing import NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from jaxloc import answers, canvas, dense, evaluation, losses, metrics, mnist, model, parallel
+from jaxloc import (
+  answers,
+  canvas,
+  datasets,
+  dense,
+  evaluation,
+  losses,
+  metrics,
+  mnist,
+  model,
+  parallel,
+)
 from jaxloc.errors import UserError
 
 HEADS = ("dense", "slots")
@@ -41,6 +52,7 @@ ADDED_FIELDS = {"ema_decay": 0.0, "lr_schedule": "constant", "warmup_steps": 0}
 ADDED_SCENE_FIELDS = {"head": "slots"}
 ADDED_NESTED_FIELDS = {
   "scene": {"paste_mode": "max"},
+  "data": {"train_path": "", "val_path": ""},
   "dense": {
     "backbone": "single",
     "pyramid_features": (128, 128),
@@ -52,11 +64,13 @@ ADDED_NESTED_FIELDS = {
 
 def upgrade_config(config: dict) -> dict:
   """A saved config.json as a dict of today's fields: what a workdir written before a field
-  existed ran with (scene runs then had only the slot detector)."""
+  existed ran with (scene runs then had only the slot detector, and no datasets on disk)."""
   added = dict(ADDED_FIELDS, **(ADDED_SCENE_FIELDS if config.get("scene") else {}))
   config = {**added, **config}
+  if config.get("scene") and "data" not in config:
+    config["data"] = {}
   for group, fields in ADDED_NESTED_FIELDS.items():
-    if config.get(group):
+    if group in config:
       config[group] = {**fields, **config[group]}
   return config
 
@@ -90,8 +104,19 @@ def _digit_task(config) -> Task:
   )
 
 
+def data_paths(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(config.data.train_path, config.data.val_path): datasets on disk ("" = synthetic)."""
+  data = config.get("data") or {}
+  return data.get("train_path", ""), data.get("val_path", "")
+
+
 def _scene_sampler(config):
-  """Training scenes: digits drawn with replacement, batch t with key fold_in(data_key, t)."""
+  """Training scenes: digits drawn with replacement, batch t with key fold_in(data_key, t);
+  or, with config.data.train_path, the stored set read in keyed passes
+  (`canvas.stored_training_batch`; load_data gives the set as `digits`, None as `labels`)."""
+  if data_paths(config)[0]:
+    stored = functools.partial(canvas.stored_training_batch, batch_size=config.batch_size)
+    return lambda data_key, step, data, _: stored(data_key, step, data)
   scene = functools.partial(canvas.sample_scene, **scene_args(config))
   return lambda data_key, step, *data: scene(jax.random.fold_in(data_key, step), *data)
 
@@ -107,31 +132,34 @@ def _scene_evaluation(config, score_chunk):
   )
   num_val = config.num_val if config.num_val > 0 else 10_000
   chunk = min(evaluation.SCENE_VAL_CHUNK, num_val)
-  val_args = dict(sample_args=scene_args(config, chunk), num_val=num_val, val_seed=config.val_seed)
+  if data_paths(config)[1]:
+    make_chunk = functools.partial(evaluation.stored_chunk, chunk=chunk)
+  else:
+    make_chunk = functools.partial(
+      evaluation.sampled_chunk, sample_args=scene_args(config, chunk), val_seed=config.val_seed
+    )
   categories = range(10) if sc.classify else [0]
 
   def make_evaluator(apply_fn, mesh=None):
     step = evaluation.scene_eval_step(
-      apply_fn,
-      score_chunk,
-      val_args["sample_args"],
-      mesh if chunk % jax.device_count() == 0 else None,
+      apply_fn, score_chunk, make_chunk, mesh if chunk % jax.device_count() == 0 else None
     )
-    return lambda params, val: evaluation.evaluate_scenes(step, params, val, summarize, **val_args)
+    return lambda params, val: evaluation.evaluate_scenes(
+      step, params, val, summarize, chunk=chunk, num_val=num_val
+    )
 
   write_outputs = functools.partial(
     evaluation.write_scene_outputs,
     canvas_size=config.canvas_size,
     num_plot=config.num_plot,
     categories=categories,
-    **val_args,
+    make_chunk=make_chunk,
   )
   plot_predictions = functools.partial(
     evaluation.plot_scene_predictions,
     num_plot=config.num_plot,
     classify=sc.classify,
-    sample_args=val_args["sample_args"],
-    val_seed=config.val_seed,
+    make_chunk=make_chunk,
   )
   return make_evaluator, write_outputs, plot_predictions
 
@@ -332,18 +360,57 @@ def check_dense_config(config: ml_collections.ConfigDict) -> None:
 
 
 def load_data(config: ml_collections.ConfigDict):
-  """Training digits and the fixed validation set, on the device."""
+  """Training data and the fixed validation set, as numpy arrays (`parallel.replicate` puts
+  them on the devices): (digits, labels, val) of MNIST, or for a scene config with
+  config.data.train_path (val_path) a stored set (`load_set`) in place of the training
+  digits and None for labels (of the test digits)."""
+  if config.get("scene"):
+    train_path, val_path = data_paths(config)
+    need_mnist = [split for split, path in (("train", train_path), ("test", val_path)) if not path]
+    digits = {s: mnist.load(s, mnist_dir=config.mnist_dir or None) for s in need_mnist}
+    if train_path:
+      train = (load_set(train_path, config), None)
+    else:
+      train = digits["train"]
+    if val_path:
+      val = load_set(val_path, config, limit=config.num_val)
+    else:  # validation scenes are drawn from the test digits with a fixed key
+      val = {"digits": digits["test"][0], "labels": digits["test"][1]}
+    return (*train, val)
   train_digits, train_labels = mnist.load("train", mnist_dir=config.mnist_dir or None)
   test_digits, test_labels = mnist.load("test", mnist_dir=config.mnist_dir or None)
-  if config.get("scene"):  # validation scenes are drawn from the test digits with a fixed key
-    val = {"digits": jnp.asarray(test_digits), "labels": jnp.asarray(test_labels)}
-    return jnp.asarray(train_digits), jnp.asarray(train_labels), val
   if config.num_val > 0:
     test_digits, test_labels = test_digits[: config.num_val], test_labels[: config.num_val]
   val_key = jax.random.key(config.val_seed)
   val = {
-    "digits": jnp.asarray(test_digits),
-    "labels": jnp.asarray(test_labels),
+    "digits": test_digits,
+    "labels": test_labels,
     "xy": canvas.validation_offsets(val_key, len(test_labels), config.canvas_size),
   }
-  return jnp.asarray(train_digits), jnp.asarray(train_labels), val
+  return train_digits, train_labels, val
+
+
+def load_set(path: str, config: ml_collections.ConfigDict, limit: int = -1) -> dict:
+  """A dataset on disk (`jaxloc.datasets.read`) as a dict of numpy arrays for `canvas.
+  stored_scene`: its first `limit` scenes (all if limit <= 0), with as many slots as the
+  config's detector needs. Canvases of another size than the config's are refused."""
+  data = datasets.read(path)
+  if data.canvas_size != config.canvas_size:
+    raise UserError(
+      f"{path} holds {data.canvas_size}x{data.canvas_size} images but config.canvas_size="
+      f"{config.canvas_size}; use --config.canvas_size={data.canvas_size}"
+    )
+  k, slots = data.valid.shape[1], config.scene.max_objects
+  if config.head == "slots" and k > slots:
+    raise UserError(
+      f"{path} has up to {k} digits an image; the slot detector has "
+      f"config.scene.max_objects={slots} slots (raise it, or use --config.head=dense)"
+    )
+  n = len(data.images) if limit <= 0 else min(limit, len(data.images))
+  pad = lambda a: np.pad(a[:n], [(0, 0), (0, max(0, slots - k))] + [(0, 0)] * (a.ndim - 2))
+  return {
+    "images": data.images[:n],
+    "box": pad(data.box),
+    "label": pad(data.label),
+    "valid": pad(data.valid),
+  }

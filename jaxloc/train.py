@@ -184,6 +184,7 @@ def train_and_evaluate(
   `workdir.resume_step`). `echo(line)` receives the console lines (process 0 only).
   """
   tasks.check_config(config)
+  data = tasks.load_data(config)  # before the workdir: bad data writes nothing
   workdir.prepare(work_dir)
   main_process = jax.process_index() == 0
   with workdir.lock(work_dir) if main_process else contextlib.nullcontext():
@@ -198,14 +199,14 @@ def train_and_evaluate(
         upgrade=tasks.upgrade_config,
       )
       mngr.reload()  # --fresh may have moved the old checkpoints aside
-      return _run(config, work_dir, mngr, resume_step, echo if main_process else _silent)
+      return _run(config, work_dir, mngr, resume_step, data, echo if main_process else _silent)
 
 
 def _silent(line: str) -> None:
   del line
 
 
-def _run(config, work_dir, mngr, resume_step, echo) -> dict:
+def _run(config, work_dir, mngr, resume_step, data, echo) -> dict:
   """The run after the workdir decision: restore, train and evaluate, export."""
   t_start = time.perf_counter()
   # Multi-host: only process 0 writes logs, plots and metrics; the others write
@@ -215,7 +216,7 @@ def _run(config, work_dir, mngr, resume_step, echo) -> dict:
   workdir.write_json(os.path.join(out_dir, workdir.CONFIG), config.to_dict())
   task = tasks.build(config)
   mesh = parallel.data_mesh()
-  state, (digits, labels, val), data_key = _restore(config, mngr, resume_step, mesh)
+  state, (digits, labels, val), data_key = _restore(config, mngr, resume_step, mesh, data)
   static = dict(sample_fn=task.sample_fn, loss_fn=task.loss_fn, mesh=mesh)
   steps = _Steps(state, (digits, labels, data_key), ema_decay=config.ema_decay, **static)
   steps_per_call = tasks.resolve_steps_per_call(config.steps_per_call)
@@ -251,10 +252,10 @@ def _run(config, work_dir, mngr, resume_step, echo) -> dict:
   return final
 
 
-def _restore(config, mngr, resume_step, mesh):
-  """The train state (restored from `resume_step`, or new), the data and the data key,
-  all replicated on `mesh`."""
-  data = parallel.replicate(tasks.load_data(config), mesh)
+def _restore(config, mngr, resume_step, mesh, data):
+  """The train state (restored from `resume_step`, or new), the data (`tasks.load_data`)
+  and the data key, all replicated on `mesh`."""
+  data = parallel.replicate(data, mesh)
   init_key, data_key = jax.random.split(jax.random.key(config.seed))
   state = create_train_state(init_key, config)
   if resume_step is not None:

@@ -113,12 +113,20 @@ def config_diff(old: dict, new: dict, ignore: frozenset[str] = frozenset()) -> l
   for key in sorted(set(old) | set(new)):
     if key in ignore:
       continue
-    a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-      a, b = list(a), list(b)
+    a, b = _as_json(old.get(key, "<absent>")), _as_json(new.get(key, "<absent>"))
     if a != b:
       lines.append(f"{key}: {a!r} -> {b!r}")
   return lines
+
+
+def _as_json(value):
+  """A config value as it reads back from config.json: tuples as lists, at every depth (a
+  saved scene config's size_range is a list, today's a tuple)."""
+  if isinstance(value, dict):
+    return {k: _as_json(v) for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [_as_json(v) for v in value]
+  return value
 
 
 def move_aside(path: str) -> str:

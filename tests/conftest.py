@@ -5,10 +5,12 @@ import atexit
 import gzip
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import time
 
 # Tests check behaviour, not speed: XLA's quickest compilation (the suite spends most of
 # its time compiling), and one compilation cache shared by the session's processes (the
@@ -76,6 +78,21 @@ def run_command(module: str, *args: str) -> subprocess.CompletedProcess:
 
 def run_train_command(*args: str) -> subprocess.CompletedProcess:
   return run_command("experiments.train", *args)
+
+
+def kill_after_first_checkpoint(cmd: list[str], run_dir) -> None:
+  """Starts `cmd` (a training run into `run_dir`) and SIGKILLs it once its first
+  checkpoint is on disk; fails if the run ends before that."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
 
 
 def small_config(mnist_dir: str, **overrides):

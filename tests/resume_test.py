@@ -1,13 +1,10 @@
 """Exact resume after SIGKILL, torn logs, config changes, locks, divergence."""
 
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
-from conftest import ROOT, small_config
+from conftest import kill_after_first_checkpoint, small_config
 
 from jaxloc import train, workdir
 from jaxloc.errors import UserError
@@ -42,18 +39,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path):
   reference = train.train_and_evaluate(config, str(tmp_path / "ref"))
 
   run = tmp_path / "killed"
-  proc = subprocess.Popen(
-    _cli(config, run), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-  )
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    ckpts = run / "checkpoints"
-    if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
-      break
-    time.sleep(0.05)
-  assert proc.poll() is None, "the run ended before it could be killed"
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
+  kill_after_first_checkpoint(_cli(config, run), run)
   assert not (run / "metrics.json").exists()
 
   resumed = train.train_and_evaluate(config, str(run))

@@ -49,6 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
   dn.heatmap_loss_weight = 1.0  # weight of the focal heatmap loss
   dn.box_loss_weight = 1.0  # weight of the L1 box loss (offset and log size, cell units)
   dn.prior = 0.01  # initial heatmap probability of every cell (sets the heatmap bias)
+  # Datasets on disk (jaxloc.datasets: an MNIST-detection folder or COCO JSON) in place of
+  # the synthetic scenes: "" = draw scenes from MNIST (training: fresh every step).
+  config.data = ml_collections.ConfigDict()
+  config.data.train_path = ""  # training set, read in keyed passes (each image once a pass)
+  config.data.val_path = ""  # validation set (its first num_val images)
   config.scene = ml_collections.ConfigDict()
   sc = config.scene
   sc.max_objects = 2  # K: object slots per canvas
