@@ -21,6 +21,8 @@ own) on the same MNIST training digits, batch 64, canvas 75:
                   0-19 digits of 15-99 px, batch 16) with the single-scale network, the
                   feature pyramid, and the pyramid with GroupNorm
   profile         ms per batch: forward and gradient, jaxloc's conv vs XLA's native conv
+  read_dataset    seconds to read a detection dataset from disk (`jaxloc.datasets.read`):
+                  --data=PATH, or 1,000 scenes of the benchmark layout exported first
 
 Rows that need TensorFlow are skipped (and the table says so) without the [tfds] extra.
 Prints a markdown table; --out writes all figures as JSON.
@@ -44,6 +46,7 @@ _OUT = flags.DEFINE_string("out", None, "Write the figures as JSON here.")
 _MNIST_DIR = flags.DEFINE_string("mnist_dir", None, "IDX directory (default: $JAXLOC_MNIST_DIR).")
 _STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", -1, "jaxloc steps per call (-1: auto).")
 _PARTS = flags.DEFINE_list("parts", None, "Run only these measurements (default: all).")
+_DATA = flags.DEFINE_string("data", None, "read_dataset: the dataset folder to read.")
 
 BATCH, CANVAS = 64, 75
 PARTS = (
@@ -59,6 +62,7 @@ PARTS = (
   "train_md_single",
   "train_md_fpn",
   "train_md_fpn_group",
+  "read_dataset",
 )
 
 
@@ -212,6 +216,26 @@ def _md_config(backbone, norm):
   return config
 
 
+def read_dataset(steps):
+  """Seconds to read a dataset folder (PNG decoding on threads) and images/s."""
+  del steps
+  import tempfile
+
+  from jaxloc import datasets
+
+  path = _DATA.value
+  if not path:
+    from experiments import export
+
+    path = os.path.join(tempfile.mkdtemp(), "set")
+    datasets.write(path, export.make_scenes(_md_config("fpn", "none"), 1000, "test", 0))
+  t = time.perf_counter()
+  data = datasets.read(path)
+  dt = time.perf_counter() - t
+  n = len(data.images)
+  return {"images": n, "size": data.canvas_size, "read_s": dt, "images_per_s": n / dt}
+
+
 def _multi_config(head):
   from experiments.configs import multi
 
@@ -358,6 +382,8 @@ def _subprocess(name: str) -> dict:
     f"--steps={_STEPS.value}",
     f"--steps_per_call={_STEPS_PER_CALL.value}",
   ]
+  if _DATA.value:
+    cmd.append(f"--data={_DATA.value}")
   if _MNIST_DIR.value:
     cmd.append(f"--mnist_dir={_MNIST_DIR.value}")
   proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -408,6 +434,9 @@ def _table(r: dict) -> str:
     f"{fig('train_md_fpn_group', 'images_per_s', '{:,.1f}')} | | step time fpn / single: "
     f"{ratio('train_md_single', 'train_md_fpn', 'images_per_s')}, fpn + GroupNorm / single: "
     f"{ratio('train_md_single', 'train_md_fpn_group', 'images_per_s')} |",
+    f"| reading a detection dataset ({r['read_dataset'].get('images', '?')} PNGs of "
+    f"{r['read_dataset'].get('size', '?')}px), s | {fig('read_dataset', 'read_s', '{:.1f}')} "
+    f"({fig('read_dataset', 'images_per_s')} images/s) | | |",
     "",
     f"float32 bound: {r['matmul'].get('gflops', 0):.0f} GFLOP/s (2048^2 matmul) / "
     f"{train_flops_per_image() / 1e6:.1f} MFLOP per training image = {bound:,.0f} images/s; "

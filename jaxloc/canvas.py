@@ -392,11 +392,14 @@ def _place(key, size, wanted, canvas_size: int, max_overlap: float, tries: int, 
     u = jax.random.uniform(xy_keys[j], (batch_size, tries, 2))
     cand = jnp.floor(u * span[:, None, None]).astype(jnp.int32)
     cand_box = boxes.patch_box(cand[..., 0], cand[..., 1], size[:, j, None], canvas_size)
-    prev = jnp.repeat(earlier_box[:, None, :, :], tries, axis=1)  # [B, T, K, 4]
-    ious = boxes.iou(jnp.repeat(cand_box[:, :, None, :], k_slots, axis=2), prev)
-    ok = jnp.all((ious <= max_overlap) | ~placed[:, None, :], axis=-1)  # [B, T]
-    first = jnp.argmax(ok, axis=1)
-    found = jnp.any(ok, axis=1) & wanted[:, j]
+    if j == 0:  # nothing placed yet: the first try fits (and XLA has no constant to fold)
+      first, found = jnp.zeros((batch_size,), jnp.int32), wanted[:, 0]
+    else:
+      prev = jnp.repeat(earlier_box[:, None, :, :], tries, axis=1)  # [B, T, K, 4]
+      ious = boxes.iou(jnp.repeat(cand_box[:, :, None, :], k_slots, axis=2), prev)
+      ok = jnp.all((ious <= max_overlap) | ~placed[:, None, :], axis=-1)  # [B, T]
+      first = jnp.argmax(ok, axis=1)
+      found = jnp.any(ok, axis=1) & wanted[:, j]
     xy = jnp.take_along_axis(cand, first[:, None, None], axis=1)[:, 0]
     xy_all = xy_all.at[:, j].set(xy)
     placed = placed.at[:, j].set(found)
