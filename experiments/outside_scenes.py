@@ -10,7 +10,8 @@ centres, the border pixel repeated), placed at a uniform offset in [0, 300 - sid
 while its square has IoU >= 0.25 with an earlier digit's box; ink added in float, clipped at
 255 and truncated to uint8; the box the resized digit's columns and rows with ink (xyxy,
 max exclusive). The run's `Predictor` answers; pycocotools scores every detection (COCO's
-AP, AP50, AP75, AP_small, AP_medium; no ink box is larger than 96x96 px) and the kept ones give the count accuracy.
+AP, AP50, AP75, AP_small, AP_medium; no ink box is larger than 96x96 px) and the kept
+ones give the count accuracy.
 Needs pycocotools (the `dev` extra).
 """
 
