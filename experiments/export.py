@@ -41,10 +41,13 @@ def make_scenes(config, num: int, split: str, seed: int) -> datasets.Dataset:
   parts = []
   for i in range(-(-num // chunk)):
     key = jax.random.fold_in(jax.random.key(seed), i)
-    parts.append(jax.device_get(canvas.sample_scene(key, digits, labels, **args)))
+    scene = jax.device_get(canvas.sample_scene(key, digits, labels, **args))
+    scene["image"] = np.round(scene["image"][..., 0] * 255).astype(np.uint8)  # 1/4 the memory
+    parts.append(scene)
   cat = lambda name: np.concatenate([p[name] for p in parts])[:num]
-  image = np.round(cat("image")[..., 0] * 255).astype(np.uint8)
-  return datasets.Dataset(images=image, box=cat("box"), label=cat("label"), valid=cat("valid"))
+  return datasets.Dataset(
+    images=cat("image"), box=cat("box"), label=cat("label"), valid=cat("valid")
+  )
 
 
 def main(argv):
