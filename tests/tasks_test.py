@@ -4,10 +4,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_digits
+from conftest import ROOT, random_digits
 
 from experiments.configs import digit, multi, presence
 from jaxloc import model, tasks
+
+
+def _benchmark_layout():
+  """mnist_detection.py (fpn, additive ink, ink boxes) on a smaller canvas."""
+  from experiments.configs import mnist_detection
+
+  config = mnist_detection.get_config()
+  config.update(dict(canvas_size=96, batch_size=4))
+  config.scene.size_range = (15, 40)
+  return config
+
+
+def test_every_config_file_passes_its_checks():
+  import importlib
+  import pathlib
+
+  folder = pathlib.Path(ROOT) / "experiments" / "configs"
+  names = [p.stem for p in folder.glob("*.py") if p.stem[0] != "_"]
+  assert "mnist_detection" in names
+  for name in names:
+    if name != "scene_base":
+      tasks.check_config(importlib.import_module(f"experiments.configs.{name}").get_config())
 
 
 def _multi(head):
@@ -22,8 +44,9 @@ def _multi(head):
     (digit.get_config(), model.Localizer, {"label", "probs", "score", "box"}),
     (_multi("dense"), model.DenseDetector, {"box", "label", "score", "keep", "count"}),
     (_multi("slots"), model.Detector, {"box", "label", "score", "keep", "count"}),
+    (_benchmark_layout(), model.DenseDetector, {"box", "label", "score", "keep", "count"}),
   ],
-  ids=["digit", "dense", "slots"],
+  ids=["digit", "dense", "slots", "benchmark_fpn"],
 )
 def test_build_gives_a_consistent_task(config, model_type, answer_keys):
   """Sampler, model, loss and answers fit together: a batch gives a finite loss and

@@ -45,4 +45,9 @@ def get_config():
   sc.max_overlap = 0.25
   sc.box_type = "ink"
   sc.paste_mode = "add"
+  # The feature pyramid: at the CPU budget (1,000 steps of batch 16, 500 validation scenes) it
+  # reached AP 0.569 / AP50 0.883 / count 0.560, the single-scale network 0.480 / 0.795 /
+  # 0.354; with GroupNorm on every conv, after 500 steps, 0.426 / 0.801 / 0.450 against the
+  # pyramid's 0.478 / 0.830 / 0.480 without it (README, "The MNIST detection benchmark").
+  config.dense.backbone = "fpn"
   return config
