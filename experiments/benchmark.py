@@ -221,14 +221,12 @@ def read_dataset(steps):
   del steps
   import tempfile
 
-  from jaxloc import datasets
+  from jaxloc import datasets, tasks
 
   path = _DATA.value
   if not path:
-    from experiments import export
-
     path = os.path.join(tempfile.mkdtemp(), "set")
-    datasets.write(path, export.make_scenes(_md_config("fpn", "none"), 1000, "test", 0))
+    datasets.write(path, tasks.export_scenes(_md_config("fpn", "none"), 1000, "test", 0))
   t = time.perf_counter()
   data = datasets.read(path)
   dt = time.perf_counter() - t

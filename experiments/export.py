@@ -14,13 +14,11 @@ files. Pixels are rounded to uint8; boxes to whole pixels, outwards (the `patch`
 box types are whole pixels already).
 """
 
-import jax
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
-from jaxloc import canvas, datasets, evaluation, mnist, tasks
+from jaxloc import datasets, tasks
 from jaxloc.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A scene config file.")
@@ -29,25 +27,6 @@ _NUM = flags.DEFINE_integer("num", 1000, "Scenes to write.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "test"], "MNIST digits to draw from.")
 _SEED = flags.DEFINE_integer("seed", None, "Scene seed (default: the config's val_seed).")
 flags.mark_flags_as_required(["config", "out"])
-
-
-def make_scenes(config, num: int, split: str, seed: int) -> datasets.Dataset:
-  """`num` scenes of the config from the `split` digits, chunk i with fold_in(key(seed), i)."""
-  digits, labels = (
-    jax.numpy.asarray(a) for a in mnist.load(split, mnist_dir=config.mnist_dir or None)
-  )
-  chunk = min(evaluation.SCENE_VAL_CHUNK, num)
-  args = tasks.scene_args(config, chunk)
-  parts = []
-  for i in range(-(-num // chunk)):
-    key = jax.random.fold_in(jax.random.key(seed), i)
-    scene = jax.device_get(canvas.sample_scene(key, digits, labels, **args))
-    scene["image"] = np.round(scene["image"][..., 0] * 255).astype(np.uint8)  # 1/4 the memory
-    parts.append(scene)
-  cat = lambda name: np.concatenate([p[name] for p in parts])[:num]
-  return datasets.Dataset(
-    images=cat("image"), box=cat("box"), label=cat("label"), valid=cat("valid")
-  )
 
 
 def main(argv):
@@ -62,7 +41,7 @@ def main(argv):
   if _NUM.value < 1:
     raise UserError(f"--num={_NUM.value} must be positive")
   seed = config.val_seed if _SEED.value is None else _SEED.value
-  data = make_scenes(config, _NUM.value, _SPLIT.value, seed)
+  data = tasks.export_scenes(config, _NUM.value, _SPLIT.value, seed)
   datasets.write(_OUT.value, data)
   print(
     f"wrote {_NUM.value} scenes ({int(data.valid.sum())} digits, {_SPLIT.value} digits, seed "

@@ -22,7 +22,7 @@ import json
 import numpy as np
 from absl import flags
 
-from experiments import cli
+from experiments import cli, generator
 from jaxloc import inference, mnist
 from jaxloc.errors import UserError
 
@@ -34,65 +34,7 @@ _MAX_COUNT = flags.DEFINE_integer("max_count", 19, "Most digits per canvas.")
 _OUT = flags.DEFINE_string("out", "", "Also write the figures to this JSON file.")
 flags.mark_flags_as_required(["workdir"])
 
-CANVAS = 300
-SIDES = (15, 100)  # numpy's randint(15, 100): 15..99
-MAX_IOU = 0.25
 BATCH = 50  # canvases per Predictor call
-
-
-def resize_linear(digit: np.ndarray, side: int) -> np.ndarray:
-  """cv2.resize(digit, (side, side)) with INTER_LINEAR on float32, in numpy."""
-
-  def weights(n_in: int, n_out: int):
-    f = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-    i0 = np.floor(f).astype(int)
-    a = f - i0
-    low, high = i0 < 0, i0 >= n_in - 1
-    a[low | high] = 0.0
-    i0 = np.clip(i0, 0, n_in - 1)
-    return i0, np.minimum(i0 + 1, n_in - 1), a
-
-  i0, i1, a = weights(digit.shape[0], side)
-  rows = digit[i0] * (1 - a)[:, None] + digit[i1] * a[:, None]
-  return rows[:, i0] * (1 - a)[None, :] + rows[:, i1] * a[None, :]
-
-
-def _iou(a, b) -> float:
-  ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-  iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-  inter = ix * iy
-  return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
-def _tight(digit: np.ndarray, x0: int, y0: int) -> list[int]:
-  cols, rows = np.nonzero(digit.sum(axis=0))[0], np.nonzero(digit.sum(axis=1))[0]
-  if cols.size == 0:
-    return [x0, y0, x0 + digit.shape[1], y0 + digit.shape[0]]
-  return [x0 + cols[0], y0 + rows[0], x0 + cols[-1] + 1, y0 + rows[-1] + 1]
-
-
-def make_scenes(rng, digits, labels, num: int, min_count: int, max_count: int):
-  """num canvases uint8 [num, 300, 300] and per canvas a list of (label, xmin, ymin, xmax,
-  ymax) in pixels."""
-  images, targets = np.zeros((num, CANVAS, CANVAS), np.uint8), []
-  for n in range(num):
-    im, boxes_, labels_ = np.zeros((CANVAS, CANVAS), np.float32), [], []
-    for _ in range(rng.integers(min_count, max_count + 1)):
-      while True:
-        side = int(rng.integers(*SIDES))
-        x0, y0 = (int(v) for v in rng.integers(0, CANVAS - side, size=2))
-        square = [x0, y0, x0 + side, y0 + side]
-        if all(_iou(square, b) < MAX_IOU for b in boxes_):
-          break
-      i = int(rng.integers(len(labels)))
-      digit = resize_linear(digits[i].astype(np.float32), side)
-      boxes_.append(_tight(digit, x0, y0))
-      labels_.append(int(labels[i]))
-      im[y0 : y0 + side, x0 : x0 + side] += digit
-      np.minimum(im, 255, out=im)
-    images[n] = im.astype(np.uint8)
-    targets.append([(lab, *b) for lab, b in zip(labels_, boxes_, strict=True)])
-  return images, targets
 
 
 def score(predictor, images, targets) -> dict:
@@ -121,7 +63,7 @@ def score(predictor, images, targets) -> dict:
           }
         )
   for n, objects in enumerate(targets):
-    gt["images"].append({"id": n, "width": CANVAS, "height": CANVAS})
+    gt["images"].append({"id": n, "width": generator.CANVAS, "height": generator.CANVAS})
     for lab, x0, y0, x1, y1 in objects:
       w, h = x1 - x0, y1 - y0
       ann = {"id": len(gt["annotations"]) + 1, "image_id": n, "category_id": lab}
@@ -152,14 +94,18 @@ def main(argv):
   if _NUM.value < 1:
     raise UserError(f"--num={_NUM.value} must be positive")
   predictor = inference.Predictor.from_workdir(_WORKDIR.value)
-  if predictor.canvas_size != CANVAS or "keep" not in predictor(
+  if predictor.canvas_size != generator.CANVAS or "keep" not in predictor(
     np.zeros((1, predictor.canvas_size, predictor.canvas_size), np.uint8)
   ):
-    raise UserError(f"{_WORKDIR.value} is not a scene run on {CANVAS}x{CANVAS} canvases")
+    raise UserError(
+      f"{_WORKDIR.value} is not a scene run on {generator.CANVAS}x{generator.CANVAS} canvases"
+    )
   config = predictor.config
   digits, labels = mnist.load("test", mnist_dir=config.mnist_dir or None)
   rng = np.random.default_rng(_SEED.value)
-  images, targets = make_scenes(rng, digits, labels, _NUM.value, _MIN_COUNT.value, _MAX_COUNT.value)
+  images, targets = generator.make_scenes(
+    rng, digits, labels, _NUM.value, _MIN_COUNT.value, _MAX_COUNT.value
+  )
   figures = score(predictor, images, targets)
   print(
     " | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())

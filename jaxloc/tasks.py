@@ -414,3 +414,24 @@ def load_set(path: str, config: ml_collections.ConfigDict, limit: int = -1) -> d
     "label": pad(data.label),
     "valid": pad(data.valid),
   }
+
+
+def export_scenes(config, num: int, split: str, seed: int) -> datasets.Dataset:
+  """`num` scenes of a scene config from the `split` digits as a `datasets.Dataset` (uint8
+  images), chunk i of `evaluation.SCENE_VAL_CHUNK` with fold_in(key(seed), i): with the
+  test split, seed = val_seed and num = num_val, a run's validation set."""
+  digits, labels = (
+    jax.numpy.asarray(a) for a in mnist.load(split, mnist_dir=config.mnist_dir or None)
+  )
+  chunk = min(evaluation.SCENE_VAL_CHUNK, num)
+  args = scene_args(config, chunk)
+  parts = []
+  for i in range(-(-num // chunk)):
+    key = jax.random.fold_in(jax.random.key(seed), i)
+    scene = jax.device_get(canvas.sample_scene(key, digits, labels, **args))
+    scene["image"] = np.round(scene["image"][..., 0] * 255).astype(np.uint8)  # 1/4 the memory
+    parts.append(scene)
+  cat = lambda name: np.concatenate([p[name] for p in parts])[:num]
+  return datasets.Dataset(
+    images=cat("image"), box=cat("box"), label=cat("label"), valid=cat("valid")
+  )

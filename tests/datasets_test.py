@@ -10,8 +10,7 @@ import conftest
 import numpy as np
 import pytest
 
-from experiments import export
-from jaxloc import datasets, train, workdir
+from jaxloc import datasets, tasks, train, workdir
 from jaxloc.errors import UserError
 
 TIMING = ("train_images_per_s", "train_s", "compile_s", "eval_s", "wall_s", "resumed_from_step")
@@ -36,7 +35,7 @@ def _config(mnist_dir, name="detect", **fields):
 def exported(mnist_dir, tmp_path_factory):
   """12 scenes written in both formats, and the arrays they were written from."""
   out = str(tmp_path_factory.mktemp("export") / "set")
-  data = export.make_scenes(_config(mnist_dir), 12, "test", seed=0)
+  data = tasks.export_scenes(_config(mnist_dir), 12, "test", seed=0)
   datasets.write(out, data)
   return out, data
 
@@ -61,7 +60,7 @@ def test_export_reads_back_to_the_pixel_in_both_formats(exported):
 
 def test_the_same_seed_gives_the_same_files(mnist_dir, tmp_path):
   for name in ("a", "b"):
-    datasets.write(str(tmp_path / name), export.make_scenes(_config(mnist_dir), 5, "train", 3))
+    datasets.write(str(tmp_path / name), tasks.export_scenes(_config(mnist_dir), 5, "train", 3))
   for sub in ("labels/0.txt", "labels/4.txt", "images/2.png", "annotations.json"):
     assert (tmp_path / "a" / sub).read_bytes() == (tmp_path / "b" / sub).read_bytes(), sub
 

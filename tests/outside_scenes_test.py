@@ -1,17 +1,17 @@
-"""experiments/outside_scenes.py: the benchmark generator's scenes, written again in numpy."""
+"""experiments/generator.py and outside_scenes.py: the benchmark generator's scenes in numpy."""
 
 import conftest
 import numpy as np
 
-from experiments import outside_scenes
+from experiments import generator
 
 
 def test_resizing_to_28_keeps_the_digit_and_a_constant_stays_constant():
   rng = np.random.default_rng(0)
   digit = rng.integers(0, 256, (28, 28)).astype(np.float32)
-  np.testing.assert_allclose(outside_scenes.resize_linear(digit, 28), digit, atol=1e-4)
+  np.testing.assert_allclose(generator.resize_linear(digit, 28), digit, atol=1e-4)
   for side in (15, 57, 99):
-    flat = outside_scenes.resize_linear(np.full((28, 28), 7.0, np.float32), side)
+    flat = generator.resize_linear(np.full((28, 28), 7.0, np.float32), side)
     assert flat.shape == (side, side)
     np.testing.assert_allclose(flat, 7.0, atol=1e-4)  # borders repeat (cv2), never fade
 
@@ -21,7 +21,7 @@ def test_scenes_follow_the_generator(mnist_dir):
 
   digits, labels = mnist.load("test", mnist_dir=mnist_dir)
   rng = np.random.default_rng(1)
-  images, targets = outside_scenes.make_scenes(rng, digits[:500], labels[:500], 20, 0, 19)
+  images, targets = generator.make_scenes(rng, digits[:500], labels[:500], 20, 0, 19)
   assert images.shape == (20, 300, 300) and images.dtype == np.uint8
   assert all(0 <= len(t) <= 19 for t in targets) and sum(map(len, targets)) > 50
   for image, objects in zip(images, targets, strict=True):
