@@ -337,9 +337,7 @@ def sample_scene(
   ext = ink_extent(chosen.reshape(-1, DIGIT_SIZE, DIGIT_SIZE)).reshape(batch_size, k_slots, 4)
   ext = ext * (size / DIGIT_SIZE)[..., None]  # the ink extent in canvas pixels, from the offset
   overlap_ext = ext if box_type == "ink" else None
-  xy, placed, placed_box = _place(
-    keys[5], size, wanted, canvas_size, max_overlap, tries, overlap_ext
-  )
+  xy, placed = _place(keys[5], size, wanted, canvas_size, max_overlap, tries, overlap_ext)
   if box_type == "ink" or paste_mode != "max" or size_range != (DIGIT_SIZE, DIGIT_SIZE):
     digit_canvases = place_digits(chosen, xy, size, placed, canvas_size=canvas_size)
     image = combine(digit_canvases, paste_mode)
@@ -349,8 +347,8 @@ def sample_scene(
     box = ink_box(digit_canvases) / canvas_size
   elif box_type == "tight":
     box = (jnp.concatenate([xy, xy], axis=-1) + ext) / canvas_size
-  else:
-    box = placed_box
+  else:  # the pasted square
+    box = boxes.patch_box(xy[..., 0], xy[..., 1], size, canvas_size)
   valid = placed[:, :max_objects]
   box = jnp.where(valid[..., None], box[:, :max_objects], 0.0)
   label = jnp.where(valid, labels[index[:, :max_objects]], 0)
@@ -379,11 +377,10 @@ def _place(key, size, wanted, canvas_size: int, max_overlap: float, tries: int, 
   """Sequential placement with rejection: slot j tries `tries` offsets and keeps the first
   whose patch overlaps the digits placed before by IoU <= max_overlap (none fits: the slot
   stays empty). A digit placed before counts as its patch, or, given `ext` [B, K+1, 4] (ink
-  extents from the offset, pixels), as its ink box. Returns offsets xy [B, K+1, 2],
-  placed [B, K+1] and the patch boxes."""
+  extents from the offset, pixels), as its ink box. Returns offsets xy [B, K+1, 2] and
+  placed [B, K+1]."""
   batch_size, k_slots = size.shape
   xy_keys = jax.random.split(key, k_slots)
-  placed_box = jnp.zeros((batch_size, k_slots, 4))
   earlier_box = jnp.zeros((batch_size, k_slots, 4))  # what later digits are tested against
   placed = jnp.zeros((batch_size, k_slots), bool)
   xy_all = jnp.zeros((batch_size, k_slots, 2), jnp.int32)
@@ -403,12 +400,12 @@ def _place(key, size, wanted, canvas_size: int, max_overlap: float, tries: int, 
     xy = jnp.take_along_axis(cand, first[:, None, None], axis=1)[:, 0]
     xy_all = xy_all.at[:, j].set(xy)
     placed = placed.at[:, j].set(found)
-    box = jnp.take_along_axis(cand_box, first[:, None, None], 1)[:, 0]
-    placed_box = placed_box.at[:, j].set(jnp.where(found[:, None], box, 0.0))
-    if ext is not None:
+    if ext is None:
+      box = jnp.take_along_axis(cand_box, first[:, None, None], 1)[:, 0]
+    else:
       box = (jnp.concatenate([xy, xy], axis=-1) + ext[:, j]) / canvas_size
     earlier_box = earlier_box.at[:, j].set(jnp.where(found[:, None], box, 0.0))
-  return xy_all, placed, placed_box
+  return xy_all, placed
 
 
 def stored_scene(data: dict, index: jax.Array) -> Scene:

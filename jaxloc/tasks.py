@@ -49,7 +49,7 @@ class Task(NamedTuple):
 
 # Fields added after runs were written, with the value that reproduces those runs.
 ADDED_FIELDS = {"ema_decay": 0.0, "lr_schedule": "constant", "warmup_steps": 0}
-ADDED_SCENE_FIELDS = {"head": "slots"}
+ADDED_SCENE_FIELDS = {"head": "slots", "data": {}}  # data: filled in below
 ADDED_NESTED_FIELDS = {
   "scene": {"paste_mode": "max"},
   "data": {"train_path": "", "val_path": ""},
@@ -67,8 +67,6 @@ def upgrade_config(config: dict) -> dict:
   existed ran with (scene runs then had only the slot detector, and no datasets on disk)."""
   added = dict(ADDED_FIELDS, **(ADDED_SCENE_FIELDS if config.get("scene") else {}))
   config = {**added, **config}
-  if config.get("scene") and "data" not in config:
-    config["data"] = {}
   for group, fields in ADDED_NESTED_FIELDS.items():
     if group in config:
       config[group] = {**fields, **config[group]}
@@ -418,17 +416,16 @@ def load_set(path: str, config: ml_collections.ConfigDict, limit: int = -1) -> d
 
 def export_scenes(config, num: int, split: str, seed: int) -> datasets.Dataset:
   """`num` scenes of a scene config from the `split` digits as a `datasets.Dataset` (uint8
-  images), chunk i of `evaluation.SCENE_VAL_CHUNK` with fold_in(key(seed), i): with the
-  test split, seed = val_seed and num = num_val, a run's validation set."""
-  digits, labels = (
-    jax.numpy.asarray(a) for a in mnist.load(split, mnist_dir=config.mnist_dir or None)
-  )
+  images), made as the validation chunks are (`evaluation.sampled_chunk` with `seed` as
+  val_seed): with the test split, seed = val_seed and num = num_val, a run's validation set."""
+  digits, labels = mnist.load(split, mnist_dir=config.mnist_dir or None)
   chunk = min(evaluation.SCENE_VAL_CHUNK, num)
-  args = scene_args(config, chunk)
+  make_chunk = functools.partial(
+    evaluation.sampled_chunk, sample_args=scene_args(config, chunk), val_seed=seed
+  )
   parts = []
   for i in range(-(-num // chunk)):
-    key = jax.random.fold_in(jax.random.key(seed), i)
-    scene = jax.device_get(canvas.sample_scene(key, digits, labels, **args))
+    scene = jax.device_get(make_chunk({"digits": digits, "labels": labels}, i))
     scene["image"] = np.round(scene["image"][..., 0] * 255).astype(np.uint8)  # 1/4 the memory
     parts.append(scene)
   cat = lambda name: np.concatenate([p[name] for p in parts])[:num]
