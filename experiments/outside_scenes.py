@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags
 
 from experiments import cli, generator
-from jaxloc import inference, mnist
+from jaxloc import inference, metrics, mnist
 from jaxloc.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir of a scene run with 300x300 canvases.")
@@ -44,35 +44,24 @@ def score(predictor, images, targets) -> dict:
     from pycocotools.cocoeval import COCOeval
   except ImportError:
     raise UserError("pycocotools is not installed: pip install -e '.[dev]'") from None
-  gt = {"images": [], "annotations": [], "categories": [{"id": c} for c in range(10)]}
-  dets, right = [], 0
+  dets, gts, right = [], [], 0
   for start in range(0, len(images), BATCH):
     out = predictor(images[start : start + BATCH])
     for j in range(len(out["count"])):
       n = start + j
       right += int(out["count"][j]) == len(targets[n])
       for t in np.nonzero(out["score"][j] > 0)[0]:
-        x0, y0, x1, y1 = (float(v) for v in out["box_px"][j, t])
-        bbox = [x0, y0, x1 - x0, y1 - y0]
-        dets.append(
-          {
-            "image_id": n,
-            "category_id": int(out["label"][j, t]),
-            "bbox": bbox,
-            "score": float(out["score"][j, t]),
-          }
-        )
+        label, score_, box = int(out["label"][j, t]), float(out["score"][j, t]), out["box"][j, t]
+        dets.append({"image_id": n, "category_id": label, "score": score_, "box": box})
   for n, objects in enumerate(targets):
-    gt["images"].append({"id": n, "width": generator.CANVAS, "height": generator.CANVAS})
-    for lab, x0, y0, x1, y1 in objects:
-      w, h = x1 - x0, y1 - y0
-      ann = {"id": len(gt["annotations"]) + 1, "image_id": n, "category_id": lab}
-      gt["annotations"].append(ann | {"bbox": [x0, y0, w, h], "area": w * h, "iscrowd": 0})
+    for label, *px in objects:
+      gts.append({"image_id": n, "category_id": label, "box": np.array(px) / generator.CANVAS})
+  gt, det_json = metrics.coco_json(dets, gts, generator.CANVAS, len(images), range(10))
   with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
     coco = COCO()
     coco.dataset = gt
     coco.createIndex()
-    result = COCOeval(coco, coco.loadRes(dets) if dets else COCO(), "bbox")
+    result = COCOeval(coco, coco.loadRes(det_json) if det_json else COCO(), "bbox")
     result.evaluate()
     result.accumulate()
     result.summarize()
@@ -80,7 +69,7 @@ def score(predictor, images, targets) -> dict:
   figures = {k: float(v) for k, v in zip(names, result.stats[:5], strict=True)}
   figures["count_accuracy"] = right / len(images)
   figures["num_scenes"] = len(images)
-  figures["num_digits"] = len(gt["annotations"])
+  figures["num_digits"] = len(gts)
   return figures
 
 
@@ -94,9 +83,7 @@ def main(argv):
   if _NUM.value < 1:
     raise UserError(f"--num={_NUM.value} must be positive")
   predictor = inference.Predictor.from_workdir(_WORKDIR.value)
-  if predictor.canvas_size != generator.CANVAS or "keep" not in predictor(
-    np.zeros((1, predictor.canvas_size, predictor.canvas_size), np.uint8)
-  ):
+  if predictor.canvas_size != generator.CANVAS or not predictor.config.get("scene"):
     raise UserError(
       f"{_WORKDIR.value} is not a scene run on {generator.CANVAS}x{generator.CANVAS} canvases"
     )
