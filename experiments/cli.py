@@ -3,7 +3,8 @@
 Library INFO logs (Orbax, jax, TensorFlow) are off unless `--verbose` is given.
 Flag and config-override errors (an unknown field, a misspelt override, a bad
 value, a missing config file) and `jaxloc.errors.UserError` are printed as
-`error: ...` without a traceback.
+`error: ...` without a traceback; `jaxloc.errors.Stopped` (training stopped by SIGTERM or
+SIGINT, its checkpoint saved) prints its line and exits 143 or 130.
 """
 
 import re
@@ -12,7 +13,7 @@ import sys
 from absl import app, flags
 
 from jaxloc import console
-from jaxloc.errors import UserError
+from jaxloc.errors import Stopped, UserError
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the INFO logs of Orbax, jax and TensorFlow.")
 
@@ -52,3 +53,6 @@ def run(main) -> None:
     app.run(_with_log_level(main), argv=argv)
   except UserError as e:
     _fail(str(e))
+  except Stopped as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(e.exit_status)

@@ -40,9 +40,18 @@ def load_params(work_dir: str, config):
   with open(path, "rb") as f:
     data = f.read()
   try:
-    return serialization.from_bytes(like, data)
+    params = serialization.from_bytes(like, data)
   except Exception as e:  # msgpack raises several types on a damaged file
     raise UserError(f"{path}: cannot be read as this config's parameters ({e})") from None
+  for (where, want), got in zip(
+    jax.tree_util.tree_leaves_with_path(like), jax.tree_util.tree_leaves(params), strict=True
+  ):
+    if np.shape(got) != want.shape:
+      raise UserError(
+        f"{path}: parameter {jax.tree_util.keystr(where)} has shape {np.shape(got)} where "
+        f"the config in {work_dir!r} makes {want.shape}; the file is another model's"
+      )
+  return params
 
 
 def load_config(work_dir: str) -> ml_collections.ConfigDict:

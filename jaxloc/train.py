@@ -8,10 +8,11 @@ draws its batches on the device (`sample_fn(data_key, step, ...)`, e.g.
 the host fetches only when it logs.
 
 A run, step by step: `train_and_evaluate` checks the config, lets `workdir.resume_step`
-decide between a new run, a resume and a refusal, then `_run`: `_restore` (state, data),
-`_train` (epochs of `_train_epoch`: compiled steps from `_Steps`, a `_Log` record every
-`log_every` steps, checkpoints; an `_Evaluation` and an epoch line after each epoch),
-`_export` (params.msgpack, the task's plots and files) and metrics.json.
+decide between a new run, a resume and a refusal, `_initial_state` (new, or the newest
+readable checkpoint), then `_run`: `_train` (epochs of `_train_epoch`: compiled steps from
+`_Steps`, a `_Log` record every `log_every` steps, checkpoints, a stop on SIGTERM / SIGINT;
+an `_Evaluation` and an epoch line after each epoch), `_export` (params.msgpack, the task's
+plots and files) and metrics.json.
 """
 
 import contextlib
@@ -30,7 +31,7 @@ from absl import logging
 from flax import serialization
 from flax.training import train_state
 
-from jaxloc import checkpoint, console, events, losses, model, parallel, tasks, workdir
+from jaxloc import checkpoint, console, events, losses, model, parallel, preemption, tasks, workdir
 from jaxloc.errors import UserError
 
 
@@ -180,14 +181,20 @@ def train_and_evaluate(
   """Trains the config's model, evaluates every epoch, writes the workdir; returns the
   final figures (those of metrics.json).
 
-  A workdir with checkpoints of the same config is resumed from its latest one (see
-  `workdir.resume_step`). `echo(line)` receives the console lines (process 0 only).
+  A workdir with checkpoints of the same config is resumed from its latest readable one
+  (see `workdir.resume_step`; damaged ones are moved aside, `checkpoint.restore_readable`).
+  SIGTERM or SIGINT during training saves a checkpoint and raises `errors.Stopped`
+  (`jaxloc.preemption`). `echo(line)` receives the console lines (process 0 only).
   """
   tasks.check_config(config)
   data = tasks.load_data(config)  # before the workdir: bad data writes nothing
   workdir.prepare(work_dir)
   main_process = jax.process_index() == 0
-  with workdir.lock(work_dir) if main_process else contextlib.nullcontext():
+  echo = echo if main_process else _silent
+  with (
+    preemption.Signals() as signals,
+    workdir.lock(work_dir) if main_process else contextlib.nullcontext(),
+  ):
     mngr = checkpoint.manager(work_dir, config.keep_checkpoints)
     with mngr:
       resume_step = workdir.resume_step(
@@ -199,15 +206,48 @@ def train_and_evaluate(
         upgrade=tasks.upgrade_config,
       )
       mngr.reload()  # --fresh may have moved the old checkpoints aside
-      return _run(config, work_dir, mngr, resume_step, data, echo if main_process else _silent)
+      state, resume_step = _initial_state(config, work_dir, mngr, resume_step, fresh, echo)
+      try:
+        return _run(config, work_dir, mngr, state, resume_step, data, echo, signals)
+      except OSError as e:  # a full disk or lost permissions while writing logs or outputs
+        raise UserError(
+          f"cannot write {e.filename or work_dir} ({e.strerror or e}); the files written "
+          "before are intact. Free disk space or fix the permissions, then run the same "
+          "command to resume"
+        ) from None
+
+
+def _initial_state(config, work_dir, mngr, resume_step, fresh, echo):
+  """(state, step): a new train state, or the newest readable checkpoint at or before
+  `resume_step`. With `fresh`, a run none of whose checkpoints can be read is moved aside."""
+  state = create_train_state(_keys(config)[0], config)
+  if resume_step is None:
+    return state, None
+  try:
+    resume_step, state = checkpoint.restore_readable(mngr, state, resume_step, echo)
+  except checkpoint.Unreadable:
+    if not fresh:
+      raise
+    logging.warning("moved the previous run in %s to %s", work_dir, workdir.move_aside(work_dir))
+    mngr.reload()
+    return state, None
+  logging.info("resumed from step %d", resume_step)
+  return state, resume_step
+
+
+def _keys(config) -> tuple[jax.Array, jax.Array]:
+  """(init_key, data_key) of the run: its parameters' and its batches' randomness."""
+  init_key, data_key = jax.random.split(jax.random.key(config.seed))
+  return init_key, data_key
 
 
 def _silent(line: str) -> None:
   del line
 
 
-def _run(config, work_dir, mngr, resume_step, data, echo) -> dict:
-  """The run after the workdir decision: restore, train and evaluate, export."""
+def _run(config, work_dir, mngr, state, resume_step, data, echo, signals) -> dict:
+  """The run from its initial `state` (new, or restored at `resume_step`): train and
+  evaluate, export."""
   t_start = time.perf_counter()
   # Multi-host: only process 0 writes logs, plots and metrics; the others write
   # theirs to a throwaway directory (every process takes part in checkpoints).
@@ -216,7 +256,8 @@ def _run(config, work_dir, mngr, resume_step, data, echo) -> dict:
   workdir.write_json(os.path.join(out_dir, workdir.CONFIG), config.to_dict())
   task = tasks.build(config)
   mesh = parallel.data_mesh()
-  state, (digits, labels, val), data_key = _restore(config, mngr, resume_step, mesh, data)
+  data_key = _keys(config)[1]
+  state, data_key, (digits, labels, val) = parallel.replicate((state, data_key, data), mesh)
   static = dict(sample_fn=task.sample_fn, loss_fn=task.loss_fn, mesh=mesh)
   steps = _Steps(state, (digits, labels, data_key), ema_decay=config.ema_decay, **static)
   steps_per_call = tasks.resolve_steps_per_call(config.steps_per_call)
@@ -227,7 +268,7 @@ def _run(config, work_dir, mngr, resume_step, data, echo) -> dict:
   log = _Log(out_dir, resume_step, main_process, echo, plot)
   evaluate = _Evaluation(task, state.apply_fn, val, mesh)
   try:
-    state, result = _train(config, state, steps, steps_per_call, log, evaluate, mngr)
+    state, result = _train(config, state, steps, steps_per_call, log, evaluate, mngr, signals)
   finally:
     log.close()
   if result is None:  # resumed at the very end: evaluate the restored state
@@ -250,19 +291,6 @@ def _run(config, work_dir, mngr, resume_step, data, echo) -> dict:
   for line in console.end_lines(work_dir, final):
     echo(line)
   return final
-
-
-def _restore(config, mngr, resume_step, mesh, data):
-  """The train state (restored from `resume_step`, or new), the data (`tasks.load_data`)
-  and the data key, all replicated on `mesh`."""
-  data = parallel.replicate(data, mesh)
-  init_key, data_key = jax.random.split(jax.random.key(config.seed))
-  state = create_train_state(init_key, config)
-  if resume_step is not None:
-    state = checkpoint.restore(mngr, state, resume_step)
-    logging.info("resumed from step %d", resume_step)
-  state, data_key = parallel.replicate((state, data_key), mesh)
-  return state, data, data_key
 
 
 class _Steps:
@@ -364,7 +392,7 @@ class _Evaluation:
     return summary, per, raw
 
 
-def _train(config, state, steps, steps_per_call, log, evaluate, mngr):
+def _train(config, state, steps, steps_per_call, log, evaluate, mngr, signals):
   """Trains from `state.step` to the last epoch, evaluating at the end of each; returns
   the final state and the last evaluation (None when there was nothing left to train)."""
   spe, total = config.steps_per_epoch, config.epochs * config.steps_per_epoch
@@ -374,7 +402,9 @@ def _train(config, state, steps, steps_per_call, log, evaluate, mngr):
   bar = console.progress_bar(total, step)
   for epoch in range(step // spe + 1, config.epochs + 1):
     t0, trained0 = steps.train_s, steps.trained
-    state = _train_epoch(config, state, epoch, steps, steps_per_call, log, epoch_means, mngr, bar)
+    state = _train_epoch(
+      config, state, epoch, steps, steps_per_call, log, epoch_means, mngr, bar, signals
+    )
     result = evaluate(state)
     summary, per, raw = result
     record = {"step": epoch * spe, "epoch": epoch, **epoch_means.means()}
@@ -390,37 +420,48 @@ def _train(config, state, steps, steps_per_call, log, evaluate, mngr):
   return state, result
 
 
-def _train_epoch(config, state, epoch, steps, steps_per_call, log, epoch_means, mngr, bar):
+def _train_epoch(config, state, epoch, steps, steps_per_call, log, epoch_means, mngr, bar, signals):
   """The steps of `epoch` from `state.step`: a metrics.jsonl record every `log_every`
-  steps, a checkpoint every `checkpoint_every` steps and at the end of training."""
+  steps, a checkpoint every `checkpoint_every` steps and at the end of training. A stop
+  request (`signals`) logs the steps since the last record, saves and raises `Stopped`."""
   step, epoch_end = int(state.step), epoch * config.steps_per_epoch
   total = config.epochs * config.steps_per_epoch
   sums = steps.zeros()
   while step < epoch_end:
     next_log = min((step // config.log_every + 1) * config.log_every, epoch_end)
     since_log = 0
-    while step < next_log:
+    while step < next_log and not signals.poll():
       n = min(steps_per_call, next_log - step)
       state, sums = steps(state, sums, n)
       step, since_log = step + n, since_log + n
       bar.update(n)
-    fetched = steps.fetch(sums)
-    if not np.isfinite(fetched["loss"]):
-      raise TrainingDiverged(
-        f"training loss is {fetched['loss']} in steps {step - since_log + 1}..{step}; "
-        f"the last good checkpoint (step {mngr.latest_step()}) is kept. "
-        "Lower --config.learning_rate and start a new workdir."
-      )
-    means = _means(fetched, since_log)
-    log.write({"step": step, "epoch": epoch, "steps_averaged": since_log, **means})
-    bar.set_postfix(loss=f"{means['train/loss']:.4f}")
-    epoch_means.add(fetched, since_log)
+    if since_log:
+      _log_steps(log, epoch, step, since_log, steps.fetch(sums), epoch_means, mngr, bar)
     sums = steps.zeros()
+    if signals.agree():
+      if mngr.latest_step() != step and step > 0:
+        checkpoint.save(mngr, state)
+      bar.close()
+      raise signals.stopped(step, total)
     if step // config.checkpoint_every > (step - since_log) // config.checkpoint_every or (
       step == total
     ):
       checkpoint.save(mngr, state)
   return state
+
+
+def _log_steps(log, epoch, step, since_log, fetched, epoch_means, mngr, bar) -> None:
+  """The record of the `since_log` steps up to `step` (their metric sums `fetched`)."""
+  if not np.isfinite(fetched["loss"]):
+    raise TrainingDiverged(
+      f"training loss is {fetched['loss']} in steps {step - since_log + 1}..{step}; "
+      f"the last good checkpoint (step {mngr.latest_step()}) is kept. "
+      "Lower --config.learning_rate and start a new workdir."
+    )
+  means = _means(fetched, since_log)
+  log.write({"step": step, "epoch": epoch, "steps_averaged": since_log, **means})
+  bar.set_postfix(loss=f"{means['train/loss']:.4f}")
+  epoch_means.add(fetched, since_log)
 
 
 def _export(out_dir, task, state, val, result, history) -> dict:

@@ -200,7 +200,8 @@ def _resume_problem(path: str, config, latest: int | None, old: dict | None, res
       "\n  ".join(diff)
     )
   total = config.epochs * config.steps_per_epoch
-  if latest is None or latest >= total:
+  finished = os.path.exists(os.path.join(path, METRICS))
+  if latest is None or latest > total or (latest == total and finished):
     return f"workdir {path!r} holds a finished run of {latest or total} steps; " + (
       "raise --config.epochs to train on"
       if config.lr_schedule == "constant"

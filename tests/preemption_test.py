@@ -1,0 +1,210 @@
+"""SIGTERM / SIGINT stop a run after saving its step; damaged checkpoints fall back; a
+failing write keeps what was there. Each against a run that was never interrupted."""
+
+import glob
+import os
+import random
+import re
+import resource
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import ROOT, small_config
+from resume_test import _cli, _config, _strip
+
+from jaxloc import checkpoint, preemption, train, workdir
+from jaxloc.errors import Stopped
+
+
+def _long_config(mnist_dir):
+  """Long enough (2 x 300 steps) that a signal soon after the first record lands in it."""
+  return small_config(
+    mnist_dir, steps_per_epoch=300, log_every=5, checkpoint_every=40, num_val=32, steps_per_call=1
+  )
+
+
+@pytest.fixture(scope="module")
+def long_reference(mnist_dir, tmp_path_factory):
+  run = tmp_path_factory.mktemp("reference") / "run"
+  return run, train.train_and_evaluate(_long_config(mnist_dir), str(run))
+
+
+def wait_for_first_record(proc, run_dir) -> None:
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if (run_dir / workdir.METRICS_LOG).exists() and (run_dir / workdir.METRICS_LOG).stat().st_size:
+      return
+    time.sleep(0.02)
+  raise AssertionError(f"the run ended (status {proc.poll()}) before its first record")
+
+
+def stopped_step(stderr: str, signame: str, total: int) -> int:
+  """The step of the one line a stopped run prints."""
+  match = re.search(rf"stopped by {signame} at step (\d+) of {total}; run the same command", stderr)
+  assert match, stderr[-2000:]
+  return int(match.group(1))
+
+
+def newest_checkpoint(run_dir) -> int:
+  return max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def train_steps_logged(run_dir) -> list[tuple[int, int]]:
+  records = workdir.read_jsonl(str(run_dir / workdir.METRICS_LOG))
+  return [(r["step"], r["steps_averaged"]) for r in records if "steps_averaged" in r]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_at_a_random_moment_then_same_command(mnist_dir, tmp_path, long_reference, sig):
+  ref_dir, reference = long_reference
+  config, run = _long_config(mnist_dir), tmp_path / "run"
+  delay = random.uniform(0.0, 0.5)
+  proc = subprocess.Popen(_cli(config, run), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  wait_for_first_record(proc, run)
+  time.sleep(delay)
+  assert proc.poll() is None, f"the run ended before the signal ({delay:.3f} s after its first log)"
+  proc.send_signal(sig)
+  time.sleep(random.uniform(0.0, 0.1))
+  if proc.poll() is None:
+    proc.send_signal(sig)  # a second signal, e.g. during the save, is ignored
+  _, err = proc.communicate(timeout=240)
+  assert proc.returncode == 128 + sig, err[-2000:]
+  step = stopped_step(err, sig.name, 600)
+  assert "Traceback" not in err
+  assert newest_checkpoint(run) == step, f"signal {delay:.3f} s after the first log"
+  logged = train_steps_logged(run)
+  assert logged[-1][0] == step and sum(n for _, n in logged) == step, "a step was not logged"
+
+  again = subprocess.run(_cli(config, run), cwd=ROOT, capture_output=True, text=True)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert f"resuming at step {step}" in again.stdout
+  assert (run / workdir.PARAMS).read_bytes() == (ref_dir / workdir.PARAMS).read_bytes()
+  assert _strip(workdir.read_json(str(run / workdir.METRICS))) == _strip(reference)
+  logged = train_steps_logged(run)
+  assert sum(n for _, n in logged) == 600 and len({s for s, _ in logged}) == len(logged)
+
+
+def test_signal_before_any_step_saves_nothing(mnist_dir, tmp_path, monkeypatch):
+  class Early(preemption.Signals):
+    def __enter__(self):
+      self.request(signal.SIGTERM)  # as if the signal came while the run was starting
+      return self
+
+  monkeypatch.setattr(preemption, "Signals", Early)
+  config, run = small_config(mnist_dir, epochs=1), tmp_path / "run"
+  with pytest.raises(Stopped, match="SIGTERM at step 0 of 3") as stop:
+    train.train_and_evaluate(config, str(run))
+  assert stop.value.exit_status == 143
+  assert not any((run / "checkpoints").iterdir())
+  monkeypatch.undo()
+  assert train.train_and_evaluate(config, str(run))["steps"] == 3
+
+
+# Damaged checkpoints: three ways to damage the newest one's largest data file.
+
+
+def _damage(step_dir, how: str) -> None:
+  files = glob.glob(str(step_dir / "**" / "d" / "*"), recursive=True)
+  largest = max(files, key=os.path.getsize)
+  if how == "truncated":
+    os.truncate(largest, os.path.getsize(largest) // 2)
+  elif how == "overwritten":
+    with open(largest, "r+b") as f:
+      f.write(os.urandom(os.path.getsize(largest)))
+  else:
+    os.remove(largest)
+
+
+def _short_config(mnist_dir, epochs):
+  return _config(mnist_dir, epochs=epochs, keep_checkpoints=3)
+
+
+@pytest.fixture(scope="module")
+def short_reference(mnist_dir, tmp_path_factory):
+  run = tmp_path_factory.mktemp("reference") / "run"
+  return run, train.train_and_evaluate(_short_config(mnist_dir, 2), str(run))
+
+
+@pytest.mark.parametrize("how", ["truncated", "overwritten", "deleted"])
+def test_damaged_newest_checkpoint_falls_back(mnist_dir, tmp_path, short_reference, how):
+  ref_dir, reference = short_reference
+  run = tmp_path / "run"
+  train.train_and_evaluate(_short_config(mnist_dir, 1), str(run))
+  _damage(run / "checkpoints" / "6", how)
+
+  lines = []
+  final = train.train_and_evaluate(_short_config(mnist_dir, 2), str(run), echo=lines.append)
+  said = [line for line in lines if "cannot be read" in line]
+  assert len(said) == 1 and "checkpoint of step 6" in said[0] and "using step 4" in said[0]
+  assert final["resumed_from_step"] == 4
+  assert (run / workdir.PARAMS).read_bytes() == (ref_dir / workdir.PARAMS).read_bytes()
+  assert _strip(final) == _strip(reference)
+  moved = [p.name for p in (run / "checkpoints").iterdir() if ".damaged-" in p.name]
+  assert len(moved) == 1 and moved[0].startswith("6.damaged-"), moved
+  records = workdir.read_jsonl(str(run / workdir.METRICS_LOG))
+  assert [s for s, _ in train_steps_logged(run)] == [2, 4, 6, 8, 10, 12]  # cut back to 4
+  assert [r["epoch"] for r in records if "val/num_val" in r] == [1, 2]
+
+
+def test_no_readable_checkpoint_is_one_error_and_fresh_starts_over(mnist_dir, tmp_path):
+  run = tmp_path / "run"
+  train.train_and_evaluate(_short_config(mnist_dir, 1), str(run))
+  for step in (2, 4, 6):
+    _damage(run / "checkpoints" / str(step), "deleted")
+  before = sorted(p.name for p in (run / "checkpoints").iterdir())
+  with pytest.raises(
+    checkpoint.Unreadable, match=r"no checkpoint .* can be read \(step 6: .*--fresh"
+  ):
+    train.train_and_evaluate(_short_config(mnist_dir, 2), str(run))
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing moved
+
+  final = train.train_and_evaluate(_short_config(mnist_dir, 2), str(run), fresh=True)
+  assert final["resumed_from_step"] is None and final["steps"] == 12
+  backups = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+  assert len(backups) == 1 and sorted(os.listdir(backups[0] / "checkpoints")) == before
+
+
+def test_killed_after_the_last_checkpoint_finishes_on_resume(mnist_dir, tmp_path):
+  run = tmp_path / "run"
+  first = train.train_and_evaluate(_short_config(mnist_dir, 1), str(run))
+  os.remove(run / workdir.METRICS)  # as if killed while exporting
+  again = train.train_and_evaluate(_short_config(mnist_dir, 1), str(run))
+  assert again["resumed_from_step"] == 6 and _strip(again) == _strip(first)
+
+
+def _limit_file_size(limit: int):
+  def preexec():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+  return preexec
+
+
+def test_failing_checkpoint_write_keeps_the_previous_one(mnist_dir, tmp_path, short_reference):
+  """A write that fails (here: files may not grow past 64 KiB, as on a full disk) ends in
+  one error line; the previous checkpoint is intact and the same command resumes."""
+  ref_dir, reference = short_reference
+  run = tmp_path / "run"
+  train.train_and_evaluate(_short_config(mnist_dir, 1), str(run))
+  config = _short_config(mnist_dir, 2)
+  env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
+  failing = subprocess.run(
+    _cli(config, run),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=env,
+    preexec_fn=_limit_file_size(64 * 1024),
+  )
+  assert failing.returncode == 2, failing.stderr[-2000:]
+  errors = [line for line in failing.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "checkpoint of step 6 is kept" in errors[0], failing.stderr[-2000:]
+  assert "Traceback" not in failing.stderr
+  assert newest_checkpoint(run) == 6
+
+  again = subprocess.run(_cli(config, run), cwd=ROOT, capture_output=True, text=True)
+  assert again.returncode == 0 and "resuming at step 6" in again.stdout, again.stderr[-2000:]
+  assert (run / workdir.PARAMS).read_bytes() == (ref_dir / workdir.PARAMS).read_bytes()
+  assert _strip(workdir.read_json(str(run / workdir.METRICS))) == _strip(reference)
