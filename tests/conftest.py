@@ -4,6 +4,7 @@ small config, random digits, and running the experiment commands."""
 import atexit
 import gzip
 import os
+import re
 import shutil
 import signal
 import struct
@@ -93,6 +94,28 @@ def kill_after_first_checkpoint(cmd: list[str], run_dir) -> None:
   assert proc.poll() is None, "the run ended before it could be killed"
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
+
+
+def wait_for_first_record(proc, run_dir) -> None:
+  """Waits until the run of `proc` has logged its first training steps."""
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").stat().st_size:
+      return
+    time.sleep(0.02)
+  raise AssertionError(f"the run ended (status {proc.poll()}) before its first record")
+
+
+def stopped_step(stderr: str, signame: str, total: int) -> int:
+  """The step of the one line a stopped run prints."""
+  match = re.search(rf"stopped by {signame} at step (\d+) of {total}; run the same command", stderr)
+  assert match, stderr[-2000:]
+  return int(match.group(1))
+
+
+def newest_checkpoint(run_dir) -> int:
+  """The step of the newest checkpoint in `run_dir`."""
+  return max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def small_config(mnist_dir: str, **overrides):

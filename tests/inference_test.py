@@ -1,16 +1,19 @@
 """The inference API, and the evaluate / predict / font_digits commands on a trained workdir."""
 
 import json
+import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, small_config
+from conftest import ROOT, run_command, small_config
+from flax import serialization
 from PIL import Image
 
-from jaxloc import images, inference, mnist, train, workdir
+from jaxloc import images, inference, mnist, model, tasks, train, workdir
 from jaxloc.errors import UserError
 
 
@@ -66,6 +69,25 @@ def test_from_workdir_errors(tmp_path):
   (tmp_path / "params.msgpack").write_bytes(b"garbage")
   with pytest.raises(UserError, match="cannot be read"):
     inference.Predictor.from_workdir(str(tmp_path))
+  other = small_config("", dense_features=64)  # another model: same names, other shapes
+  params = model.init_params(jax.random.key(0), tasks.build(other).model, other.canvas_size)
+  (tmp_path / "params.msgpack").write_bytes(serialization.to_bytes(params))
+  with pytest.raises(
+    UserError, match=r"\['Dense_0'\]\['bias'\] has shape \(64,\) where .* makes \(128,\)"
+  ):
+    inference.Predictor.from_workdir(str(tmp_path))
+
+
+@pytest.mark.parametrize("command", ["experiments.evaluate", "experiments.predict"])
+def test_commands_on_a_damaged_params_file_say_so_in_one_line(trained, tmp_path, command):
+  run = tmp_path / "run"
+  shutil.copytree(trained[0], run)
+  params = (run / workdir.PARAMS).read_bytes()
+  (run / workdir.PARAMS).write_bytes(params[: len(params) // 2])  # a copy cut short
+  args = [f"--workdir={run}"] + ([str(run / "predictions.png")] if "predict" in command else [])
+  proc = run_command(command, *args)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().startswith("error: ") and "cannot be read" in proc.stderr
 
 
 def test_evaluate_reproduces_the_training_metrics(trained, mnist_dir):

@@ -1,14 +1,18 @@
 """Two real processes on localhost (jax.distributed, CPU collectives over Gloo) train the
-same model as one process: the multi-host path of `experiments.train --distributed`."""
+same model as one process: the multi-host path of `experiments.train --distributed`; a
+signal to one of them stops both at the same step, and the pair resumes exactly."""
 
+import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, newest_checkpoint, stopped_step, wait_for_first_record
 from flax import serialization
 
 from jaxloc import workdir
@@ -32,10 +36,15 @@ def _finish(proc) -> str:
   return out.decode()
 
 
-def test_two_processes_train_as_one(tmp_path, mnist_dir):
+def _pair(work_dir, mnist_dir, *extra):
+  """The two processes of one distributed run."""
   port = _free_port()
   flags = ["--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2"]
-  procs = [_train(tmp_path / "two", mnist_dir, *flags, f"--process_id={i}") for i in (0, 1)]
+  return [_train(work_dir, mnist_dir, *flags, *extra, f"--process_id={i}") for i in (0, 1)]
+
+
+def test_two_processes_train_as_one(tmp_path, mnist_dir):
+  procs = _pair(tmp_path / "two", mnist_dir)
   single = _train(tmp_path / "one", mnist_dir)
   out0, _, _ = (_finish(p) for p in (*procs, single))
   assert "backend cpu: 2 devices (cpu), 2 processes" in out0
@@ -59,3 +68,26 @@ def test_two_processes_train_as_one(tmp_path, mnist_dir):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   # Only process 0 wrote the workdir; process 1's outputs went to a throwaway directory.
   assert (tmp_path / "two" / "tensorboard").is_dir()
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path, mnist_dir):
+  long = ["--config.steps_per_epoch=200", "--config.log_every=5", "--config.steps_per_call=1"]
+  long.append("--config.checkpoint_every=100")
+  run, delay = tmp_path / "run", random.uniform(0.0, 0.5)
+  stopped = _pair(run, mnist_dir, *long)
+  wait_for_first_record(stopped[0], run)
+  time.sleep(delay)
+  assert stopped[1].poll() is None, f"the run ended before the signal ({delay:.3f} s)"
+  stopped[1].send_signal(signal.SIGTERM)  # to process 1 only: it is enough
+  errs = [p.communicate(timeout=300)[1].decode() for p in stopped]
+  assert [p.returncode for p in stopped] == [143, 143], errs[1][-2000:]
+  steps = [stopped_step(err, "SIGTERM", 200) for err in errs]
+  assert steps[0] == steps[1] == newest_checkpoint(run), f"signal {delay:.3f} s after the first log"
+
+  resumed = [_finish(p) for p in _pair(run, mnist_dir, *long)]
+  assert f"resuming at step {steps[0]}" in resumed[0]
+  for p in _pair(tmp_path / "reference", mnist_dir, *long):
+    _finish(p)
+  assert (run / workdir.PARAMS).read_bytes() == (
+    tmp_path / "reference" / workdir.PARAMS
+  ).read_bytes()

@@ -4,14 +4,13 @@ failing write keeps what was there. Each against a run that was never interrupte
 import glob
 import os
 import random
-import re
 import resource
 import signal
 import subprocess
 import time
 
 import pytest
-from conftest import ROOT, small_config
+from conftest import ROOT, newest_checkpoint, small_config, stopped_step, wait_for_first_record
 from resume_test import _cli, _config, _strip
 
 from jaxloc import checkpoint, preemption, train, workdir
@@ -29,26 +28,6 @@ def _long_config(mnist_dir):
 def long_reference(mnist_dir, tmp_path_factory):
   run = tmp_path_factory.mktemp("reference") / "run"
   return run, train.train_and_evaluate(_long_config(mnist_dir), str(run))
-
-
-def wait_for_first_record(proc, run_dir) -> None:
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    if (run_dir / workdir.METRICS_LOG).exists() and (run_dir / workdir.METRICS_LOG).stat().st_size:
-      return
-    time.sleep(0.02)
-  raise AssertionError(f"the run ended (status {proc.poll()}) before its first record")
-
-
-def stopped_step(stderr: str, signame: str, total: int) -> int:
-  """The step of the one line a stopped run prints."""
-  match = re.search(rf"stopped by {signame} at step (\d+) of {total}; run the same command", stderr)
-  assert match, stderr[-2000:]
-  return int(match.group(1))
-
-
-def newest_checkpoint(run_dir) -> int:
-  return max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def train_steps_logged(run_dir) -> list[tuple[int, int]]:
