@@ -11,7 +11,7 @@ pr.png, detections.json, ground_truth.json
 heatmap.png      dense detector: validation scenes beside its heatmap
 tensorboard/     TensorBoard events: the metrics.jsonl figures, predictions.png per epoch
 checkpoints/     Orbax checkpoints of the train state (params, moving average, Adam state,
-                 step)
+                 step); `<step>.damaged-<time>`: one that could not be read, moved aside
 .lock            held (flock) while a run uses the workdir
 
 JSON, plots and parameters are written to a temporary file and renamed into place.
