@@ -1,6 +1,7 @@
 """SIGTERM / SIGINT stop a run after saving its step; damaged checkpoints fall back; a
 failing write keeps what was there. Each against a run that was never interrupted."""
 
+import errno
 import glob
 import os
 import random
@@ -14,7 +15,7 @@ from conftest import ROOT, newest_checkpoint, small_config, stopped_step, wait_f
 from resume_test import _cli, _config, _strip
 
 from jaxloc import checkpoint, preemption, train, workdir
-from jaxloc.errors import Stopped
+from jaxloc.errors import Stopped, UserError
 
 
 def _long_config(mnist_dir):
@@ -187,3 +188,22 @@ def test_failing_checkpoint_write_keeps_the_previous_one(mnist_dir, tmp_path, sh
   assert again.returncode == 0 and "resuming at step 6" in again.stdout, again.stderr[-2000:]
   assert (run / workdir.PARAMS).read_bytes() == (ref_dir / workdir.PARAMS).read_bytes()
   assert _strip(workdir.read_json(str(run / workdir.METRICS))) == _strip(reference)
+
+
+def test_a_failing_output_write_is_one_error_and_keeps_the_checkpoints(
+  mnist_dir, tmp_path, monkeypatch
+):
+  run, real_write = tmp_path / "run", workdir.write_bytes_atomic
+
+  def full_disk(path, data):
+    if path.endswith(workdir.PARAMS):
+      raise OSError(errno.ENOSPC, "No space left on device", path)
+    real_write(path, data)
+
+  monkeypatch.setattr(workdir, "write_bytes_atomic", full_disk)
+  with pytest.raises(UserError, match=r"cannot write .*params.msgpack \(No space left on device\)"):
+    train.train_and_evaluate(_short_config(mnist_dir, 1), str(run))
+  assert newest_checkpoint(run) == 6 and not (run / workdir.METRICS).exists()
+  monkeypatch.undo()
+  final = train.train_and_evaluate(_short_config(mnist_dir, 1), str(run))
+  assert final["resumed_from_step"] == 6 and (run / workdir.PARAMS).exists()
