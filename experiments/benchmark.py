@@ -246,18 +246,18 @@ def train_jaxloc(steps, steps_per_call=None, config=None):
   import jax
 
   from experiments.configs import digit
-  from jaxloc import tasks, train
+  from jaxloc import tasks, train_state
 
   config = config or digit.get_config()
   digits, labels = (jax.numpy.asarray(a) for a in _digits())
   init_key, data_key = jax.random.split(jax.random.key(0))
   task = tasks.build(config)
   sample_fn, loss_fn = task.sample_fn, task.loss_fn
-  state = train.create_train_state(init_key, config)
-  sums = train.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
+  state = train_state.create_train_state(init_key, config)
+  sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
   n = steps_per_call or tasks.resolve_steps_per_call(_STEPS_PER_CALL.value)
   t = time.perf_counter()
-  fn = train.compile_train_steps(
+  fn = train_state.compile_train_steps(
     state, sums, digits, labels, data_key, num_steps=n, sample_fn=sample_fn, loss_fn=loss_fn
   )
   compile_s = time.perf_counter() - t

@@ -53,9 +53,14 @@ def devices_line() -> str:
   )
 
 
-def start_lines(config, n_params: int, steps_per_call: int, resume_step: int | None) -> list[str]:
+def start_lines(
+  config, n_params: int, steps_per_call: int, resume_step: int | None, replica_mode=None
+) -> list[str]:
   total = config.epochs * config.steps_per_epoch
   where = f"resuming at step {resume_step}" if resume_step is not None else "new run"
+  if replica_mode:
+    last = config.seed + config.replicas - 1
+    where += f"; {config.replicas} replicas (seeds {config.seed}..{last}, {replica_mode})"
   return [
     devices_line(),
     f"model: {n_params:,} parameters; {where}",
@@ -85,4 +90,22 @@ def end_lines(out_dir: str, final: dict) -> list[str]:
     f"outputs in {out_dir}: metrics.json (final figures), metrics.jsonl, params.msgpack, "
     "predictions.png, curves.png, tensorboard/ (tensorboard --logdir "
     f"{os.path.dirname(os.path.abspath(out_dir))})",
+  ]
+
+
+def summary_lines(out_dir: str, summary: dict) -> list[str]:
+  """The end of a replica run: the watched figures over the members, time, outputs."""
+  f = summary["figures"]
+  figures = ", ".join(
+    "{} {mean:.3f} +- {std:.3f} [{min:.3f}, {max:.3f}]".format(label, **f[key])
+    for key, label in VAL_FIGURES
+    if key in f
+  )
+  return [
+    f"{summary['members']} members: {figures} (mean +- std [min, max])",
+    f"done: {f['steps']['mean']:,.0f} steps each in {f['wall_s']['mean']:.1f} s: "
+    f"{f['train_s']['mean']:.1f} s training ({summary['images_per_s']:,.0f} images/s, all "
+    f"members), {f['compile_s']['mean']:.1f} s compiling, {f['eval_s']['mean']:.1f} s evaluating",
+    f"outputs in {out_dir}: summary.json, member-0 .. member-{summary['members'] - 1}/ "
+    "(each a workdir: evaluate, predict, Predictor, resume)",
   ]

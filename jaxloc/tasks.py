@@ -48,7 +48,13 @@ class Task(NamedTuple):
 
 
 # Fields added after runs were written, with the value that reproduces those runs.
-ADDED_FIELDS = {"ema_decay": 0.0, "lr_schedule": "constant", "warmup_steps": 0}
+ADDED_FIELDS = {
+  "ema_decay": 0.0,
+  "lr_schedule": "constant",
+  "warmup_steps": 0,
+  "replicas": 1,
+  "replica_mode": "auto",
+}
 ADDED_SCENE_FIELDS = {"head": "slots", "data": {}}  # data: filled in below
 ADDED_NESTED_FIELDS = {
   "scene": {"paste_mode": "max"},
@@ -261,6 +267,20 @@ def resolve_steps_per_call(steps_per_call: int) -> int:
   return DEFAULT_STEPS_PER_CALL.get(jax.default_backend(), DEFAULT_STEPS_PER_CALL_ACCELERATOR)
 
 
+# How replica members share one program when config.replica_mode = "auto" (see
+# `train_state.compile_train_steps`): measured with `python -m experiments.benchmark
+# --parts=replicas` (docs/speed.md). Accelerators: unmeasured; vmap batches the members'
+# matrix products into one, the kind of work an accelerator wants.
+DEFAULT_REPLICA_MODE = {"cpu": "vmap"}
+REPLICA_MODES = ("vmap", "map")
+
+
+def resolve_replica_mode(mode: str) -> str:
+  if mode != "auto":
+    return mode
+  return DEFAULT_REPLICA_MODE.get(jax.default_backend(), "vmap")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Rejects settings that cannot work, with the fix in the message."""
   positive = (
@@ -271,6 +291,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     "log_every",
     "checkpoint_every",
     "keep_checkpoints",
+    "replicas",
   )
   for name in positive:
     value = config[name]
@@ -290,6 +311,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(
       f"config.ema_decay={config.ema_decay!r} must lie in [0, 1) (0 = no moving average)"
     )
+  if config.replica_mode not in ("auto", *REPLICA_MODES):
+    raise UserError(f"config.replica_mode={config.replica_mode!r}: use 'auto', 'vmap' or 'map'")
   canvas.check_canvas_size(config.canvas_size)
   if config.get("scene"):
     check_scene_config(config)

@@ -164,21 +164,23 @@ def prepare(path: str) -> None:
     raise UserError(f"workdir {path!r} is not writable; choose another --workdir")
 
 
-def resume_step(path: str, config, latest: int | None, *, fresh: bool, resumable, upgrade):
+def resume_step(
+  path: str, config, latest: int | None, *, fresh: bool, resumable, upgrade, finished_file=METRICS
+):
   """Decides between a new run (None), a resume (the step to resume from) and a refusal.
 
   `config` is the new run's ConfigDict, `latest` the step of the newest checkpoint,
-  `resumable` the fields that may differ from the saved config.json and `upgrade`
-  fills the fields an older config.json lacks. A run that cannot be resumed (another
-  config, finished, results without config) is a `UserError`; with `fresh` it is
-  moved aside instead and a new run starts.
+  `resumable` the fields that may differ from the saved config.json, `upgrade`
+  fills the fields an older config.json lacks and `finished_file` is written at the end.
+  A run that cannot be resumed (another config, finished, results without config) is a
+  `UserError`; with `fresh` it is moved aside instead and a new run starts.
   """
   config_path = os.path.join(path, CONFIG)
-  finished = os.path.exists(os.path.join(path, METRICS))
+  finished = os.path.exists(os.path.join(path, finished_file))
   if latest is None and not finished:
     return None  # nothing to resume: a new run (a partial log of a run killed early is replaced)
   old = upgrade(read_json(config_path)) if os.path.exists(config_path) else None
-  problem = _resume_problem(path, config, latest, old, resumable)
+  problem = _resume_problem(path, config, latest, old, resumable, finished)
   if problem is None:
     return latest
   if not fresh:
@@ -190,7 +192,7 @@ def resume_step(path: str, config, latest: int | None, *, fresh: bool, resumable
   return None
 
 
-def _resume_problem(path: str, config, latest: int | None, old: dict | None, resumable):
+def _resume_problem(path: str, config, latest: int | None, old: dict | None, resumable, finished):
   """Why the run in `path` (config `old`, newest checkpoint `latest`) cannot go on; or None."""
   if old is None:
     return f"workdir {path!r} holds results of a run without {CONFIG}"
@@ -200,7 +202,6 @@ def _resume_problem(path: str, config, latest: int | None, old: dict | None, res
       "\n  ".join(diff)
     )
   total = config.epochs * config.steps_per_epoch
-  finished = os.path.exists(os.path.join(path, METRICS))
   if latest is None or latest > total or (latest == total and finished):
     return f"workdir {path!r} holds a finished run of {latest or total} steps; " + (
       "raise --config.epochs to train on"

@@ -8,13 +8,13 @@ import pytest
 from conftest import small_config
 
 from experiments.configs import multi
-from jaxloc import evaluation, tasks, train
+from jaxloc import evaluation, tasks, train_state
 
 
 def test_evaluation_ignores_padding_of_last_batch(mnist_dir, tmp_path):
   config = small_config(mnist_dir)
   _, _, val = tasks.load_data(config)
-  state = train.create_train_state(jax.random.key(0), config)
+  state = train_state.create_train_state(jax.random.key(0), config)
   eval_fn = functools.partial(
     evaluation.evaluate, state.apply_fn, state.params, val, canvas_size=75
   )
@@ -36,7 +36,7 @@ def test_scene_validation_set_is_fixed_and_cut_to_num_val(mnist_dir, monkeypatch
   config = _scene_config(mnist_dir)
   task = tasks.build(config)
   _, _, val = tasks.load_data(config)
-  state = train.create_train_state(jax.random.key(0), config)
+  state = train_state.create_train_state(jax.random.key(0), config)
   evaluate = task.make_evaluator(state.apply_fn)
   (a, per_a), (b, per_b) = evaluate(state.params, val), evaluate(state.params, val)
   assert a["num_val"] == 30 and len(per_a["count"]) == 30
@@ -52,7 +52,7 @@ def test_plot_predictions_draws_the_first_validation_canvases(mnist_dir, tmp_pat
   config = _scene_config(mnist_dir) if scene else small_config(mnist_dir)
   task = tasks.build(config)
   _, _, val = tasks.load_data(config)
-  state = train.create_train_state(jax.random.key(0), config)
+  state = train_state.create_train_state(jax.random.key(0), config)
   _, per = task.make_evaluator(state.apply_fn)(state.params, val)
   task.plot_predictions(str(tmp_path), val, per)
   assert (tmp_path / "predictions.png").read_bytes().startswith(b"\x89PNG")

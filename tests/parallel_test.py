@@ -10,14 +10,14 @@ import pytest
 from conftest import random_digits
 
 from experiments.configs import digit
-from jaxloc import parallel, tasks, train
+from jaxloc import parallel, tasks, train_state
 from jaxloc.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _EIGHT_DEVICES = r"""
 import importlib, sys, jax, numpy as np
-from jaxloc import parallel, tasks, train
+from jaxloc import parallel, tasks, train_state
 assert jax.device_count() == 8, jax.devices()
 rng = np.random.default_rng(0)
 digits = jax.numpy.asarray(rng.integers(0, 256, (64, 28, 28)).astype(np.uint8))
@@ -32,12 +32,12 @@ task = tasks.build(config)
 sample_fn, loss_fn = task.sample_fn, task.loss_fn
 
 def run(mesh):
-  state = train.create_train_state(init_key, config)
+  state = train_state.create_train_state(init_key, config)
   data = (digits, labels, data_key)
   if mesh is not None:
     state, data = parallel.replicate((state, data), mesh)
-  sums = train.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
-  fn = train.compile_train_steps(state, sums, *data, num_steps=3, sample_fn=sample_fn,
+  sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
+  fn = train_state.compile_train_steps(state, sums, *data, num_steps=3, sample_fn=sample_fn,
                                  loss_fn=loss_fn, mesh=mesh)
   state, sums = fn(state, sums, *data)
   return state, jax.device_get(sums)
@@ -100,9 +100,9 @@ def test_steps_per_call_does_not_change_the_result():
   init_key, data_key = jax.random.split(jax.random.key(0))
   results = []
   for chunk in (1, 2, 4):
-    state = train.create_train_state(init_key, config)
-    sums = train.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
-    fn = train.compile_train_steps(
+    state = train_state.create_train_state(init_key, config)
+    sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
+    fn = train_state.compile_train_steps(
       state, sums, digits, labels, data_key, num_steps=chunk, sample_fn=sample_fn, loss_fn=loss_fn
     )
     for _ in range(4 // chunk):

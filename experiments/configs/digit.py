@@ -38,4 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_plot = 16  # validation canvases drawn in predictions.png
   config.checkpoint_every = 500  # steps between Orbax checkpoints (one more at the end)
   config.keep_checkpoints = 3  # most recent checkpoints kept in workdir/checkpoints
+  # Replicas: N members (seeds seed, seed + 1, ...) trained in one compiled program, each
+  # with a workdir `member-<i>/`; summary.json holds mean / std / min / max of the figures.
+  config.replicas = 1
+  config.replica_mode = "auto"  # "vmap" | "map" (lax.map) | "auto": per backend, see tasks.py
   return config

@@ -1,0 +1,200 @@
+"""The train state and the jitted train step: pure functions of (state, batch), and
+`compile_train_steps`, several steps per compiled call with the batches drawn on the
+device (batch t depends only on (seed, t)); with replicas, several members in one program.
+The run around them (logs, checkpoints, evaluation) is `jaxloc.train`.
+"""
+
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state as flax_train_state
+
+from jaxloc import losses, model, parallel, tasks
+
+
+class TrainState(flax_train_state.TrainState):
+  """Flax's TrainState plus `ema_params`, a moving average of `params` (None when off)."""
+
+  ema_params: Any = None
+
+
+def ema_update(ema_params, params, decay: float, step: jax.Array):
+  """One step of the exponential moving average `ema <- d * ema + (1 - d) * params`.
+
+  d = min(decay, (1 + step) / (10 + step)): the warm-up of TensorFlow's
+  ExponentialMovingAverage, so early averages do not hold on to the random init.
+  Training never reads the average; it only changes which weights are evaluated.
+  """
+  t = step.astype(jnp.float32)
+  d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+  return jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
+
+
+def exported_params(state: TrainState):
+  """The weights a run evaluates and writes to params.msgpack: the average when kept."""
+  return state.params if state.ema_params is None else state.ema_params
+
+
+def learning_rate(config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
+  """`config.learning_rate` held constant (the seed), or with `lr_schedule = "cosine"` a
+  linear warm-up over `warmup_steps` to it, then a cosine decay to 0 at the last step."""
+  if config.lr_schedule == "constant":
+    return config.learning_rate
+  total = config.epochs * config.steps_per_epoch
+  return optax.warmup_cosine_decay_schedule(
+    0.0, config.learning_rate, config.warmup_steps, max(total, config.warmup_steps + 1), 0.0
+  )
+
+
+def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with Keras' defaults (epsilon 1e-7, not optax's 1e-8), as the seed used."""
+  return optax.adam(learning_rate(config), b1=0.9, b2=0.999, eps=1e-7)
+
+
+def create_train_state(key: jax.Array, config: ml_collections.ConfigDict, net=None) -> TrainState:
+  """The state before step 1: `net` (default: the config's model) initialised from `key`."""
+  net = tasks.build(config).model if net is None else net
+  params = model.init_params(key, net, config.canvas_size)
+  ema = jax.tree_util.tree_map(jnp.copy, params) if config.ema_decay > 0 else None
+  state = TrainState.create(apply_fn=net.apply, params=params, tx=optimizer(config), ema_params=ema)
+  return state.replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints restore it
+
+
+def train_step(
+  state: TrainState, batch, *, loss_fn=losses.total_loss, ema_decay: float = 0.0
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One Adam step on `loss_fn(outputs, batch) -> (loss, parts)`; returns the parts.
+
+  With `ema_decay` > 0 it also updates `state.ema_params` (see `ema_update`).
+  """
+
+  def objective(params):
+    return loss_fn(state.apply_fn({"params": params}, batch["image"]), batch)
+
+  grads, step_metrics = jax.grad(objective, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads)
+  if ema_decay > 0:
+    state = state.replace(
+      ema_params=ema_update(state.ema_params, state.params, ema_decay, state.step)
+    )
+  return state, step_metrics
+
+
+def zero_metrics(state, digits, labels, *, sample_fn, loss_fn) -> dict[str, jax.Array]:
+  """Zeros shaped like the metrics of one step (found by tracing, nothing is computed)."""
+  batch = lambda: sample_fn(jax.random.key(0), state.step, digits, labels)
+  shapes = jax.eval_shape(lambda: train_step(state, batch(), loss_fn=loss_fn))[1]
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def train_steps(
+  state: TrainState,
+  sums: dict[str, jax.Array],
+  digits: jax.Array,
+  labels: jax.Array,
+  data_key: jax.Array,
+  *,
+  num_steps: int,
+  sample_fn,
+  loss_fn,
+  mesh: jax.sharding.Mesh | None = None,
+  ema_decay: float = 0.0,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`num_steps` steps, each on a fresh batch drawn on the device; adds metrics to `sums`.
+
+  Batch t is `sample_fn(data_key, t, digits, labels)`. With a `mesh`, every
+  batch is sharded over its `data` axis (data parallelism).
+  """
+
+  def one(carry, _):
+    state, sums = carry
+    batch = sample_fn(data_key, state.step, digits, labels)
+    batch = parallel.shard_batch(batch, mesh)
+    state, m = train_step(state, batch, loss_fn=loss_fn, ema_decay=ema_decay)
+    return (state, jax.tree_util.tree_map(jnp.add, sums, m)), None
+
+  if num_steps == 1:
+    return one((state, sums), None)[0]
+  return jax.lax.scan(one, (state, sums), None, length=num_steps)[0]
+
+
+def compile_train_steps(
+  state: TrainState, sums, digits, labels, data_key, *, replicas: str | None = None, **static
+):
+  """`train_steps` jitted and compiled for these arguments; `static` are its keyword
+  arguments (`num_steps`, `sample_fn`, `loss_fn`, ...). Returns
+  `fn(state, sums, digits, labels, data_key) -> (state, sums)`, which donates `state` and
+  `sums` (`zero_metrics` gives the first sums).
+
+  With `replicas` ("vmap" or "map"), `state`, `sums` and `data_key` are stacked members
+  (`stack`; leading axis N) trained in one program on the same `digits` and `labels`:
+  `jax.vmap` batches the members' steps into one, `lax.map` loops over them.
+  """
+  fn = functools.partial(train_steps, **static)
+  if replicas == "vmap":
+    fn = jax.vmap(fn, in_axes=(0, 0, None, None, 0))
+  elif replicas == "map":
+    one = fn
+    fn = lambda s, m, d, lab, k: jax.lax.map(lambda a: one(a[0], a[1], d, lab, a[2]), (s, m, k))
+  compiled = jax.jit(fn, donate_argnums=(0, 1))
+  return compiled.lower(state, sums, digits, labels, data_key).compile()
+
+
+def stack(trees):
+  """Members' pytrees (train states, keys, metrics) as one with a leading member axis; the
+  first member's static fields (apply_fn, tx) serve all."""
+  leaves = [jax.tree_util.tree_leaves(t) for t in trees]
+  stacked = [jnp.stack(xs) for xs in zip(*leaves, strict=True)]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(trees[0]), stacked)
+
+
+def member(tree, i: int):
+  """Member `i` of a stacked pytree (`stack`)."""
+  return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+class Steps:
+  """Calls compiled `train_steps`, compiling each number of steps once; times both."""
+
+  def __init__(self, state, data, **static):
+    self.data, self.static = data, static  # data: (digits, labels, data_key)
+    fns = dict(sample_fn=static["sample_fn"], loss_fn=static["loss_fn"])
+    one = member(state, 0) if static["replicas"] else state
+    self.template = zero_metrics(one, *data[:2], **fns)
+    if static["replicas"]:
+      n = jax.tree_util.tree_leaves(state)[0].shape[0]
+      self.template = stack([self.template] * n)
+    self.compiled, self.compile_s, self.train_s, self.trained = {}, 0.0, 0.0, 0
+
+  def zeros(self) -> dict[str, jax.Array]:
+    return jax.tree_util.tree_map(jax.numpy.zeros_like, self.template)
+
+  def __call__(self, state, sums, n: int):
+    """`n` training steps: (state, sums) -> (state, sums). Dispatches without waiting."""
+    if n not in self.compiled:
+      t = time.perf_counter()
+      fn = compile_train_steps(state, sums, *self.data, num_steps=n, **self.static)
+      self.compiled[n] = fn
+      self.compile_s += time.perf_counter() - t
+    t = time.perf_counter()
+    state, sums = self.compiled[n](state, sums, *self.data)
+    self.train_s += time.perf_counter() - t
+    self.trained += n
+    return state, sums
+
+  def fetch(self, sums) -> dict[str, np.ndarray]:
+    """The metric sums on the host: the only host sync of the hot loop (timed as training)."""
+    t = time.perf_counter()
+    fetched = parallel.to_host(sums)
+    self.train_s += time.perf_counter() - t
+    return fetched
+
+  def images_per_s(self, batch_size: int) -> float:
+    """Images per second of one member (replicas: each member's share of the program)."""
+    return self.trained * batch_size / self.train_s if self.train_s > 0 else 0.0
