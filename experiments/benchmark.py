@@ -23,6 +23,10 @@ own) on the same MNIST training digits, batch 64, canvas 75:
   profile         ms per batch: forward and gradient, jaxloc's conv vs XLA's native conv
   read_dataset    seconds to read a detection dataset from disk (`jaxloc.datasets.read`):
                   --data=PATH, or 1,000 scenes of the benchmark layout exported first
+  replicas, replicas_multi
+                  training images/s of --replicas members in one program (jax.vmap and
+                  lax.map) against one run, and the program's memory (XLA's arguments +
+                  temporaries): the seed model, and `multi` with the dense detector
 
 Rows that need TensorFlow are skipped (and the table says so) without the [tfds] extra.
 Prints a markdown table; --out writes all figures as JSON.
@@ -33,11 +37,10 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 from absl import flags
 
-from experiments import cli
+from experiments import bench_scenes, bench_seed, cli
 from jaxloc.errors import UserError
 
 _PART = flags.DEFINE_string("part", None, "Internal: run one measurement and print JSON.")
@@ -47,8 +50,8 @@ _MNIST_DIR = flags.DEFINE_string("mnist_dir", None, "IDX directory (default: $JA
 _STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", -1, "jaxloc steps per call (-1: auto).")
 _PARTS = flags.DEFINE_list("parts", None, "Run only these measurements (default: all).")
 _DATA = flags.DEFINE_string("data", None, "read_dataset: the dataset folder to read.")
+_REPLICAS = flags.DEFINE_integer("replicas", 4, "replicas, replicas_multi: members per program.")
 
-BATCH, CANVAS = 64, 75
 PARTS = (
   "canvas_jaxloc",
   "canvas_tfdata",
@@ -63,310 +66,18 @@ PARTS = (
   "train_md_fpn",
   "train_md_fpn_group",
   "read_dataset",
+  "replicas",
+  "replicas_multi",
 )
-
-
-def train_flops_per_image(canvas_size: int = CANVAS) -> float:
-  """Multiply-adds x 2 of the seed model's forward pass, x 3 for forward + backward."""
-  flops, size, channels = 0, canvas_size, 1
-  for features in (16, 32, 64):
-    size -= 2  # 3x3 VALID conv
-    flops += 2 * size * size * 9 * channels * features
-    channels, size = features, size // 2
-  flat = size * size * channels
-  flops += 2 * (flat * 128 + 128 * 10 + 128 * 4)
-  return 3.0 * flops
 
 
 def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _digits():
-  from jaxloc import mnist
-
-  return mnist.load("train", mnist_dir=_MNIST_DIR.value or None)
-
-
-def _time_loop(fn, steps: int) -> float:
-  t = time.perf_counter()
-  fn(steps)
-  return time.perf_counter() - t
-
-
-def canvas_jaxloc(steps):
-  import jax
-
-  from jaxloc import canvas
-
-  digits, labels = (jax.numpy.asarray(a) for a in _digits())
-  key = jax.random.key(0)
-  step_numbers = [jax.numpy.int32(i) for i in range(steps + 1)]  # as the train state holds it
-  sample = lambda i: canvas.training_batch(
-    key, step_numbers[i], digits, labels, batch_size=BATCH, canvas_size=CANVAS
-  )
-  jax.block_until_ready(sample(steps))
-
-  def loop(n):  # like iterating tf.data with prefetch: the next batch is queued while the
-    # current one is finished; finished batches are dropped, as a training loop drops them
-    prev = sample(0)
-    for i in range(1, n):
-      cur = sample(i)
-      jax.block_until_ready(prev)
-      prev = cur
-    jax.block_until_ready(prev)
-
-  result = {"canvases_per_s": steps * BATCH / _time_loop(loop, steps)}
-
-  # Where the time of one call goes, microseconds: the call itself (a jitted function
-  # returning a batch of zeros: dispatch + output buffers), the stream order alone, the
-  # paste alone; and canvases/s when 10 batches are made per call, as a training scan does.
-  jnp = jax.numpy
-  n = labels.shape[0]
-  zeros = jax.jit(
-    lambda s: {
-      "image": jnp.zeros((BATCH, CANVAS, CANVAS, 1)) + s,
-      "label": jnp.zeros(BATCH, jnp.int32) + s,
-      "box": jnp.zeros((BATCH, 4)) + s,
-    }
-  )
-  order = jax.jit(lambda s: canvas.stream_index(key, s, BATCH, n))
-  xy = canvas.sample_offsets(key, BATCH, CANVAS)
-  paste = jax.jit(lambda xy: canvas.render(digits[:BATCH], labels[:BATCH], xy, canvas_size=CANVAS))
-  ten = jax.jit(
-    lambda s: jax.lax.map(
-      lambda t: canvas.training_batch(key, t, digits, labels, batch_size=BATCH, canvas_size=CANVAS),
-      s * 10 + jnp.arange(10),
-    )
-  )
-  reps = max(3, steps)
-  for name, fn, arg in (
-    ("call_us", zeros, jnp.int32(1)),
-    ("order_us", order, jnp.int32(1)),
-    ("paste_us", paste, xy),
-    ("whole_us", lambda s: sample(1), None),
-  ):
-    result[name] = _seconds_per_call(fn, arg, reps) * 1e6
-  result["canvases_per_s_10_per_call"] = 10 * BATCH / _seconds_per_call(ten, jnp.int32(1), reps)
-  return result
-
-
-def seed_pipeline(digits, labels):
-  """The seed's tf.data pipeline: random offsets, pad to 75x75, shuffle, batch, prefetch."""
-  import tensorflow as tf
-
-  def place(image, label):
-    xmin = tf.random.uniform((), 0, CANVAS - 28 + 1, dtype=tf.int32)
-    ymin = tf.random.uniform((), 0, CANVAS - 28 + 1, dtype=tf.int32)
-    image = tf.cast(tf.reshape(image, (28, 28, 1)), tf.float32) / 255.0
-    image = tf.image.pad_to_bounding_box(image, ymin, xmin, CANVAS, CANVAS)
-    box = tf.cast(tf.stack([xmin, ymin, xmin + 28, ymin + 28]), tf.float32) / CANVAS
-    return image, (tf.one_hot(label, 10), box)
-
-  ds = tf.data.Dataset.from_tensor_slices((digits, labels.astype("int64"))).repeat()
-  ds = ds.map(place, num_parallel_calls=tf.data.AUTOTUNE).shuffle(5000)
-  return ds.batch(BATCH, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-
-
-def canvas_tfdata(steps):
-  ds = iter(seed_pipeline(*_digits()))
-  next(ds)
-
-  def loop(n):
-    for _ in range(n):
-      next(ds)
-
-  return {"canvases_per_s": steps * BATCH / _time_loop(loop, steps)}
-
-
-def train_jaxloc_1(steps):
-  """train_jaxloc with one step per compiled call: the other side of the steps_per_call choice."""
-  return train_jaxloc(steps, steps_per_call=1)
-
-
-def train_multi_dense(steps):
-  """Training images/s of case 4 (`multi`, 128x128) with the dense detector."""
-  return train_jaxloc(steps, config=_multi_config("dense"))
-
-
-def train_multi_slots(steps):
-  """Training images/s of case 4 (`multi`, 128x128) with the slot detector."""
-  return train_jaxloc(steps, config=_multi_config("slots"))
-
-
-def train_md_single(steps):
-  return train_jaxloc(steps, config=_md_config("single", "none"))
-
-
-def train_md_fpn(steps):
-  return train_jaxloc(steps, config=_md_config("fpn", "none"))
-
-
-def train_md_fpn_group(steps):
-  return train_jaxloc(steps, config=_md_config("fpn", "group"))
-
-
-def _md_config(backbone, norm):
-  """The benchmark layout at the README's CPU budget (batch 16) with one network."""
-  from experiments.configs import mnist_detection
-
-  config = mnist_detection.get_config()
-  config.batch_size = 16
-  config.dense.backbone, config.dense.norm = backbone, norm
-  return config
-
-
-def read_dataset(steps):
-  """Seconds to read a dataset folder (PNG decoding on threads) and images/s."""
-  del steps
-  import tempfile
-
-  from jaxloc import datasets, tasks
-
-  path = _DATA.value
-  if not path:
-    path = os.path.join(tempfile.mkdtemp(), "set")
-    datasets.write(path, tasks.export_scenes(_md_config("fpn", "none"), 1000, "test", 0))
-  t = time.perf_counter()
-  data = datasets.read(path)
-  dt = time.perf_counter() - t
-  n = len(data.images)
-  return {"images": n, "size": data.canvas_size, "read_s": dt, "images_per_s": n / dt}
-
-
-def _multi_config(head):
-  from experiments.configs import multi
-
-  config = multi.get_config()
-  config.head = head
-  return config
-
-
-def train_jaxloc(steps, steps_per_call=None, config=None):
-  import jax
-
-  from experiments.configs import digit
-  from jaxloc import tasks, train_state
-
-  config = config or digit.get_config()
-  digits, labels = (jax.numpy.asarray(a) for a in _digits())
-  init_key, data_key = jax.random.split(jax.random.key(0))
-  task = tasks.build(config)
-  sample_fn, loss_fn = task.sample_fn, task.loss_fn
-  state = train_state.create_train_state(init_key, config)
-  sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
-  n = steps_per_call or tasks.resolve_steps_per_call(_STEPS_PER_CALL.value)
-  t = time.perf_counter()
-  fn = train_state.compile_train_steps(
-    state, sums, digits, labels, data_key, num_steps=n, sample_fn=sample_fn, loss_fn=loss_fn
-  )
-  compile_s = time.perf_counter() - t
-  state, sums = fn(state, sums, digits, labels, data_key)  # warm-up
-  jax.block_until_ready(sums)
-  calls = max(1, steps // n)
-  t = time.perf_counter()
-  for _ in range(calls):
-    state, sums = fn(state, sums, digits, labels, data_key)
-  jax.block_until_ready(sums)
-  dt = time.perf_counter() - t
-  return {
-    "images_per_s": calls * n * config.batch_size / dt,
-    "compile_s": compile_s,
-    "steps_per_call": n,
-    "backend": jax.default_backend(),
-    "device": str(jax.devices()[0].device_kind),
-  }
-
-
-def keras_model():
-  """The seed's model, layer for layer (426,638 parameters)."""
-  import keras
-  from keras import layers
-
-  inputs = keras.Input((CANVAS, CANVAS, 1))
-  x = inputs
-  for features in (16, 32, 64):
-    x = layers.AveragePooling2D(2)(layers.Conv2D(features, 3, activation="relu")(x))
-  x = layers.Dense(128, activation="relu")(layers.Flatten()(x))
-  outputs = [
-    layers.Dense(10, activation="softmax", name="classification")(x),
-    layers.Dense(4, name="bounding_box")(x),
-  ]
-  model = keras.Model(inputs, outputs)
-  model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=["categorical_crossentropy", "mse"])
-  return model
-
-
-def train_keras(steps):
-  import keras
-
-  model = keras_model()
-  assert model.count_params() == 426_638
-  ds = seed_pipeline(*_digits())
-  times = []
-
-  class Timer(keras.callbacks.Callback):
-    def on_epoch_begin(self, epoch, logs=None):
-      self.t = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-      times.append(time.perf_counter() - self.t)
-
-  model.fit(ds, epochs=2, steps_per_epoch=steps, verbose=0, callbacks=[Timer()])
-  return {"images_per_s": steps * BATCH / times[1], "first_epoch_s": times[0]}
-
-
-def _seconds_per_call(fn, arg, reps: int) -> float:
-  """Steady-state seconds per call of a jitted `fn(arg)` (one warm-up call first)."""
-  import jax
-
-  jax.block_until_ready(fn(arg))
-  t = time.perf_counter()
-  for _ in range(reps):
-    out = fn(arg)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / reps
-
-
-def matmul(steps):
-  import jax
-  import jax.numpy as jnp
-
-  n = 2048
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  reps = max(3, steps // 20)
-  return {"gflops": 2 * n**3 / _seconds_per_call(jax.jit(lambda a: a @ a), a, reps) / 1e9}
-
-
-def profile(steps):
-  """Milliseconds per batch of 64 for the parts of a step, and for flax.linen.Conv instead
-  of jaxloc's patch-matmul Conv3x3 (same parameters): where the time goes."""
-  import flax.linen as nn
-  import jax
-
-  from jaxloc import model
-
-  class LaxConvLocalizer(nn.Module):  # the seed model with XLA's native convolution
-    @nn.compact
-    def __call__(self, x):
-      for f in (16, 32, 64):
-        x = model.avg_pool_2x2(nn.relu(nn.Conv(f, (3, 3), padding="VALID")(x)))
-      x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
-      return {"logits": nn.Dense(10)(x), "box": nn.Dense(4)(x)}
-
-  x = jax.random.uniform(jax.random.key(0), (BATCH, CANVAS, CANVAS, 1))
-  result = {}
-  for name, net in (("jaxloc", model.Localizer()), ("lax_conv", LaxConvLocalizer())):
-    params = model.init_params(jax.random.key(1), net, CANVAS)
-    loss = lambda p, net=net: sum(v.sum() for v in net.apply({"params": p}, x).values())
-    for part, fn in (("forward", jax.jit(loss)), ("gradient", jax.jit(jax.grad(loss)))):
-      seconds = _seconds_per_call(fn, params, max(3, steps // 10))
-      result[f"{name}_{part}_ms"] = seconds * 1000
-  return result
-
-
 def _run_part(name: str, steps: int) -> dict:
-  result = globals()[name](steps)
+  module = bench_scenes if hasattr(bench_scenes, name) else bench_seed
+  result = getattr(module, name)(steps)
   result["peak_rss_mb"] = _peak_rss_mb()
   return result
 
@@ -379,6 +90,7 @@ def _subprocess(name: str) -> dict:
     f"--part={name}",
     f"--steps={_STEPS.value}",
     f"--steps_per_call={_STEPS_PER_CALL.value}",
+    f"--replicas={_REPLICAS.value}",
   ]
   if _DATA.value:
     cmd.append(f"--data={_DATA.value}")
@@ -401,7 +113,7 @@ def _table(r: dict) -> str:
     x, y = r[a].get(key), r[b].get(key)
     return f"{x / y:.2f}x" if x and y else "n/a"
 
-  bound = r["matmul"].get("gflops", 0) * 1e9 / train_flops_per_image()
+  bound = r["matmul"].get("gflops", 0) * 1e9 / bench_seed.train_flops_per_image()
   share = r["train_jaxloc"].get("images_per_s", 0) / bound if bound else 0
   rows = [
     "| measurement | jaxloc | seed (Keras / tf.data) | jaxloc / seed |",
@@ -435,9 +147,17 @@ def _table(r: dict) -> str:
     f"| reading a detection dataset ({r['read_dataset'].get('images', '?')} PNGs of "
     f"{r['read_dataset'].get('size', '?')}px), s | {fig('read_dataset', 'read_s', '{:.1f}')} "
     f"({fig('read_dataset', 'images_per_s')} images/s) | | |",
+    *(
+      f"| {r[part].get('members', '?')} replicas of {what} in one program, training images/s "
+      f"of all members: vmap / lax.map (one run: {fig(part, 'one_images_per_s')}) | "
+      f"{fig(part, 'vmap_images_per_s')} / {fig(part, 'map_images_per_s')} | | vs one run: "
+      f"{fig(part, 'vmap_vs_one', '{:.2f}x')} / {fig(part, 'map_vs_one', '{:.2f}x')} |"
+      for part, what in (("replicas", "the seed model"), ("replicas_multi", "`multi` dense"))
+    ),
     "",
     f"float32 bound: {r['matmul'].get('gflops', 0):.0f} GFLOP/s (2048^2 matmul) / "
-    f"{train_flops_per_image() / 1e6:.1f} MFLOP per training image = {bound:,.0f} images/s; "
+    f"{bench_seed.train_flops_per_image() / 1e6:.1f} MFLOP per training image = "
+    f"{bound:,.0f} images/s; "
     f"jaxloc reaches {share:.0%} of it "
     f"({r['train_jaxloc'].get('backend', '?')}, steps_per_call="
     f"{r['train_jaxloc'].get('steps_per_call', '?')}).",
