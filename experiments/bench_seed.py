@@ -144,10 +144,10 @@ def train_jaxloc(steps, steps_per_call=None, config=None, members=1, mode=None):
   static = dict(sample_fn=task.sample_fn, loss_fn=task.loss_fn)
   keys = [jax.random.split(jax.random.key(i)) for i in range(members)]
   states = [train_state.create_train_state(k[0], config, task.model) for k in keys]
-  sums = [train_state.zero_metrics(s, digits, labels, **static) for s in states]
-  state, sums, data_key = states[0], sums[0], keys[0][1]
+  zeros = [train_state.zero_metrics(s, digits, labels, **static) for s in states]
+  state, sums, data_key = states[0], zeros[0], keys[0][1]
   if mode:
-    state, sums = train_state.stack(states), train_state.stack(sums)
+    state, sums = train_state.stack(states), train_state.stack(zeros)
     data_key = train_state.stack([k[1] for k in keys])
   n = steps_per_call or tasks.resolve_steps_per_call(flags.FLAGS.steps_per_call)
   t = time.perf_counter()

@@ -1,21 +1,40 @@
 """Runs an experiment script's `main` so that mistakes end in one clear line, exit status 2.
 
-Library INFO logs (Orbax, jax, TensorFlow) are off unless `--verbose` is given.
+Library INFO logs (Orbax, jax, TensorFlow) are off unless `--verbose` is given. XLA's
+persistent compilation cache is on (`--compilation_cache`, default ~/.cache/jaxloc/xla):
+a program compiled once, by any script, is read back instead of compiled again.
 Flag and config-override errors (an unknown field, a misspelt override, a bad
 value, a missing config file) and `jaxloc.errors.UserError` are printed as
 `error: ...` without a traceback; `jaxloc.errors.Stopped` (training stopped by SIGTERM or
 SIGINT, its checkpoint saved) prints its line and exits 143 or 130.
 """
 
+import os
 import re
 import sys
 
+import jax
 from absl import app, flags
 
 from jaxloc import console
 from jaxloc.errors import Stopped, UserError
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the INFO logs of Orbax, jax and TensorFlow.")
+_CACHE = flags.DEFINE_string(
+  "compilation_cache",
+  os.path.join("~", ".cache", "jaxloc", "xla"),
+  "XLA's persistent compilation cache: compiled programs kept here, so a second run of the "
+  "same shapes skips compiling. '' turns it off; $JAX_COMPILATION_CACHE_DIR, when set, wins.",
+)
+
+
+def use_compilation_cache(path: str) -> None:
+  """Keeps every compiled program in `path` (none too small or too quick to keep)."""
+  if not path or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _fail(message: str) -> None:
@@ -28,6 +47,7 @@ def _with_log_level(main):
 
   def run_main(argv):
     console.quiet_library_logs(_VERBOSE.value)
+    use_compilation_cache(_CACHE.value)
     return main(argv)
 
   return run_main

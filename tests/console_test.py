@@ -3,6 +3,7 @@
 import os
 import re
 import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -94,3 +95,17 @@ def test_accelerator_extras_are_declared():
     extras = tomllib.load(f)["project"]["optional-dependencies"]
   assert any(r.startswith("jax[cuda12]") for r in extras["cuda"])
   assert any(r.startswith("jax[tpu]") for r in extras["tpu"])
+
+
+def test_compilation_cache_is_on_by_default_and_a_flag_turns_it_off(tmp_path, mnist_dir):
+  """Programs land in ~/.cache/jaxloc/xla unless --compilation_cache= ($HOME set apart)."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  args = [SMOKE, f"--config.mnist_dir={mnist_dir}", "--config.epochs=1"]
+  for name, extra in (("on", []), ("off", ["--compilation_cache="])):
+    env["HOME"] = str(tmp_path / name)
+    cmd = [sys.executable, "-m", "experiments.train", *args, f"--workdir={tmp_path / name / 'run'}"]
+    proc = subprocess.run([*cmd, *extra], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+  cache = tmp_path / "on" / ".cache" / "jaxloc" / "xla"
+  assert cache.is_dir() and len(os.listdir(cache)) >= 2  # the train step and the evaluation
+  assert not (tmp_path / "off" / ".cache").exists()
