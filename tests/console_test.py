@@ -108,4 +108,4 @@ def test_compilation_cache_is_on_by_default_and_a_flag_turns_it_off(tmp_path, mn
     assert proc.returncode == 0, proc.stderr[-2000:]
   cache = tmp_path / "on" / ".cache" / "jaxloc" / "xla"
   assert cache.is_dir() and len(os.listdir(cache)) >= 2  # the train step and the evaluation
-  assert not (tmp_path / "off" / ".cache").exists()
+  assert not (tmp_path / "off" / ".cache" / "jaxloc").exists()

@@ -1,83 +1,11 @@
-import functools
 import json
 
 import conftest
-import jax
-import numpy as np
 import pytest
-from conftest import random_digits, small_config
+from conftest import small_config
 
-from experiments.configs import digit
-from jaxloc import canvas, losses, train, train_state, workdir
+from jaxloc import train, workdir
 from jaxloc.errors import UserError
-
-
-def test_loss_falls_when_overfitting_one_batch():
-  config = digit.get_config()
-  state = train_state.create_train_state(jax.random.key(0), config)
-  batch = canvas.sample_batch(jax.random.key(1), *random_digits(), batch_size=8)
-  step = jax.jit(train_state.train_step)
-  losses = []
-  for _ in range(40):
-    state, m = step(state, batch)
-    losses.append(float(m["loss"]))
-  assert losses[-1] < 0.2 * losses[0], losses
-
-
-def test_train_step_traces_once():
-  config = digit.get_config()
-  state = train_state.create_train_state(jax.random.key(0), config)
-  traces = []
-
-  def counted(state, batch):
-    traces.append(1)
-    return train_state.train_step(state, batch)
-
-  step = jax.jit(counted, donate_argnums=0)
-  for i in range(3):
-    batch = canvas.sample_batch(jax.random.key(i), *random_digits(), batch_size=8)
-    state, _ = step(state, batch)
-  assert len(traces) == 1
-
-
-def test_ema_update_follows_the_formula():
-  p0, p1, p2 = (jax.numpy.full((3,), v) for v in (1.0, 5.0, -2.0))
-  ema = train_state.ema_update(p0, p1, 0.999, jax.numpy.int32(1))  # warm-up: d = 2 / 11
-  np.testing.assert_allclose(ema, 2 / 11 * 1.0 + 9 / 11 * 5.0, rtol=1e-6)
-  late = train_state.ema_update(ema, p2, 0.999, jax.numpy.int32(100_000))  # d = decay
-  np.testing.assert_allclose(late, 0.999 * ema - 0.001 * 2.0, rtol=1e-6)
-
-
-def test_moving_average_does_not_change_training():
-  digits, labels = random_digits()
-  sample = functools.partial(canvas.training_batch, batch_size=8, canvas_size=75)
-  key, data_key = jax.random.key(0), jax.random.key(1)
-  out = {}
-  for decay in (0.0, 0.9):
-    config = digit.get_config()
-    config.ema_decay = decay
-    state = train_state.create_train_state(key, config)
-    assert (state.ema_params is None) == (decay == 0.0)
-    sums = train_state.zero_metrics(
-      state, digits, labels, sample_fn=sample, loss_fn=losses.total_loss
-    )
-    out[decay] = train_state.train_steps(
-      state,
-      sums,
-      digits,
-      labels,
-      data_key,
-      num_steps=4,
-      sample_fn=sample,
-      loss_fn=losses.total_loss,
-      ema_decay=decay,
-    )[0]
-  same = jax.tree_util.tree_map(np.array_equal, out[0.0].params, out[0.9].params)
-  assert all(jax.tree_util.tree_leaves(same))
-  moved = jax.tree_util.tree_map(np.array_equal, out[0.9].params, out[0.9].ema_params)
-  assert not any(jax.tree_util.tree_leaves(moved))
-  assert train_state.exported_params(out[0.9]) is out[0.9].ema_params
-  assert train_state.exported_params(out[0.0]) is out[0.0].params
 
 
 def test_same_seed_same_parameters(mnist_dir, tmp_path):
@@ -153,16 +81,6 @@ def test_bad_config_is_rejected(field, value, match, tmp_path):
   with pytest.raises(UserError, match=match):
     train.train_and_evaluate(small_config("", **{field: value}), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
-
-
-def test_cosine_schedule_warms_up_then_decays_to_zero():
-  config = digit.get_config()
-  config.update(lr_schedule="cosine", warmup_steps=10, epochs=2, steps_per_epoch=50)
-  lr = train_state.learning_rate(config)
-  assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(config.learning_rate)
-  assert float(lr(55)) == pytest.approx(config.learning_rate / 2, rel=1e-2)
-  assert float(lr(100)) == pytest.approx(0.0, abs=1e-9)
-  assert train_state.learning_rate(digit.get_config()) == 1e-3  # the seed: constant
 
 
 def test_cosine_run_refuses_more_epochs(mnist_dir, tmp_path):
