@@ -255,3 +255,81 @@ def profile(steps):
       seconds = _seconds_per_call(fn, params, max(3, steps // 10))
       result[f"{name}_{part}_ms"] = seconds * 1000
   return result
+
+
+def conv_formulations(steps):
+  """The seed model's forward and gradient, ms per batch of 64, with each way of writing
+  its 3x3 convolutions tried on CPU (issue: jaxloc against Keras on AVX-512), so the
+  choice can be re-checked on the next CPU. The parameters are the same in all.
+
+    gather     jaxloc's Conv3x3: one gather builds all patches, one matrix product
+    slices     the patches from 9 slices + concatenate, one matrix product
+    shifted    9 matrix products of shifted inputs, summed (no patch tensor)
+    first_madd the first (1-channel) conv as 9 multiply-adds, the others as `gather`
+    bf16       `gather` with bfloat16 operands, float32 accumulation
+    lax        XLA's convolution (`jax.lax.conv_general_dilated`)
+  """
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from jaxloc import model
+
+  def patches(x, ho, wo, how):
+    if how == "slices":
+      cols = [x[:, dy : dy + ho, dx : dx + wo] for dy in range(3) for dx in range(3)]
+      return jnp.concatenate(cols, axis=-1)  # [B, Ho, Wo, 9C] in (dy, dx, c) order
+    rows = jnp.arange(ho)[:, None] + jnp.arange(3)[None, :]
+    cols = jnp.arange(wo)[:, None] + jnp.arange(3)[None, :]
+    return x[:, rows[:, None, :, None], cols[None, :, None, :]]
+
+  def conv(x, kernel, how, first):
+    b, h, w, c = x.shape
+    ho, wo, f = h - 2, w - 2, kernel.shape[-1]
+    if how == "lax":
+      dims = ("NHWC", "HWIO", "NHWC")
+      return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=dims)
+    if how == "shifted" or (how == "first_madd" and first):
+      terms = [
+        x[:, dy : dy + ho, dx : dx + wo] @ kernel[dy, dx]
+        if how == "shifted"
+        else x[:, dy : dy + ho, dx : dx + wo] * kernel[dy, dx, 0]
+        for dy in range(3)
+        for dx in range(3)
+      ]
+      return sum(terms[1:], terms[0])
+    p = patches(x, ho, wo, how).reshape(b * ho * wo, 9 * c)
+    k = kernel.reshape(9 * c, f)
+    if how == "bf16":
+      y = jnp.dot(
+        p.astype(jnp.bfloat16), k.astype(jnp.bfloat16), preferred_element_type=jnp.float32
+      )
+    else:
+      y = p @ k
+    return y.reshape(b, ho, wo, f)
+
+  class Seed(nn.Module):  # the seed model, parameters as model.Localizer's, conv as `how`
+    how: str
+
+    @nn.compact
+    def __call__(self, x):
+      for i, f in enumerate((16, 32, 64)):
+        kernel = self.param(f"k{i}", model.KERAS_INIT, (3, 3, x.shape[-1], f))
+        bias = self.param(f"b{i}", nn.initializers.zeros_init(), (f,))
+        y = conv(x, kernel, self.how, i == 0) + bias
+        x = model.avg_pool_2x2(nn.relu(y))
+      x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
+      return {"logits": nn.Dense(10)(x), "box": nn.Dense(4)(x)}
+
+  x = jax.random.uniform(jax.random.key(0), (BATCH, CANVAS, CANVAS, 1))
+  result, reference = {}, None
+  for how in ("gather", "slices", "shifted", "first_madd", "bf16", "lax"):
+    net = Seed(how)
+    params = model.init_params(jax.random.key(1), net, CANVAS)
+    loss = lambda p, net=net: sum(v.sum() for v in net.apply({"params": p}, x).values())
+    out = float(jax.jit(loss)(params))
+    reference = out if reference is None else reference
+    result[f"{how}_rel_diff"] = abs(out - reference) / max(abs(reference), 1e-9)
+    for part, fn in (("forward", jax.jit(loss)), ("gradient", jax.jit(jax.grad(loss)))):
+      result[f"{how}_{part}_ms"] = _seconds_per_call(fn, params, max(3, steps // 10)) * 1000
+  return result

@@ -21,6 +21,8 @@ own) on the same MNIST training digits, batch 64, canvas 75:
                   0-19 digits of 15-99 px, batch 16) with the single-scale network, the
                   feature pyramid, and the pyramid with GroupNorm
   profile         ms per batch: forward and gradient, jaxloc's conv vs XLA's native conv
+  conv_formulations
+                  the same for six ways of writing the seed model's 3x3 convolutions
   read_dataset    seconds to read a detection dataset from disk (`jaxloc.datasets.read`):
                   --data=PATH, or 1,000 scenes of the benchmark layout exported first
   replicas, replicas_multi
@@ -60,6 +62,7 @@ PARTS = (
   "train_keras",
   "matmul",
   "profile",
+  "conv_formulations",
   "train_multi_dense",
   "train_multi_slots",
   "train_md_single",
@@ -169,6 +172,14 @@ def _table(r: dict) -> str:
       for name in ("jaxloc", "lax_conv")
     )
     + " (lax_conv: the same model with flax.linen.Conv).",
+    "",
+    "Convolution formulations, ms per batch of 64 (forward / forward+backward): "
+    + ", ".join(
+      f"{how} {r['conv_formulations'].get(f'{how}_forward_ms', 0):.1f} / "
+      f"{r['conv_formulations'].get(f'{how}_gradient_ms', 0):.1f}"
+      for how in ("gather", "slices", "shifted", "first_madd", "bf16", "lax")
+    )
+    + " (`python -m experiments.benchmark --parts=conv_formulations`).",
     "",
     "Canvas synthesis, microseconds per call of 64 canvases: the whole batch "
     f"{r['canvas_jaxloc'].get('whole_us', 0):.0f}; each part alone in its own call: an "

@@ -7,10 +7,11 @@
 426,638 parameters at 75x75x1, exactly as the Keras model summary.
 
 `Conv3x3` has the parameters of `flax.linen.Conv(features, (3, 3), padding="VALID")`
-(`kernel` [3,3,Cin,Cout], `bias` [Cout]) but computes the convolution as one
-matrix product over 3x3 patches. XLA:CPU runs that, and the matrix products of
-its gradient, several times faster than its native convolution; the tests check
-that outputs and gradients match `jax.lax.conv_general_dilated`.
+(`kernel` [3,3,Cin,Cout], `bias` [Cout]) and computes the convolution per backend
+(`CONV_IMPL`): as one matrix product over 3x3 patches ("matmul"), which XLA:CPU runs,
+with the matrix products of its gradient, several times faster than its native
+convolution (benchmark part `profile`), or as `jax.lax.conv_general_dilated` ("lax").
+The tests check that both give the same outputs and gradients.
 """
 
 from collections.abc import Sequence
@@ -31,12 +32,23 @@ def avg_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
   return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
+# How Conv3x3 computes per backend (impl = "auto"); backends not listed use "matmul". CPU:
+# measured (benchmark part `profile`: gradient of the seed model 171 ms per batch of 64 as
+# a matrix product, 486 ms with XLA's convolution). GPU and TPU: "lax" is the
+# accelerators' own convolution, not yet measured against "matmul" here (the GPU figures
+# in docs/speed.md are "matmul"): run `profile` on one and list the faster.
+CONV_IMPL = {"cpu": "matmul"}
+CONV_IMPLS = ("matmul", "lax")
+
+
 class Conv3x3(nn.Module):
-  """3x3 convolution, stride 1, as a patches x kernel matrix product (VALID, or SAME: the
-  input is zero-padded by one pixel on each side, so the output keeps its size)."""
+  """3x3 convolution, stride 1 (VALID, or SAME: the input is zero-padded by one pixel on
+  each side, so the output keeps its size), as a patches x kernel matrix product or as
+  XLA's convolution (`impl`: "matmul", "lax", or "auto": `CONV_IMPL` of the backend)."""
 
   features: int
   padding: str = "VALID"
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
@@ -45,6 +57,11 @@ class Conv3x3(nn.Module):
     b, h, w, c = x_BxHxWxC.shape
     kernel = self.param("kernel", KERAS_INIT, (3, 3, c, self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    impl = CONV_IMPL.get(jax.default_backend(), "matmul") if self.impl == "auto" else self.impl
+    if impl == "lax":
+      dims = ("NHWC", "HWIO", "NHWC")
+      y = jax.lax.conv_general_dilated(x_BxHxWxC, kernel, (1, 1), "VALID", dimension_numbers=dims)
+      return y + bias[None, None, None, :]
     ho, wo = h - 2, w - 2  # VALID padding: 75 -> 73, as in the reference model summary
     rows = np.arange(ho)[:, None] + np.arange(3)[None, :]  # [Ho, 3]
     cols = np.arange(wo)[:, None] + np.arange(3)[None, :]  # [Wo, 3]

@@ -2,6 +2,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxloc import model
 
@@ -34,10 +35,11 @@ def _reference_conv(x, kernel, bias):
   return y + bias[None, None, None, :]
 
 
-def test_conv3x3_matches_lax_conv_and_its_gradient():
+@pytest.mark.parametrize("impl", model.CONV_IMPLS)
+def test_conv3x3_matches_lax_conv_and_its_gradient(impl):
   key_x, key_p = jax.random.split(jax.random.key(0))
   x = jax.random.normal(key_x, (2, 11, 9, 3))
-  conv = model.Conv3x3(5)
+  conv = model.Conv3x3(5, impl=impl)
   params = conv.init(key_p, x)["params"]
   ref = nn.Conv(5, (3, 3), padding="VALID")
   ref_params = ref.init(key_p, x)["params"]
@@ -60,3 +62,14 @@ def test_avg_pool_drops_odd_edge():
   y = model.avg_pool_2x2(x)
   assert y.shape == (1, 2, 2, 1)
   np.testing.assert_allclose(y[0, :, :, 0], [[3, 5], [13, 15]])
+
+
+def test_conv3x3_impls_agree_with_same_padding_and_the_same_parameters():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  convs = {impl: model.Conv3x3(6, padding="SAME", impl=impl) for impl in model.CONV_IMPLS}
+  params = convs["matmul"].init(jax.random.key(1), x)["params"]
+  lax_params = convs["lax"].init(jax.random.key(1), x)["params"]
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, params, lax_params))
+  outs = {impl: conv.apply({"params": params}, x) for impl, conv in convs.items()}
+  assert outs["lax"].shape == (2, 8, 8, 6)
+  np.testing.assert_allclose(outs["lax"], outs["matmul"], rtol=1e-5, atol=1e-5)
