@@ -98,7 +98,7 @@ def train_and_evaluate(
     resume_step = workdir.resume_step(
       work_dir,
       config,
-      _common(checkpoint.steps_on_disk(d)[-1:] or [None] for d in dirs),
+      _common_step(dirs),
       fresh=fresh,
       resumable=resumable_changes(config),
       upgrade=tasks.upgrade_config,
@@ -120,10 +120,10 @@ def train_and_evaluate(
       ) from None
 
 
-def _common(steps):
-  """The step every member can resume from (None when one has no checkpoint)."""
-  steps = [s[0] for s in steps]
-  return None if None in steps else min(steps)
+def _common_step(dirs: list[str]) -> int | None:
+  """The newest step every member's workdir has a checkpoint of (None if one has none)."""
+  latest = [(checkpoint.steps_on_disk(d) or [None])[-1] for d in dirs]
+  return None if None in latest else min(latest)
 
 
 class _Member:
