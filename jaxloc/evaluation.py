@@ -18,18 +18,28 @@ import numpy as np
 from jaxloc import canvas, metrics, parallel, plots, workdir
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "canvas_size", "mesh"))
-def eval_step(apply_fn, params, digits, labels, xy, mask, *, canvas_size: int, mesh=None):
-  """Renders one validation batch and returns (sums, per-canvas results)."""
+@functools.partial(jax.jit, static_argnames=("apply_fn", "canvas_size", "mesh", "members"))
+def eval_step(
+  apply_fn, params, digits, labels, xy, mask, *, canvas_size: int, mesh=None, members=False
+):
+  """Renders one validation batch and returns (sums, per-canvas results); with `members`,
+  `params` are several models' (leading axis M) scored on the same batch, results [M, ...]."""
   batch = parallel.shard_batch(canvas.render(digits, labels, xy, canvas_size=canvas_size), mesh)
-  outputs = apply_fn({"params": params}, batch["image"])
-  return metrics.batch_sums(outputs, batch, mask), metrics.per_example(outputs, batch)
+
+  def score(p):
+    outputs = apply_fn({"params": p}, batch["image"])
+    return metrics.batch_sums(outputs, batch, mask), metrics.per_example(outputs, batch)
+
+  return jax.vmap(score)(params) if members else score(params)
 
 
-def evaluate(apply_fn, params, val: dict, *, canvas_size: int, batch_size: int, mesh=None):
+def evaluate(
+  apply_fn, params, val: dict, *, canvas_size: int, batch_size: int, mesh=None, members=False
+):
   """Scores the fixed validation set in batches of `batch_size` (the last one padded).
 
-  Returns (summary dict, per-canvas results as numpy arrays).
+  Returns (summary dict, per-canvas results as numpy arrays); with `members` (stacked
+  `params` of M models, scored in one compiled call per batch), a list of M of them.
   """
   n = val["labels"].shape[0]
   totals, per = None, []
@@ -46,11 +56,25 @@ def evaluate(apply_fn, params, val: dict, *, canvas_size: int, batch_size: int, 
       jnp.asarray(mask),
       canvas_size=canvas_size,
       mesh=mesh,
+      members=members,
     )
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    per.append(jax.tree_util.tree_map(lambda a, m=mask: a[m], parallel.to_host(ex)))
-  per = {k: np.concatenate([p[k] for p in per]) for k in per[0]}
-  return metrics.summarize(parallel.to_host(totals), per["iou"]), per
+    keep = (lambda a, m=mask: a[:, m]) if members else (lambda a, m=mask: a[m])
+    per.append(jax.tree_util.tree_map(keep, parallel.to_host(ex)))
+  per = {k: np.concatenate([p[k] for p in per], axis=int(members)) for k in per[0]}
+  totals = parallel.to_host(totals)
+  if not members:
+    return metrics.summarize(totals, per["iou"]), per
+  return [(metrics.summarize(_member(totals, i), p["iou"]), p) for i, p in enumerate(_split(per))]
+
+
+def _member(tree, i: int):
+  return jax.tree_util.tree_map(lambda a: a[i], tree)
+
+
+def _split(per: dict) -> list[dict]:
+  """Per-canvas results [M, N, ...] of M models as M dicts of [N, ...]."""
+  return [_member(per, i) for i in range(len(next(iter(per.values()))))]
 
 
 SCENE_VAL_CHUNK = 500  # scene validation canvases per key: chunk i uses fold_in(val_key, i)
@@ -69,23 +93,25 @@ def stored_chunk(val: dict, i, *, chunk: int):
   return canvas.stored_scene(val, index)
 
 
-def scene_eval_step(apply_fn, score_chunk, make_chunk, mesh=None):
+def scene_eval_step(apply_fn, score_chunk, make_chunk, mesh=None, members=False):
   """The jitted scoring of one chunk of validation scenes: makes chunk i with
   `make_chunk(val, i)` (`sampled_chunk` or `stored_chunk`), applies the model and returns
-  `score_chunk(outputs, scene)` = (per-canvas results, loss parts)."""
+  `score_chunk(outputs, scene)` = (per-canvas results, loss parts); with `members`, of
+  several models' stacked `params` on the same chunk (results [M, ...])."""
 
   @jax.jit
   def step(params, i, val):
     scene = parallel.shard_batch(make_chunk(val, i), mesh)
-    return score_chunk(apply_fn({"params": params}, scene["image"]), scene)
+    score = lambda p: score_chunk(apply_fn({"params": p}, scene["image"]), scene)
+    return jax.vmap(score)(params) if members else score(params)
 
   return step
 
 
-def evaluate_scenes(step, params, val: dict, summarize, *, chunk: int, num_val: int):
+def evaluate_scenes(step, params, val: dict, summarize, *, chunk: int, num_val: int, members=False):
   """Scores the validation scenes with `step` (a `scene_eval_step`) in chunks: `num_val`
   of them, or all of a stored set if it holds fewer; returns (summary, per-canvas numpy
-  arrays)."""
+  arrays), or with `members` a list of them, one per model."""
   if "images" in val:
     num_val = min(num_val, val["images"].shape[0])
   per, parts = [], []
@@ -93,10 +119,26 @@ def evaluate_scenes(step, params, val: dict, summarize, *, chunk: int, num_val: 
     ex, loss_parts = step(params, i, val)
     per.append(parallel.to_host(ex))
     parts.append(parallel.to_host(loss_parts))
-  per = {k: np.concatenate([p[k] for p in per])[:num_val] for k in per[0]}
+  axis = int(members)
+  per = {
+    k: np.concatenate([p[k] for p in per], axis)[:, :num_val]
+    if members
+    else np.concatenate([p[k] for p in per])[:num_val]
+    for k in per[0]
+  }
+  if not members:
+    return _scene_summary(summarize, per, parts), per
+  return [
+    (_scene_summary(summarize, p, [_member(q, i) for q in parts]), p)
+    for i, p in enumerate(_split(per))
+  ]
+
+
+def _scene_summary(summarize, per: dict, parts: list[dict]) -> dict:
+  """The figures of one model's scenes, with its loss parts averaged over the chunks."""
   summary = summarize(per)
   summary.update({k: float(np.mean([p[k] for p in parts])) for k in parts[0] if "_loss" in k})
-  return summary, per
+  return summary
 
 
 def write_digit_outputs(out_dir: str, val: dict, per: dict, history: list[dict]) -> None:

@@ -41,7 +41,9 @@ class Task(NamedTuple):
   model: nn.Module
   sample_fn: Callable  # (data_key, step, digits, labels) -> training batch
   loss_fn: Callable  # (outputs, batch) -> (loss, {name: scalar})
-  make_evaluator: Callable  # (apply_fn, mesh) -> evaluator(params, val) -> (summary, per)
+  # (apply_fn, mesh, members) -> evaluator(params, val) -> (summary, per); with members, of
+  # stacked params, a list of them (the models scored in one compiled call per batch)
+  make_evaluator: Callable
   write_outputs: Callable  # (out_dir, val, per, history): the run's end: curves (scenes: COCO..)
   plot_predictions: Callable  # (out_dir, val, per): predictions.png (after every evaluation)
   answer: Callable  # jittable (model outputs) -> {name: array}: the Predictor's answers
@@ -97,8 +99,13 @@ def _digit_task(config) -> Task:
     loss_fn=functools.partial(
       losses.total_loss, class_weight=config.class_loss_weight, box_weight=config.box_loss_weight
     ),
-    make_evaluator=lambda apply_fn, mesh=None: functools.partial(
-      evaluation.evaluate, apply_fn, batch_size=config.eval_batch_size, mesh=mesh, **digit_args
+    make_evaluator=lambda apply_fn, mesh=None, members=False: functools.partial(
+      evaluation.evaluate,
+      apply_fn,
+      batch_size=config.eval_batch_size,
+      mesh=mesh,
+      members=members,
+      **digit_args,
     ),
     write_outputs=evaluation.write_digit_outputs,
     plot_predictions=functools.partial(
@@ -144,12 +151,11 @@ def _scene_evaluation(config, score_chunk):
     )
   categories = range(10) if sc.classify else [0]
 
-  def make_evaluator(apply_fn, mesh=None):
-    step = evaluation.scene_eval_step(
-      apply_fn, score_chunk, make_chunk, mesh if chunk % jax.device_count() == 0 else None
-    )
+  def make_evaluator(apply_fn, mesh=None, members=False):
+    mesh = mesh if chunk % jax.device_count() == 0 else None
+    step = evaluation.scene_eval_step(apply_fn, score_chunk, make_chunk, mesh, members)
     return lambda params, val: evaluation.evaluate_scenes(
-      step, params, val, summarize, chunk=chunk, num_val=num_val
+      step, params, val, summarize, chunk=chunk, num_val=num_val, members=members
     )
 
   write_outputs = functools.partial(

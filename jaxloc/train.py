@@ -201,20 +201,19 @@ def _run(config, work_dir, task, members, states, resume_step, data, echo, signa
     echo(line)
   for i, m in enumerate(members):
     m.open(task, val, resume_step, echo if mode is None else _prefixed(echo, f"member {i} | "))
-  evaluate = _Evaluation(task, states[0].apply_fn, val, mesh)
+  evaluate = _Evaluation(task, states[0].apply_fn, val, mesh, members=mode is not None)
   try:
     state, results = _train(config, state, steps, steps_per_call, members, evaluate, signals)
   finally:
     for m in members:
       m.log.close()
-  finals = []
-  for i, m in enumerate(members):
-    state_i = ts.member(state, i) if mode else state
-    if results is None:  # resumed at the very end: evaluate the restored state
-      result = evaluate(state_i)
+  if results is None:  # resumed at the very end: evaluate the restored state
+    results = evaluate(state)
+    for m, result in zip(members, results, strict=True):
       m.log.plot(result[1])
-    else:
-      result = results[i]
+  finals = []
+  for i, (m, result) in enumerate(zip(members, results, strict=True)):
+    state_i = ts.member(state, i) if mode else state
     final = _export(m.out_dir, task, state_i, val, result, m.log.history)
     final.update(
       num_params=n_params,
@@ -243,18 +242,22 @@ def _run(config, work_dir, task, members, states, resume_step, data, echo, signa
 
 
 class _Evaluation:
-  """`self(state)`: the figures of the exported weights (summary, per canvas) and, with a
-  moving average, the summary of the raw weights; `seconds`: time spent in it so far."""
+  """`self(state)`: per member, the figures of the exported weights (summary, per canvas)
+  and, with a moving average, the summary of the raw weights; the members of a stacked
+  state are scored in one compiled call per batch. `seconds`: time spent in it so far."""
 
-  def __init__(self, task, apply_fn, val, mesh):
-    self.evaluator, self.val, self.seconds = task.make_evaluator(apply_fn, mesh), val, 0.0
+  def __init__(self, task, apply_fn, val, mesh, members: bool):
+    self.evaluator = task.make_evaluator(apply_fn, mesh, members)
+    self.val, self.members, self.seconds = val, members, 0.0
 
-  def __call__(self, state):
+  def __call__(self, state) -> list[tuple]:
     t = time.perf_counter()
-    summary, per = self.evaluator(ts.exported_params(state), self.val)
-    raw = None if state.ema_params is None else self.evaluator(state.params, self.val)[0]
+    scored = self.evaluator(ts.exported_params(state), self.val)
+    raw = None if state.ema_params is None else self.evaluator(state.params, self.val)
+    if not self.members:
+      scored, raw = [scored], None if raw is None else [raw]
     self.seconds += time.perf_counter() - t
-    return summary, per, raw
+    return [(s, p, None if raw is None else raw[i][0]) for i, (s, p) in enumerate(scored)]
 
 
 def _train(config, state, steps, steps_per_call, members, evaluate, signals):
@@ -273,10 +276,8 @@ def _train(config, state, steps, steps_per_call, members, evaluate, signals):
     state = _train_epoch(config, state, epoch, steps, steps_per_call, members, bar, signals)
     seconds = steps.train_s - t0
     images_per_s = (steps.trained - trained0) * config.batch_size / max(seconds, 1e-9)
-    results = []
-    for i, m in enumerate(members):
-      summary, per, raw = evaluate(ts.member(state, i) if stacked else state)
-      results.append((summary, per, raw))
+    results = evaluate(state)
+    for m, (summary, per, raw) in zip(members, results, strict=True):
       record = {"step": epoch * spe, "epoch": epoch, **m.epoch_means.means()}
       record.update({f"val/{k}": v for k, v in summary.items()})
       record.update({f"val_raw/{k}": v for k, v in (raw or {}).items()})

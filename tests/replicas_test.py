@@ -10,6 +10,7 @@ from conftest import kill_after_first_checkpoint, run_train_command, small_confi
 from flax import serialization
 from resume_test import TIMING, _cli, _config, _strip
 
+from experiments.configs import multi
 from jaxloc import inference, train, workdir
 from jaxloc.errors import UserError
 
@@ -82,3 +83,30 @@ def test_bad_replica_settings_are_one_error_line(tmp_path, override, match):
   )
   assert proc.returncode == 2 and proc.stderr.strip() == f"error: {match}", proc.stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_scene_members_are_scored_as_their_own_runs(mnist_dir, tmp_path):
+  """The dense detector's members, scored in one call per chunk, get their own runs' AP."""
+  overrides = dict(
+    mnist_dir=mnist_dir,
+    epochs=1,
+    steps_per_epoch=3,
+    batch_size=8,
+    num_val=24,
+    num_plot=2,
+    canvas_size=64,
+    seed=5,
+  )
+  config = multi.get_config()
+  config.update(dict(overrides, replicas=2))
+  summary = train.train_and_evaluate(config, str(tmp_path / "replicas"))
+  aps = []
+  for i in range(2):
+    single = multi.get_config()
+    single.update(dict(overrides, seed=5 + i))
+    own = train.train_and_evaluate(single, str(tmp_path / f"seed{i}"))
+    final = workdir.read_json(str(tmp_path / "replicas" / f"member-{i}" / workdir.METRICS))
+    for key in ("AP", "AP50", "count_accuracy", "heatmap_loss"):
+      assert final[key] == pytest.approx(own[key], rel=1e-3, abs=1e-4), key
+    aps.append(final["AP"])
+  assert summary["figures"]["AP"]["mean"] == pytest.approx(np.mean(aps))
