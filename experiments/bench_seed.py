@@ -268,6 +268,10 @@ def conv_formulations(steps):
     first_madd the first (1-channel) conv as 9 multiply-adds, the others as `gather`
     bf16       `gather` with bfloat16 operands, float32 accumulation
     lax        XLA's convolution (`jax.lax.conv_general_dilated`)
+    vjp        `gather` with its own gradient: the input's as a `gather` correlation of the
+               padded output gradient with the flipped kernel (a matrix product, instead of
+               the scatter-add that is the gather's transpose); the kernel's from the
+               patches recomputed
   """
   import flax.linen as nn
   import jax
@@ -283,7 +287,32 @@ def conv_formulations(steps):
     cols = jnp.arange(wo)[:, None] + jnp.arange(3)[None, :]
     return x[:, rows[:, None, :, None], cols[None, :, None, :]]
 
+  def gather_conv(x, kernel):
+    b, h, w, c = x.shape
+    p = patches(x, h - 2, w - 2, "gather").reshape(-1, 9 * c)
+    return (p @ kernel.reshape(9 * c, -1)).reshape(b, h - 2, w - 2, -1)
+
+  @jax.custom_vjp
+  def vjp_conv(x, kernel):
+    return gather_conv(x, kernel)
+
+  def vjp_fwd(x, kernel):
+    return gather_conv(x, kernel), (x, kernel)
+
+  def vjp_bwd(res, g):
+    x, kernel = res
+    b, h, w, c = x.shape
+    p = patches(x, h - 2, w - 2, "gather").reshape(-1, 9 * c)
+    dk = (p.T @ g.reshape(-1, g.shape[-1])).reshape(kernel.shape)
+    flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))  # [3, 3, F, C]
+    dx = gather_conv(jnp.pad(g, ((0, 0), (2, 2), (2, 2), (0, 0))), flipped)
+    return dx, dk
+
+  vjp_conv.defvjp(vjp_fwd, vjp_bwd)
+
   def conv(x, kernel, how, first):
+    if how == "vjp":
+      return vjp_conv(x, kernel)
     b, h, w, c = x.shape
     ho, wo, f = h - 2, w - 2, kernel.shape[-1]
     if how == "lax":
@@ -322,14 +351,22 @@ def conv_formulations(steps):
       return {"logits": nn.Dense(10)(x), "box": nn.Dense(4)(x)}
 
   x = jax.random.uniform(jax.random.key(0), (BATCH, CANVAS, CANVAS, 1))
-  result, reference = {}, None
-  for how in ("gather", "slices", "shifted", "first_madd", "bf16", "lax"):
+  result, reference, reference_grads = {}, None, None
+  for how in ("gather", "slices", "shifted", "first_madd", "bf16", "lax", "vjp"):
     net = Seed(how)
     params = model.init_params(jax.random.key(1), net, CANVAS)
     loss = lambda p, net=net: sum(v.sum() for v in net.apply({"params": p}, x).values())
     out = float(jax.jit(loss)(params))
     reference = out if reference is None else reference
     result[f"{how}_rel_diff"] = abs(out - reference) / max(abs(reference), 1e-9)
+    grads = jax.grad(loss)(params)
+    reference_grads = grads if how == "gather" else reference_grads
+    diffs = jax.tree_util.tree_map(
+      lambda a, r: float(jnp.max(jnp.abs(a - r)) / (jnp.max(jnp.abs(r)) + 1e-12)),
+      grads,
+      reference_grads,
+    )
+    result[f"{how}_grad_rel_diff"] = max(jax.tree_util.tree_leaves(diffs))
     for part, fn in (("forward", jax.jit(loss)), ("gradient", jax.jit(jax.grad(loss)))):
       result[f"{how}_{part}_ms"] = _seconds_per_call(fn, params, max(3, steps // 10)) * 1000
   return result

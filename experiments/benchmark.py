@@ -177,7 +177,7 @@ def _table(r: dict) -> str:
     + ", ".join(
       f"{how} {r['conv_formulations'].get(f'{how}_forward_ms', 0):.1f} / "
       f"{r['conv_formulations'].get(f'{how}_gradient_ms', 0):.1f}"
-      for how in ("gather", "slices", "shifted", "first_madd", "bf16", "lax")
+      for how in ("gather", "slices", "shifted", "first_madd", "bf16", "lax", "vjp")
     )
     + " (`python -m experiments.benchmark --parts=conv_formulations`).",
     "",
