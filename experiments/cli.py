@@ -38,7 +38,12 @@ def use_compilation_cache(path: str) -> None:
 
 
 def _fail(message: str) -> None:
+  """Prints the error line and exits 2. What libraries print to stderr while the interpreter
+  shuts down after it is dropped (Orbax reports the tasks of a failed write, with their
+  tracebacks, when they are collected): the error line is the last word."""
   print(f"error: {message}", file=sys.stderr)
+  sys.stderr.flush()
+  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
   sys.exit(2)
 
 

@@ -116,7 +116,7 @@ def reason(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _library_stderr_held(grace_s: float = 0.5):
+def _library_stderr_held(grace_s: float = 1.0):
   """Holds back what Orbax and TensorStore print to stderr (file descriptor 2) while a save
   or restore runs. When it fails, their worker threads print tracebacks of the same error,
   some shortly after (callbacks into a closed event loop): those are waited for and logged
