@@ -5,9 +5,9 @@ import errno
 import glob
 import os
 import random
-import resource
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -154,12 +154,16 @@ def test_killed_after_the_last_checkpoint_finishes_on_resume(mnist_dir, tmp_path
   assert again["resumed_from_step"] == 6 and _strip(again) == _strip(first)
 
 
-def _limit_file_size(limit: int):
-  def preexec():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-  return preexec
+def _with_file_size_limit(cmd: list[str], limit: int) -> list[str]:
+  """`cmd` (a Python command) run with files limited to `limit` bytes: a write past it fails
+  with EFBIG, as on a full disk (Python ignores SIGXFSZ). The limit is set in a fresh
+  interpreter that then execs `cmd`, so the test process never forks with threads running."""
+  code = (
+    "import os, resource, sys; "
+    f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+  )
+  return [sys.executable, "-c", code, *cmd]
 
 
 def test_failing_checkpoint_write_keeps_the_previous_one(mnist_dir, tmp_path, short_reference):
@@ -170,14 +174,8 @@ def test_failing_checkpoint_write_keeps_the_previous_one(mnist_dir, tmp_path, sh
   train.train_and_evaluate(_short_config(mnist_dir, 1), str(run))
   config = _short_config(mnist_dir, 2)
   env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
-  failing = subprocess.run(
-    _cli(config, run),
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    env=env,
-    preexec_fn=_limit_file_size(64 * 1024),
-  )
+  cmd = _with_file_size_limit(_cli(config, run), 64 * 1024)
+  failing = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
   assert failing.returncode == 2, failing.stderr[-2000:]
   errors = [line for line in failing.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "checkpoint of step 6 is kept" in errors[0], failing.stderr[-2000:]
