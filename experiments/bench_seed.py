@@ -136,7 +136,7 @@ def train_jaxloc(steps, steps_per_call=None, config=None, members=1, mode=None):
   import jax
 
   from experiments.configs import digit
-  from jaxloc import tasks, train_state
+  from jaxloc import parallel, tasks, train_state
 
   config = config or digit.get_config()
   digits, labels = (jax.numpy.asarray(a) for a in _digits())
@@ -147,8 +147,8 @@ def train_jaxloc(steps, steps_per_call=None, config=None, members=1, mode=None):
   zeros = [train_state.zero_metrics(s, digits, labels, **static) for s in states]
   state, sums, data_key = states[0], zeros[0], keys[0][1]
   if mode:
-    state, sums = train_state.stack(states), train_state.stack(zeros)
-    data_key = train_state.stack([k[1] for k in keys])
+    state, sums = parallel.stack(states), parallel.stack(zeros)
+    data_key = parallel.stack([k[1] for k in keys])
   n = steps_per_call or tasks.resolve_steps_per_call(flags.FLAGS.steps_per_call)
   t = time.perf_counter()
   fn = train_state.compile_train_steps(

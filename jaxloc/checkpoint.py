@@ -38,14 +38,6 @@ def manager(work_dir: str, keep: int) -> ocp.CheckpointManager:
   )
 
 
-def steps_on_disk(work_dir: str) -> list[int]:
-  """The steps of the complete checkpoints in `work_dir`, oldest first (Orbax commits a
-  checkpoint by renaming its temporary directory to the step)."""
-  directory = os.path.join(work_dir, "checkpoints")
-  names = os.listdir(directory) if os.path.isdir(directory) else []
-  return sorted(int(n) for n in names if n.isdigit())
-
-
 def save(mngr: ocp.CheckpointManager, state) -> None:
   """Saves `state` at its step; a failed write is a `UserError` naming the kept checkpoint."""
   step, kept = int(state.step), mngr.latest_step()

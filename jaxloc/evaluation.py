@@ -65,16 +65,14 @@ def evaluate(
   totals = parallel.to_host(totals)
   if not members:
     return metrics.summarize(totals, per["iou"]), per
-  return [(metrics.summarize(_member(totals, i), p["iou"]), p) for i, p in enumerate(_split(per))]
-
-
-def _member(tree, i: int):
-  return jax.tree_util.tree_map(lambda a: a[i], tree)
+  return [
+    (metrics.summarize(parallel.member(totals, i), p["iou"]), p) for i, p in enumerate(_split(per))
+  ]
 
 
 def _split(per: dict) -> list[dict]:
   """Per-canvas results [M, N, ...] of M models as M dicts of [N, ...]."""
-  return [_member(per, i) for i in range(len(next(iter(per.values()))))]
+  return [parallel.member(per, i) for i in range(len(next(iter(per.values()))))]
 
 
 SCENE_VAL_CHUNK = 500  # scene validation canvases per key: chunk i uses fold_in(val_key, i)
@@ -119,17 +117,13 @@ def evaluate_scenes(step, params, val: dict, summarize, *, chunk: int, num_val: 
     ex, loss_parts = step(params, i, val)
     per.append(parallel.to_host(ex))
     parts.append(parallel.to_host(loss_parts))
-  axis = int(members)
-  per = {
-    k: np.concatenate([p[k] for p in per], axis)[:, :num_val]
-    if members
-    else np.concatenate([p[k] for p in per])[:num_val]
-    for k in per[0]
-  }
+  axis = int(members)  # the canvases' axis
+  cut = (slice(None),) * axis + (slice(num_val),)
+  per = {k: np.concatenate([p[k] for p in per], axis)[cut] for k in per[0]}
   if not members:
     return _scene_summary(summarize, per, parts), per
   return [
-    (_scene_summary(summarize, p, [_member(q, i) for q in parts]), p)
+    (_scene_summary(summarize, p, [parallel.member(q, i) for q in parts]), p)
     for i, p in enumerate(_split(per))
   ]
 

@@ -11,6 +11,9 @@ every batch, and the values equal those of a single-device run.
 With several processes (`jax.distributed.initialize`), `replicate` builds global
 arrays from the same host values on every process, and `to_host` gathers results
 that are spread over the processes' devices.
+
+Replica members (several models in one program) are pytrees with a leading member axis:
+`stack` makes one, `member` takes one out (device or host arrays alike).
 """
 
 import jax
@@ -72,3 +75,16 @@ def shard_batch(tree, mesh: Mesh | None):
   if mesh is None or mesh.size == 1:
     return tree
   return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec(DATA)))
+
+
+def stack(trees):
+  """Members' pytrees (train states, keys, metrics) as one with a leading member axis; the
+  first member's static fields (apply_fn, tx) serve all."""
+  leaves = [jax.tree_util.tree_leaves(t) for t in trees]
+  stacked = [jax.numpy.stack(xs) for xs in zip(*leaves, strict=True)]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(trees[0]), stacked)
+
+
+def member(tree, i: int):
+  """Member `i` of a stacked pytree (`stack`)."""
+  return jax.tree_util.tree_map(lambda x: x[i], tree)

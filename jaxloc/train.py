@@ -95,17 +95,20 @@ def train_and_evaluate(
     signals = stack.enter_context(preemption.Signals())
     if main_process:
       stack.enter_context(workdir.lock(work_dir))
+    mngrs = [stack.enter_context(checkpoint.manager(d, config.keep_checkpoints)) for d in dirs]
+    latest = [m.latest_step() for m in mngrs]  # resume where every member has a checkpoint
     resume_step = workdir.resume_step(
       work_dir,
       config,
-      _common_step(dirs),
+      None if None in latest else min(latest),
       fresh=fresh,
       resumable=resumable_changes(config),
       upgrade=tasks.upgrade_config,
       finished_file=SUMMARY if replicas else workdir.METRICS,
     )
+    for m in mngrs:
+      m.reload()  # --fresh may have moved the old checkpoints aside
     configs = [member_config(config, i) for i in range(config.replicas)] if replicas else [config]
-    mngrs = [stack.enter_context(checkpoint.manager(d, config.keep_checkpoints)) for d in dirs]
     members = [_Member(*m) for m in zip(configs, dirs, mngrs, strict=True)]
     states, resume_step = _initial_states(members, task, work_dir, resume_step, fresh, echo)
     try:
@@ -118,12 +121,6 @@ def train_and_evaluate(
         "before are intact. Free disk space or fix the permissions, then run the same "
         "command to resume"
       ) from None
-
-
-def _common_step(dirs: list[str]) -> int | None:
-  """The newest step every member's workdir has a checkpoint of (None if one has none)."""
-  latest = [(checkpoint.steps_on_disk(d) or [None])[-1] for d in dirs]
-  return None if None in latest else min(latest)
 
 
 class _Member:
@@ -180,6 +177,11 @@ def _silent(line: str) -> None:
   del line
 
 
+def _step(state) -> int:
+  """The step a train state (or the stacked states of replica members) has reached."""
+  return int(np.ravel(jax.device_get(state.step))[0])
+
+
 def _prefixed(echo, prefix: str):
   return lambda line: echo(prefix + line)
 
@@ -191,7 +193,7 @@ def _run(config, work_dir, task, members, states, resume_step, data, echo, signa
   mesh = parallel.data_mesh()
   mode = tasks.resolve_replica_mode(config.replica_mode) if len(members) > 1 else None
   keys = [_keys(m.config)[1] for m in members]
-  state, data_key = (ts.stack(states), ts.stack(keys)) if mode else (states[0], keys[0])
+  state, data_key = (parallel.stack(states), parallel.stack(keys)) if mode else (states[0], keys[0])
   state, data_key, (digits, labels, val) = parallel.replicate((state, data_key, data), mesh)
   static = dict(sample_fn=task.sample_fn, loss_fn=task.loss_fn, mesh=mesh, replicas=mode)
   steps = ts.Steps(state, (digits, labels, data_key), ema_decay=config.ema_decay, **static)
@@ -213,7 +215,7 @@ def _run(config, work_dir, task, members, states, resume_step, data, echo, signa
       m.log.plot(result[1])
   finals = []
   for i, (m, result) in enumerate(zip(members, results, strict=True)):
-    state_i = ts.member(state, i) if mode else state
+    state_i = parallel.member(state, i) if mode else state
     final = _export(m.out_dir, task, state_i, val, result, m.log.history)
     final.update(
       num_params=n_params,
@@ -265,8 +267,7 @@ def _train(config, state, steps, steps_per_call, members, evaluate, signals):
   returns the final state and the members' last evaluations (None when there was nothing
   left to train)."""
   spe, total = config.steps_per_epoch, config.epochs * config.steps_per_epoch
-  stacked = len(members) > 1
-  step = int(state.step[0] if stacked else state.step)
+  step = _step(state)
   for m in members:
     m.epoch_means = records.EpochMeans(m.log.records, step // spe * spe)
   results = None
@@ -294,8 +295,8 @@ def _train_epoch(config, state, epoch, steps, steps_per_call, members, bar, sign
   steps, a checkpoint every `checkpoint_every` steps and at the end of training. A stop
   request (`signals`) logs the steps since the last record, saves and raises `Stopped`."""
   stacked = len(members) > 1
-  pick = ts.member if stacked else (lambda tree, i: tree)
-  step, epoch_end = int(pick(state, 0).step), epoch * config.steps_per_epoch
+  pick = parallel.member if stacked else (lambda tree, i: tree)
+  step, epoch_end = _step(state), epoch * config.steps_per_epoch
   total = config.epochs * config.steps_per_epoch
   sums = steps.zeros()
 

@@ -133,7 +133,7 @@ def compile_train_steps(
   `sums` (`zero_metrics` gives the first sums).
 
   With `replicas` ("vmap" or "map"), `state`, `sums` and `data_key` are stacked members
-  (`stack`; leading axis N) trained in one program on the same `digits` and `labels`:
+  (`parallel.stack`; leading axis N) trained in one program on the same `digits` and `labels`:
   `jax.vmap` batches the members' steps into one, `lax.map` loops over them.
   """
   fn = functools.partial(train_steps, **static)
@@ -146,30 +146,17 @@ def compile_train_steps(
   return compiled.lower(state, sums, digits, labels, data_key).compile()
 
 
-def stack(trees):
-  """Members' pytrees (train states, keys, metrics) as one with a leading member axis; the
-  first member's static fields (apply_fn, tx) serve all."""
-  leaves = [jax.tree_util.tree_leaves(t) for t in trees]
-  stacked = [jnp.stack(xs) for xs in zip(*leaves, strict=True)]
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(trees[0]), stacked)
-
-
-def member(tree, i: int):
-  """Member `i` of a stacked pytree (`stack`)."""
-  return jax.tree_util.tree_map(lambda x: x[i], tree)
-
-
 class Steps:
   """Calls compiled `train_steps`, compiling each number of steps once; times both."""
 
   def __init__(self, state, data, **static):
     self.data, self.static = data, static  # data: (digits, labels, data_key)
     fns = dict(sample_fn=static["sample_fn"], loss_fn=static["loss_fn"])
-    one = member(state, 0) if static["replicas"] else state
+    one = parallel.member(state, 0) if static["replicas"] else state
     self.template = zero_metrics(one, *data[:2], **fns)
     if static["replicas"]:
       n = jax.tree_util.tree_leaves(state)[0].shape[0]
-      self.template = stack([self.template] * n)
+      self.template = parallel.stack([self.template] * n)
     self.compiled, self.compile_s, self.train_s, self.trained = {}, 0.0, 0.0, 0
 
   def zeros(self) -> dict[str, jax.Array]:

@@ -9,8 +9,8 @@ import pytest
 from conftest import kill_after_first_checkpoint, run_train_command, small_config
 from flax import serialization
 from resume_test import TIMING, _cli, _config, _strip
+from scene_test import _case_config
 
-from experiments.configs import multi
 from jaxloc import inference, train, workdir
 from jaxloc.errors import UserError
 
@@ -87,23 +87,13 @@ def test_bad_replica_settings_are_one_error_line(tmp_path, override, match):
 
 def test_scene_members_are_scored_as_their_own_runs(mnist_dir, tmp_path):
   """The dense detector's members, scored in one call per chunk, get their own runs' AP."""
-  overrides = dict(
-    mnist_dir=mnist_dir,
-    epochs=1,
-    steps_per_epoch=3,
-    batch_size=8,
-    num_val=24,
-    num_plot=2,
-    canvas_size=64,
-    seed=5,
-  )
-  config = multi.get_config()
-  config.update(dict(overrides, replicas=2))
+  config = _case_config(mnist_dir, "multi")
+  config.update(dict(seed=5, replicas=2))
   summary = train.train_and_evaluate(config, str(tmp_path / "replicas"))
   aps = []
   for i in range(2):
-    single = multi.get_config()
-    single.update(dict(overrides, seed=5 + i))
+    single = _case_config(mnist_dir, "multi")
+    single.seed = 5 + i
     own = train.train_and_evaluate(single, str(tmp_path / f"seed{i}"))
     final = workdir.read_json(str(tmp_path / "replicas" / f"member-{i}" / workdir.METRICS))
     for key in ("AP", "AP50", "count_accuracy", "heatmap_loss"):

@@ -9,7 +9,7 @@ import pytest
 from conftest import random_digits
 
 from experiments.configs import digit
-from jaxloc import canvas, losses, train_state
+from jaxloc import canvas, losses, parallel, train_state
 
 
 def test_loss_falls_when_overfitting_one_batch():
@@ -93,8 +93,8 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 def test_stack_and_member_are_inverse():
   config = digit.get_config()
   states = [train_state.create_train_state(jax.random.key(i), config) for i in range(3)]
-  stacked = train_state.stack(states)
+  stacked = parallel.stack(states)
   assert stacked.params["Dense_0"]["kernel"].shape == (3, 3136, 128)
   for i, state in enumerate(states):
-    leaves = jax.tree_util.tree_leaves(train_state.member(stacked, i))
+    leaves = jax.tree_util.tree_leaves(parallel.member(stacked, i))
     assert all(map(np.array_equal, leaves, jax.tree_util.tree_leaves(state)))
