@@ -2,6 +2,7 @@
 jaxloc's canvas synthesis and training step against the seed's tf.data pipeline and Keras
 model on the same digits, the machine's matmul bound, and a profile of the step."""
 
+import functools
 import time
 
 from absl import flags
@@ -145,23 +146,24 @@ def train_jaxloc(steps, steps_per_call=None, config=None, members=1, mode=None):
   keys = [jax.random.split(jax.random.key(i)) for i in range(members)]
   states = [train_state.create_train_state(k[0], config, task.model) for k in keys]
   zeros = [train_state.zero_metrics(s, digits, labels, **static) for s in states]
+  hp = train_state.hyperparameters(config)
   state, sums, data_key = states[0], zeros[0], keys[0][1]
   if mode:
     state, sums = parallel.stack(states), parallel.stack(zeros)
-    data_key = parallel.stack([k[1] for k in keys])
+    data_key, hp = parallel.stack([k[1] for k in keys]), parallel.stack([hp] * members)
+  data = (digits, labels, data_key, hp)
+  static["optimizer_fn"] = functools.partial(train_state.optimizer, config)
   n = steps_per_call or tasks.resolve_steps_per_call(flags.FLAGS.steps_per_call)
   t = time.perf_counter()
-  fn = train_state.compile_train_steps(
-    state, sums, digits, labels, data_key, num_steps=n, replicas=mode, **static
-  )
+  fn = train_state.compile_train_steps(state, sums, *data, num_steps=n, replicas=mode, **static)
   compile_s = time.perf_counter() - t
   memory = fn.memory_analysis()
-  state, sums = fn(state, sums, digits, labels, data_key)  # warm-up
+  state, sums = fn(state, sums, *data)  # warm-up
   jax.block_until_ready(sums)
   calls = max(1, steps // n)
   t = time.perf_counter()
   for _ in range(calls):
-    state, sums = fn(state, sums, digits, labels, data_key)
+    state, sums = fn(state, sums, *data)
   jax.block_until_ready(sums)
   dt = time.perf_counter() - t
   return {

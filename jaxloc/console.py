@@ -61,6 +61,8 @@ def start_lines(
   if replica_mode:
     last = config.seed + config.replicas - 1
     where += f"; {config.replicas} replicas (seeds {config.seed}..{last}, {replica_mode})"
+    if config.get("vary"):
+      where += f", varying {config.vary}"
   return [
     devices_line(),
     f"model: {n_params:,} parameters; {where}",
@@ -93,15 +95,23 @@ def end_lines(out_dir: str, final: dict) -> list[str]:
   ]
 
 
-def summary_lines(out_dir: str, summary: dict) -> list[str]:
-  """The end of a replica run: the watched figures over the members, time, outputs."""
+def summary_lines(out_dir: str, summary: dict, finals: list[dict]) -> list[str]:
+  """The end of a replica run: the watched figures over the members (and of each member,
+  when they differ by listed values: `finals`, their metrics.json), time, outputs."""
   f = summary["figures"]
   figures = ", ".join(
     "{} {mean:.3f} +- {std:.3f} [{min:.3f}, {max:.3f}]".format(label, **f[key])
     for key, label in VAL_FIGURES
     if key in f
   )
+  varied = summary.get("varied") or {}
+  each = [
+    f"member {i} ({', '.join(f'{k} {v[i]:g}' for k, v in varied.items())}): "
+    + ", ".join(f"{label} {final[key]:.3f}" for key, label in VAL_FIGURES if key in final)
+    for i, final in enumerate(finals if varied else [])
+  ]
   return [
+    *each,
     f"{summary['members']} members: {figures} (mean +- std [min, max])",
     f"done: {f['steps']['mean']:,.0f} steps each in {f['wall_s']['mean']:.1f} s: "
     f"{f['train_s']['mean']:.1f} s training ({summary['images_per_s']:,.0f} images/s, all "

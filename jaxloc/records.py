@@ -58,8 +58,9 @@ def means(sums: dict, count: int) -> dict[str, float]:
   return {f"train/{k}": float(v) / count for k, v in sums.items()}
 
 
-def summary(finals: list[dict], mode: str, images_per_s: float) -> dict:
-  """mean, std, min, max over the members of every number of their metrics.json."""
+def summary(finals: list[dict], mode: str, images_per_s: float, varied: dict) -> dict:
+  """mean, std, min, max over the members of every number of their metrics.json; `varied`:
+  the values listed per member (`replicas.varied`)."""
   flat = [flatten(f) for f in finals]
   keys = [k for k, v in flat[0].items() if isinstance(v, int | float) and not isinstance(v, bool)]
   figures = {}
@@ -71,7 +72,13 @@ def summary(finals: list[dict], mode: str, images_per_s: float) -> dict:
       min=float(values.min()),
       max=float(values.max()),
     )
-  return dict(figures=figures, members=len(finals), replica_mode=mode, images_per_s=images_per_s)
+  return dict(
+    figures=figures,
+    members=len(finals),
+    replica_mode=mode,
+    images_per_s=images_per_s,
+    varied={k: list(v) for k, v in varied.items()},
+  )
 
 
 def flatten(final: dict, prefix: str = "") -> dict:

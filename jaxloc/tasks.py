@@ -40,7 +40,9 @@ class Task(NamedTuple):
 
   model: nn.Module
   sample_fn: Callable  # (data_key, step, digits, labels) -> training batch
-  loss_fn: Callable  # (outputs, batch) -> (loss, {name: scalar})
+  # (outputs, batch, hp=None) -> (loss, {name: scalar}); its weights are the config's, or those
+  # of `hp` (`hyperparameters`: a replica member's values, traced) when given
+  loss_fn: Callable
   # (apply_fn, mesh, members) -> evaluator(params, val) -> (summary, per); with members, of
   # stacked params, a list of them (the models scored in one compiled call per batch)
   make_evaluator: Callable
@@ -56,6 +58,7 @@ ADDED_FIELDS = {
   "warmup_steps": 0,
   "replicas": 1,
   "replica_mode": "auto",
+  "vary": "",
 }
 ADDED_SCENE_FIELDS = {"head": "slots", "data": {}}  # data: filled in below
 ADDED_NESTED_FIELDS = {
@@ -96,9 +99,7 @@ def _digit_task(config) -> Task:
   return Task(
     model=model.Localizer(num_classes=10, **common),
     sample_fn=functools.partial(canvas.training_batch, batch_size=config.batch_size, **digit_args),
-    loss_fn=functools.partial(
-      losses.total_loss, class_weight=config.class_loss_weight, box_weight=config.box_loss_weight
-    ),
+    loss_fn=_weighted(losses.total_loss, config),
     make_evaluator=lambda apply_fn, mesh=None, members=False: functools.partial(
       evaluation.evaluate,
       apply_fn,
@@ -183,7 +184,7 @@ def _slot_task(config) -> Task:
   return Task(
     model=model.Detector(max_objects=sc.max_objects, num_classes=10, **common),
     sample_fn=_scene_sampler(config),
-    loss_fn=functools.partial(losses.scene_loss, **loss_args),
+    loss_fn=_weighted(functools.partial(losses.scene_loss, **loss_args), config),
     make_evaluator=make_evaluator,
     write_outputs=write_outputs,
     plot_predictions=plot_predictions,
@@ -196,12 +197,8 @@ def _dense_task(config) -> Task:
   num_classes = 10 if sc.classify else 1
   geometry = dict(canvas_size=config.canvas_size, stride=dn.stride)
   decode = functools.partial(dense.decode, k=dn.top_k, **geometry)
-  loss_fn = functools.partial(
-    dense.scene_loss,
-    num_classes=num_classes,
-    heatmap_weight=dn.heatmap_loss_weight,
-    box_weight=dn.box_loss_weight,
-    **geometry,
+  loss_fn = _weighted(
+    functools.partial(dense.scene_loss, num_classes=num_classes, **geometry), config
   )
   answer = functools.partial(answers.dense_answers, decode=decode, threshold=dn.score_threshold)
   score_chunk = functools.partial(answers.dense_chunk, answer=answer, loss_fn=loss_fn)
@@ -226,6 +223,41 @@ def _dense_task(config) -> Task:
     plot_predictions=plot_predictions,
     answer=answer,
   )
+
+
+def loss_weights(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """The weights of the task's training loss that a replica member may set to its own value
+  (`config.vary`): loss argument -> config field. The slot detector's class and box weights
+  are not among them: they also set its evaluation's matching, which the members share."""
+  if not config.get("scene"):
+    return {"class_weight": "class_loss_weight", "box_weight": "box_loss_weight"}
+  if config.head == "slots":
+    sc = "scene."
+    return {
+      "count_weight": sc + "count_loss_weight",
+      "objectness_weight": sc + "objectness_loss_weight",
+    }
+  return {"heatmap_weight": "dense.heatmap_loss_weight", "box_weight": "dense.box_loss_weight"}
+
+
+def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """{config field: value} of the numbers that enter the compiled train step as arguments,
+  not as constants, so that replica members may differ in them (`config.vary`): the Adam
+  step size (a schedule's peak), the moving average's decay and the loss weights."""
+  fields = ("learning_rate", "ema_decay", *loss_weights(config).values())
+  return {f: float(functools.reduce(lambda c, name: c[name], f.split("."), config)) for f in fields}
+
+
+def _weighted(loss, config) -> Callable:
+  """`loss(outputs, batch, **weights)` as a Task's loss_fn (`loss_weights` from the config, or
+  from `hp` when given)."""
+  weights = loss_weights(config)
+
+  def loss_fn(outputs, batch, hp=None):
+    hp = hyperparameters(config) if hp is None else hp
+    return loss(outputs, batch, **{arg: hp[field] for arg, field in weights.items()})
+
+  return loss_fn
 
 
 def scene_loss_args(config: ml_collections.ConfigDict) -> dict:
@@ -273,20 +305,6 @@ def resolve_steps_per_call(steps_per_call: int) -> int:
   return DEFAULT_STEPS_PER_CALL.get(jax.default_backend(), DEFAULT_STEPS_PER_CALL_ACCELERATOR)
 
 
-# How replica members share one program when config.replica_mode = "auto" (see
-# `train_state.compile_train_steps`): measured with `python -m experiments.benchmark
-# --parts=replicas` (docs/speed.md). Accelerators: unmeasured; vmap batches the members'
-# matrix products into one, the kind of work an accelerator wants.
-DEFAULT_REPLICA_MODE = {"cpu": "vmap"}
-REPLICA_MODES = ("vmap", "map")
-
-
-def resolve_replica_mode(mode: str) -> str:
-  if mode != "auto":
-    return mode
-  return DEFAULT_REPLICA_MODE.get(jax.default_backend(), "vmap")
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Rejects settings that cannot work, with the fix in the message."""
   positive = (
@@ -317,8 +335,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(
       f"config.ema_decay={config.ema_decay!r} must lie in [0, 1) (0 = no moving average)"
     )
-  if config.replica_mode not in ("auto", *REPLICA_MODES):
-    raise UserError(f"config.replica_mode={config.replica_mode!r}: use 'auto', 'vmap' or 'map'")
   canvas.check_canvas_size(config.canvas_size)
   if config.get("scene"):
     check_scene_config(config)

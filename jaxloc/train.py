@@ -14,10 +14,11 @@ compiled steps from `train_state.Steps`, a `records.Log` record every `log_every
 checkpoints, a stop on SIGTERM / SIGINT; an `_Evaluation` and an epoch line after each
 epoch), `_export` (params.msgpack, the task's plots and files) and metrics.json.
 
-Replicas (`config.replicas` = N > 1): N members, seeds `config.seed + i`, trained in one
-compiled program (`train_state.compile_train_steps`); member i is a `_Member` with a
-normal workdir `DIR/member-<i>/` (its config: seed + i, replicas 1), and DIR holds the
-run's config.json and summary.json (mean, std, min, max of every final figure).
+Replicas (`config.replicas` = N > 1): N members, seeds `config.seed + i` and the values
+`config.vary` lists (`jaxloc.replicas`), trained in one compiled program
+(`train_state.compile_train_steps`); member i is a `_Member` with a normal workdir
+`DIR/member-<i>/` (its config: `replicas.member_config`), and DIR holds the run's config.json
+and summary.json (mean, std, min, max of every final figure).
 """
 
 import contextlib
@@ -32,7 +33,17 @@ import numpy as np
 from absl import logging
 from flax import serialization
 
-from jaxloc import checkpoint, console, model, parallel, preemption, records, tasks, workdir
+from jaxloc import (
+  checkpoint,
+  console,
+  model,
+  parallel,
+  preemption,
+  records,
+  replicas,
+  tasks,
+  workdir,
+)
 from jaxloc import train_state as ts
 from jaxloc.errors import UserError
 
@@ -64,13 +75,6 @@ class TrainingDiverged(UserError):
   """The training loss became NaN or infinite."""
 
 
-def member_config(config: ml_collections.ConfigDict, i: int) -> ml_collections.ConfigDict:
-  """The config of replica member `i`: seed `config.seed + i`, a run of its own."""
-  member = ml_collections.ConfigDict(config.to_dict())
-  member.seed, member.replicas = config.seed + i, 1
-  return member
-
-
 def train_and_evaluate(
   config: ml_collections.ConfigDict, work_dir: str, *, fresh=False, echo=console.echo
 ) -> dict:
@@ -83,14 +87,15 @@ def train_and_evaluate(
   (`jaxloc.preemption`). `echo(line)` receives the console lines (process 0 only).
   """
   tasks.check_config(config)
+  replicas.check(config)
   data = tasks.load_data(config)  # before the workdir: bad data writes nothing
   task = tasks.build(config)
   workdir.prepare(work_dir)
   main_process = jax.process_index() == 0
   echo = echo if main_process else _silent
-  replicas = config.replicas > 1
+  stacked = config.replicas > 1
   dirs = [os.path.join(work_dir, f"member-{i}") for i in range(config.replicas)]
-  dirs = dirs if replicas else [work_dir]
+  dirs = dirs if stacked else [work_dir]
   with contextlib.ExitStack() as stack:
     signals = stack.enter_context(preemption.Signals())
     if main_process:
@@ -104,15 +109,16 @@ def train_and_evaluate(
       fresh=fresh,
       resumable=resumable_changes(config),
       upgrade=tasks.upgrade_config,
-      finished_file=SUMMARY if replicas else workdir.METRICS,
+      finished_file=SUMMARY if stacked else workdir.METRICS,
     )
     for m in mngrs:
       m.reload()  # --fresh may have moved the old checkpoints aside
-    configs = [member_config(config, i) for i in range(config.replicas)] if replicas else [config]
+    configs = [replicas.member_config(config, i) for i in range(config.replicas)]
+    configs = configs if stacked else [config]
     members = [_Member(*m) for m in zip(configs, dirs, mngrs, strict=True)]
     states, resume_step = _initial_states(members, task, work_dir, resume_step, fresh, echo)
     try:
-      if replicas and main_process:
+      if stacked and main_process:
         workdir.write_json(os.path.join(work_dir, workdir.CONFIG), config.to_dict())
       return _run(config, work_dir, task, members, states, resume_step, data, echo, signals)
     except OSError as e:  # a full disk or lost permissions while writing logs or outputs
@@ -191,12 +197,15 @@ def _run(config, work_dir, task, members, states, resume_step, data, echo, signa
   evaluate, export."""
   t_start = time.perf_counter()
   mesh = parallel.data_mesh()
-  mode = tasks.resolve_replica_mode(config.replica_mode) if len(members) > 1 else None
+  mode = replicas.resolve_mode(config.replica_mode) if len(members) > 1 else None
   keys = [_keys(m.config)[1] for m in members]
-  state, data_key = (parallel.stack(states), parallel.stack(keys)) if mode else (states[0], keys[0])
-  state, data_key, (digits, labels, val) = parallel.replicate((state, data_key, data), mesh)
+  hps = [ts.hyperparameters(m.config) for m in members]  # the members' own values
+  pick = parallel.stack if mode else (lambda trees: trees[0])
+  state, data_key, hp = pick(states), pick(keys), pick(hps)
+  state, data_key, hp, (digits, labels, val) = parallel.replicate((state, data_key, hp, data), mesh)
   static = dict(sample_fn=task.sample_fn, loss_fn=task.loss_fn, mesh=mesh, replicas=mode)
-  steps = ts.Steps(state, (digits, labels, data_key), ema_decay=config.ema_decay, **static)
+  optimizer_fn = functools.partial(ts.optimizer, config)
+  steps = ts.Steps(state, (digits, labels, data_key, hp), optimizer_fn=optimizer_fn, **static)
   steps_per_call = tasks.resolve_steps_per_call(config.steps_per_call)
   n_params = model.num_params(states[0].params)
   for line in console.start_lines(config, n_params, steps_per_call, resume_step, mode):
@@ -235,10 +244,11 @@ def _run(config, work_dir, task, members, states, resume_step, data, echo, signa
     for line in console.end_lines(work_dir, finals[0]):
       echo(line)
     return finals[0]
-  summary = records.summary(finals, mode, steps.images_per_s(config.batch_size) * len(members))
+  images_per_s = steps.images_per_s(config.batch_size) * len(members)
+  summary = records.summary(finals, mode, images_per_s, replicas.varied(config))
   if jax.process_index() == 0:
     workdir.write_json(os.path.join(work_dir, SUMMARY), summary)
-  for line in console.summary_lines(work_dir, summary):
+  for line in console.summary_lines(work_dir, summary, finals):
     echo(line)
   return summary
 

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax.training import train_state as flax_train_state
 
-from jaxloc import losses, model, parallel, tasks
+from jaxloc import model, parallel, tasks
 
 
 class TrainState(flax_train_state.TrainState):
@@ -41,20 +41,31 @@ def exported_params(state: TrainState):
   return state.params if state.ema_params is None else state.ema_params
 
 
-def learning_rate(config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
-  """`config.learning_rate` held constant (the seed), or with `lr_schedule = "cosine"` a
-  linear warm-up over `warmup_steps` to it, then a cosine decay to 0 at the last step."""
+def learning_rate(config: ml_collections.ConfigDict, peak=None) -> optax.ScalarOrSchedule:
+  """`peak` (default `config.learning_rate`) held constant (the seed), or with `lr_schedule =
+  "cosine"` a linear warm-up over `warmup_steps` to it, then a cosine decay to 0 at the last
+  step. `peak` may be traced (a replica member's value, `tasks.hyperparameters`)."""
+  peak = config.learning_rate if peak is None else peak
   if config.lr_schedule == "constant":
-    return config.learning_rate
-  total = config.epochs * config.steps_per_epoch
-  return optax.warmup_cosine_decay_schedule(
-    0.0, config.learning_rate, config.warmup_steps, max(total, config.warmup_steps + 1), 0.0
+    return peak
+  # optax.warmup_cosine_decay_schedule(0, peak, warmup, total, 0) as its parts: that function
+  # compares `peak` with 0 in Python, which a traced peak cannot answer
+  warmup = config.warmup_steps
+  total = max(config.epochs * config.steps_per_epoch, warmup + 1)
+  return optax.join_schedules(
+    [
+      optax.linear_schedule(0.0, peak, warmup),
+      optax.cosine_decay_schedule(peak, total - warmup, alpha=0.0),
+    ],
+    [warmup],
   )
 
 
-def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with Keras' defaults (epsilon 1e-7, not optax's 1e-8), as the seed used."""
-  return optax.adam(learning_rate(config), b1=0.9, b2=0.999, eps=1e-7)
+def optimizer(config: ml_collections.ConfigDict, peak=None) -> optax.GradientTransformation:
+  """Adam with Keras' defaults (epsilon 1e-7, not optax's 1e-8), as the seed used. Its state
+  does not depend on `peak`, so one built with a traced step size updates the state that
+  `create_train_state` made."""
+  return optax.adam(learning_rate(config, peak), b1=0.9, b2=0.999, eps=1e-7)
 
 
 def create_train_state(key: jax.Array, config: ml_collections.ConfigDict, net=None) -> TrainState:
@@ -66,30 +77,45 @@ def create_train_state(key: jax.Array, config: ml_collections.ConfigDict, net=No
   return state.replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints restore it
 
 
-def train_step(
-  state: TrainState, batch, *, loss_fn=losses.total_loss, ema_decay: float = 0.0
-) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One Adam step on `loss_fn(outputs, batch) -> (loss, parts)`; returns the parts.
+def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """The `hp` argument of the train step for this config (`tasks.hyperparameters`, float32)."""
+  return {k: jnp.float32(v) for k, v in tasks.hyperparameters(config).items()}
 
-  With `ema_decay` > 0 it also updates `state.ema_params` (see `ema_update`).
+
+def train_step(
+  state: TrainState, batch, hp: dict[str, jax.Array], *, loss_fn, optimizer_fn
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One Adam step on `loss_fn(outputs, batch, hp) -> (loss, parts)`; returns the parts.
+
+  `hp` (`hyperparameters`) are arguments, not constants: the step size goes to
+  `optimizer_fn(peak)` (e.g. `functools.partial(optimizer, config)`), the loss weights to
+  `loss_fn`, and when the state keeps a moving average, `hp["ema_decay"]` to `ema_update`.
   """
 
   def objective(params):
-    return loss_fn(state.apply_fn({"params": params}, batch["image"]), batch)
+    return loss_fn(state.apply_fn({"params": params}, batch["image"]), batch, hp)
 
   grads, step_metrics = jax.grad(objective, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads)
-  if ema_decay > 0:
+  updates, opt_state = optimizer_fn(hp["learning_rate"]).update(
+    grads, state.opt_state, state.params
+  )
+  params = optax.apply_updates(state.params, updates)
+  state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  if state.ema_params is not None:
     state = state.replace(
-      ema_params=ema_update(state.ema_params, state.params, ema_decay, state.step)
+      ema_params=ema_update(state.ema_params, state.params, hp["ema_decay"], state.step)
     )
   return state, step_metrics
 
 
 def zero_metrics(state, digits, labels, *, sample_fn, loss_fn) -> dict[str, jax.Array]:
   """Zeros shaped like the metrics of one step (found by tracing, nothing is computed)."""
-  batch = lambda: sample_fn(jax.random.key(0), state.step, digits, labels)
-  shapes = jax.eval_shape(lambda: train_step(state, batch(), loss_fn=loss_fn))[1]
+
+  def metrics():
+    batch = sample_fn(jax.random.key(0), state.step, digits, labels)
+    return loss_fn(state.apply_fn({"params": state.params}, batch["image"]), batch)[1]
+
+  shapes = jax.eval_shape(metrics)
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
@@ -99,14 +125,16 @@ def train_steps(
   digits: jax.Array,
   labels: jax.Array,
   data_key: jax.Array,
+  hp: dict[str, jax.Array],
   *,
   num_steps: int,
   sample_fn,
   loss_fn,
+  optimizer_fn,
   mesh: jax.sharding.Mesh | None = None,
-  ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """`num_steps` steps, each on a fresh batch drawn on the device; adds metrics to `sums`.
+  """`num_steps` steps of `train_step`, each on a fresh batch drawn on the device; adds the
+  metrics to `sums`.
 
   Batch t is `sample_fn(data_key, t, digits, labels)`. With a `mesh`, every
   batch is sharded over its `data` axis (data parallelism).
@@ -116,7 +144,7 @@ def train_steps(
     state, sums = carry
     batch = sample_fn(data_key, state.step, digits, labels)
     batch = parallel.shard_batch(batch, mesh)
-    state, m = train_step(state, batch, loss_fn=loss_fn, ema_decay=ema_decay)
+    state, m = train_step(state, batch, hp, loss_fn=loss_fn, optimizer_fn=optimizer_fn)
     return (state, jax.tree_util.tree_map(jnp.add, sums, m)), None
 
   if num_steps == 1:
@@ -125,32 +153,34 @@ def train_steps(
 
 
 def compile_train_steps(
-  state: TrainState, sums, digits, labels, data_key, *, replicas: str | None = None, **static
+  state: TrainState, sums, digits, labels, data_key, hp, *, replicas: str | None = None, **static
 ):
   """`train_steps` jitted and compiled for these arguments; `static` are its keyword
-  arguments (`num_steps`, `sample_fn`, `loss_fn`, ...). Returns
-  `fn(state, sums, digits, labels, data_key) -> (state, sums)`, which donates `state` and
+  arguments (`num_steps`, `sample_fn`, `loss_fn`, `optimizer_fn`, ...). Returns
+  `fn(state, sums, digits, labels, data_key, hp) -> (state, sums)`, which donates `state` and
   `sums` (`zero_metrics` gives the first sums).
 
-  With `replicas` ("vmap" or "map"), `state`, `sums` and `data_key` are stacked members
+  With `replicas` ("vmap" or "map"), `state`, `sums`, `data_key` and `hp` are stacked members
   (`parallel.stack`; leading axis N) trained in one program on the same `digits` and `labels`:
   `jax.vmap` batches the members' steps into one, `lax.map` loops over them.
   """
   fn = functools.partial(train_steps, **static)
   if replicas == "vmap":
-    fn = jax.vmap(fn, in_axes=(0, 0, None, None, 0))
+    fn = jax.vmap(fn, in_axes=(0, 0, None, None, 0, 0))
   elif replicas == "map":
     one = fn
-    fn = lambda s, m, d, lab, k: jax.lax.map(lambda a: one(a[0], a[1], d, lab, a[2]), (s, m, k))
+    fn = lambda s, m, d, lab, k, h: jax.lax.map(
+      lambda a: one(a[0], a[1], d, lab, a[2], a[3]), (s, m, k, h)
+    )
   compiled = jax.jit(fn, donate_argnums=(0, 1))
-  return compiled.lower(state, sums, digits, labels, data_key).compile()
+  return compiled.lower(state, sums, digits, labels, data_key, hp).compile()
 
 
 class Steps:
   """Calls compiled `train_steps`, compiling each number of steps once; times both."""
 
   def __init__(self, state, data, **static):
-    self.data, self.static = data, static  # data: (digits, labels, data_key)
+    self.data, self.static = data, static  # data: (digits, labels, data_key, hp)
     fns = dict(sample_fn=static["sample_fn"], loss_fn=static["loss_fn"])
     one = parallel.member(state, 0) if static["replicas"] else state
     self.template = zero_metrics(one, *data[:2], **fns)

@@ -1,5 +1,6 @@
 """Data parallelism: 8 simulated CPU devices give the losses and parameters of 1 device."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from jaxloc.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _EIGHT_DEVICES = r"""
-import importlib, sys, jax, numpy as np
+import functools, importlib, sys, jax, numpy as np
 from jaxloc import parallel, tasks, train_state
 assert jax.device_count() == 8, jax.devices()
 rng = np.random.default_rng(0)
@@ -30,15 +31,16 @@ if config.get("scene"):
   config.canvas_size, config.num_val = 64, 48
 task = tasks.build(config)
 sample_fn, loss_fn = task.sample_fn, task.loss_fn
+optimizer_fn = functools.partial(train_state.optimizer, config)
 
 def run(mesh):
   state = train_state.create_train_state(init_key, config)
-  data = (digits, labels, data_key)
+  data = (digits, labels, data_key, train_state.hyperparameters(config))
   if mesh is not None:
     state, data = parallel.replicate((state, data), mesh)
   sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
   fn = train_state.compile_train_steps(state, sums, *data, num_steps=3, sample_fn=sample_fn,
-                                 loss_fn=loss_fn, mesh=mesh)
+                                       loss_fn=loss_fn, optimizer_fn=optimizer_fn, mesh=mesh)
   state, sums = fn(state, sums, *data)
   return state, jax.device_get(sums)
 
@@ -102,11 +104,18 @@ def test_steps_per_call_does_not_change_the_result():
   for chunk in (1, 2, 4):
     state = train_state.create_train_state(init_key, config)
     sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
+    data = (digits, labels, data_key, train_state.hyperparameters(config))
     fn = train_state.compile_train_steps(
-      state, sums, digits, labels, data_key, num_steps=chunk, sample_fn=sample_fn, loss_fn=loss_fn
+      state,
+      sums,
+      *data,
+      num_steps=chunk,
+      sample_fn=sample_fn,
+      loss_fn=loss_fn,
+      optimizer_fn=functools.partial(train_state.optimizer, config),
     )
     for _ in range(4 // chunk):
-      state, sums = fn(state, sums, digits, labels, data_key)
+      state, sums = fn(state, sums, *data)
     results.append((state, jax.device_get(sums)))
   ref_state, ref_sums = results[0]
   for state, sums in results[1:]:

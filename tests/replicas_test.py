@@ -1,5 +1,6 @@
 """Replicas (`config.replicas` = N): N members in one compiled program, each equal to a run
-of its own with seed `seed + i`, each a normal workdir; a summary over them; exact resume."""
+of its own with seed `seed + i` (and its values of `config.vary`), each a normal workdir; a
+summary over them; exact resume."""
 
 import json
 
@@ -11,7 +12,7 @@ from flax import serialization
 from resume_test import TIMING, _cli, _config, _strip
 from scene_test import _case_config
 
-from jaxloc import inference, train, workdir
+from jaxloc import inference, replicas, tasks, train, workdir
 from jaxloc.errors import UserError
 
 
@@ -70,16 +71,95 @@ def test_replicas_resume_exactly_after_sigkill(mnist_dir, tmp_path):
     train.train_and_evaluate(config, str(run))
 
 
+@pytest.mark.parametrize("mode", ["vmap", "map"])
+def test_members_with_listed_values_equal_their_own_runs(mnist_dir, tmp_path, mode):
+  """Step size, moving average and loss weight enter the one program as each member's own."""
+  vary = "learning_rate=1e-3,3e-3 ema_decay=0.99,0.9;box_loss_weight=1,5"
+  config = small_config(mnist_dir, replicas=2, replica_mode=mode, num_val=32, vary=vary)
+  lines = []
+  summary = train.train_and_evaluate(config, str(tmp_path / "sweep"), echo=lines.append)
+  assert summary["varied"] == {
+    "learning_rate": [1e-3, 3e-3],
+    "ema_decay": [0.99, 0.9],
+    "box_loss_weight": [1.0, 5.0],
+  }
+  assert any("varying " + vary in line for line in lines)
+  assert any(
+    line.startswith("member 1 (learning_rate 0.003, ema_decay 0.9, box_loss_weight 5)")
+    for line in lines
+  ), lines
+  values = dict(learning_rate=3e-3, ema_decay=0.9, box_loss_weight=5.0)
+  own = train.train_and_evaluate(
+    small_config(mnist_dir, seed=1, num_val=32, **values), str(tmp_path / "own")
+  )
+  member = tmp_path / "sweep" / "member-1"
+  final = workdir.read_json(str(member / workdir.METRICS))
+  assert final["accuracy"] == own["accuracy"]
+  assert final["mean_iou"] == pytest.approx(own["mean_iou"], rel=1e-4)
+  assert final["raw"]["mean_iou"] == pytest.approx(own["raw"]["mean_iou"], rel=1e-4)
+  _assert_close(_params(member), _params(tmp_path / "own"))
+  saved = workdir.read_json(str(member / workdir.CONFIG))
+  assert {k: saved[k] for k in values} == values and saved["vary"] == "" and saved["seed"] == 1
+
+
+def test_dense_members_vary_their_step_size_and_loss_weights(mnist_dir, tmp_path):
+  """The dense detector's cosine schedule takes each member's peak; its loss, its weights."""
+  config = _case_config(mnist_dir, "multi")
+  config.update(dict(replicas=2, vary="learning_rate=3e-3,1e-3 dense.box_loss_weight=1,2"))
+  assert set(tasks.hyperparameters(config)) == {
+    "learning_rate",
+    "ema_decay",
+    "dense.heatmap_loss_weight",
+    "dense.box_loss_weight",
+  }
+  train.train_and_evaluate(config, str(tmp_path / "sweep"))
+  single = replicas.member_config(config, 1)
+  assert (single.seed, single.learning_rate, single.dense.box_loss_weight) == (1, 1e-3, 2.0)
+  own = train.train_and_evaluate(single, str(tmp_path / "own"))
+  final = workdir.read_json(str(tmp_path / "sweep" / "member-1" / workdir.METRICS))
+  for key in ("AP", "count_accuracy", "heatmap_loss", "box_loss"):
+    assert final[key] == pytest.approx(own[key], rel=1e-3, abs=1e-4), key
+  _assert_close(_params(tmp_path / "sweep" / "member-1"), _params(tmp_path / "own"))
+
+
 @pytest.mark.parametrize(
-  "override, match",
+  "overrides, match",
   [
-    ("--config.replicas=0", "config.replicas=0 must be a positive integer"),
-    ("--config.replica_mode=pmap", "config.replica_mode='pmap': use 'auto', 'vmap' or 'map'"),
+    (["--config.replicas=0"], "config.replicas=0 must be a positive integer"),
+    (["--config.replica_mode=pmap"], "config.replica_mode='pmap': use 'auto', 'vmap' or 'map'"),
+    (
+      ["--config.replicas=2", "--config.vary=learning_rate=1e-3,2e-3,3e-3"],
+      "config.vary lists 3 values of learning_rate for config.replicas=2: one value per "
+      "member (--config.replicas=3)",
+    ),
+    (
+      ["--config.replicas=2", "--config.vary=momentum=0.9,0.99"],
+      "config.vary='momentum=0.9,0.99': 'momentum=0.9,0.99' is not <field>=<value>,<value>,... "
+      "of a field this config's members may vary (learning_rate, ema_decay, class_loss_weight, "
+      'box_loss_weight); e.g. --config.vary="learning_rate=1e-3,3e-3 ema_decay=0.99,0.999"',
+    ),
+    (
+      ["--config.replicas=2", "--config.vary=learning_rate=1e-3,fast"],
+      "config.vary='learning_rate=1e-3,fast': the values of learning_rate must be numbers",
+    ),
+    (
+      ["--config.replicas=2", "--config.vary=ema_decay=0.1,0.2 ema_decay=0.3,0.4"],
+      "config.vary='ema_decay=0.1,0.2 ema_decay=0.3,0.4' lists ema_decay twice",
+    ),
+    (
+      ["--config.replicas=2", "--config.vary=learning_rate=1e-3,-1"],
+      "config.vary: member 1: config.learning_rate=-1.0 must be positive",
+    ),
+    (
+      ["--config.replicas=2", "--config.vary=ema_decay=0,0.99"],
+      "config.vary: ema_decay mixes 0 (no moving average) with averages; the members share one "
+      "train state layout, so list only values > 0, or only 0",
+    ),
   ],
 )
-def test_bad_replica_settings_are_one_error_line(tmp_path, override, match):
+def test_bad_replica_settings_are_one_error_line(tmp_path, overrides, match):
   proc = run_train_command(
-    "--config=experiments/configs/smoke.py", f"--workdir={tmp_path / 'run'}", override
+    "--config=experiments/configs/smoke.py", f"--workdir={tmp_path / 'run'}", *overrides
   )
   assert proc.returncode == 2 and proc.stderr.strip() == f"error: {match}", proc.stderr
   assert not (tmp_path / "run").exists()

@@ -9,14 +9,24 @@ import pytest
 from conftest import random_digits
 
 from experiments.configs import digit
-from jaxloc import canvas, losses, parallel, train_state
+from jaxloc import canvas, parallel, tasks, train_state
+
+
+def _step_fn(config):
+  """train_step(state, batch) of the config: its loss, optimizer and hyperparameters."""
+  return functools.partial(
+    train_state.train_step,
+    hp=train_state.hyperparameters(config),
+    loss_fn=tasks.build(config).loss_fn,
+    optimizer_fn=functools.partial(train_state.optimizer, config),
+  )
 
 
 def test_loss_falls_when_overfitting_one_batch():
   config = digit.get_config()
   state = train_state.create_train_state(jax.random.key(0), config)
   batch = canvas.sample_batch(jax.random.key(1), *random_digits(), batch_size=8)
-  step = jax.jit(train_state.train_step)
+  step = jax.jit(_step_fn(config))
   losses = []
   for _ in range(40):
     state, m = step(state, batch)
@@ -27,11 +37,11 @@ def test_loss_falls_when_overfitting_one_batch():
 def test_train_step_traces_once():
   config = digit.get_config()
   state = train_state.create_train_state(jax.random.key(0), config)
-  traces = []
+  traces, step_fn = [], _step_fn(config)
 
   def counted(state, batch):
     traces.append(1)
-    return train_state.train_step(state, batch)
+    return step_fn(state, batch)
 
   step = jax.jit(counted, donate_argnums=0)
   for i in range(3):
@@ -58,19 +68,19 @@ def test_moving_average_does_not_change_training():
     config.ema_decay = decay
     state = train_state.create_train_state(key, config)
     assert (state.ema_params is None) == (decay == 0.0)
-    sums = train_state.zero_metrics(
-      state, digits, labels, sample_fn=sample, loss_fn=losses.total_loss
-    )
+    loss_fn = tasks.build(config).loss_fn
+    sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample, loss_fn=loss_fn)
     out[decay] = train_state.train_steps(
       state,
       sums,
       digits,
       labels,
       data_key,
+      train_state.hyperparameters(config),
       num_steps=4,
       sample_fn=sample,
-      loss_fn=losses.total_loss,
-      ema_decay=decay,
+      loss_fn=loss_fn,
+      optimizer_fn=functools.partial(train_state.optimizer, config),
     )[0]
   same = jax.tree_util.tree_map(np.array_equal, out[0.0].params, out[0.9].params)
   assert all(jax.tree_util.tree_leaves(same))

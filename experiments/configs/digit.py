@@ -41,5 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Replicas: N members (seeds seed, seed + 1, ...) trained in one compiled program, each
   # with a workdir `member-<i>/`; summary.json holds mean / std / min / max of the figures.
   config.replicas = 1
-  config.replica_mode = "auto"  # "vmap" | "map" (lax.map) | "auto": per backend, see tasks.py
+  config.replica_mode = "auto"  # "vmap" | "map" (lax.map) | "auto": per backend, replicas.py
+  # Hyperparameters listed per member, e.g. "learning_rate=1e-3,3e-3 ema_decay=0.99,0.999":
+  # one value per member for each field named (jaxloc.tasks.hyperparameters says which)
+  config.vary = ""
   return config
