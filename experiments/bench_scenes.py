@@ -91,3 +91,52 @@ def _replicas(steps, config):
     result[f"{mode}_compile_s"] = r["compile_s"]
   result.update(members=n, backend=one["backend"], device=one["device"])
   return result
+
+
+def evaluate_two(steps):
+  """Seconds to score two models (a run's averaged and raw weights) on the seed's validation
+  set (10,000 canvases): one evaluation after the other, and both in one compiled call per
+  batch (`members`, what a run does); the best of `steps // 100` (at least 2) alternations."""
+  return _evaluate_two(steps, None)
+
+
+def evaluate_two_multi(steps):
+  """`evaluate_two` on 2,000 validation scenes of `multi` with the dense detector."""
+  config = _multi_config("dense")
+  config.num_val = 2000
+  return _evaluate_two(steps, config)
+
+
+def _evaluate_two(steps, config):
+  import time
+
+  import jax
+
+  from experiments.configs import digit
+  from jaxloc import parallel, tasks, train_state
+
+  config = config or digit.get_config()
+  config.mnist_dir = flags.FLAGS.mnist_dir or ""
+  task = tasks.build(config)
+  mesh = parallel.data_mesh()
+  val = parallel.replicate(tasks.load_data(config)[2], mesh)
+  models = [train_state.create_train_state(jax.random.key(i), config).params for i in (0, 1)]
+  apply_fn = task.model.apply
+  one, both = task.make_evaluator(apply_fn, mesh), task.make_evaluator(apply_fn, mesh, True)
+  stacked = parallel.stack(models)
+  ways = {
+    "apart_s": lambda: [one(p, val) for p in models],
+    "one_call_s": lambda: both(stacked, val),
+  }
+  for fn in ways.values():  # compiles
+    fn()
+  best = {k: float("inf") for k in ways}
+  for _ in range(max(2, steps // 100)):
+    for k, fn in ways.items():
+      t = time.perf_counter()
+      fn()
+      best[k] = min(best[k], time.perf_counter() - t)
+  result = dict(best, one_call_vs_apart=best["apart_s"] / best["one_call_s"])
+  num_val = len(val["labels"]) if config.num_val <= 0 else config.num_val
+  result.update(backend=jax.default_backend(), num_val=num_val)
+  return result

@@ -29,6 +29,9 @@ own) on the same MNIST training digits, batch 64, canvas 75:
                   training images/s of --replicas members in one program (jax.vmap and
                   lax.map) against one run, and the program's memory (XLA's arguments +
                   temporaries): the seed model, and `multi` with the dense detector
+  evaluate_two, evaluate_two_multi
+                  seconds to score two models (a run's averaged and raw weights): apart,
+                  and in one compiled call per batch (what a run does)
 
 Rows that need TensorFlow are skipped (and the table says so) without the [tfds] extra.
 Prints a markdown table; --out writes all figures as JSON.
@@ -71,6 +74,8 @@ PARTS = (
   "read_dataset",
   "replicas",
   "replicas_multi",
+  "evaluate_two",
+  "evaluate_two_multi",
 )
 
 
@@ -156,6 +161,15 @@ def _table(r: dict) -> str:
       f"{fig(part, 'vmap_images_per_s')} / {fig(part, 'map_images_per_s')} | | vs one run: "
       f"{fig(part, 'vmap_vs_one', '{:.2f}x')} / {fig(part, 'map_vs_one', '{:.2f}x')} |"
       for part, what in (("replicas", "the seed model"), ("replicas_multi", "`multi` dense"))
+    ),
+    *(
+      f"| scoring two models on {r[part].get('num_val', '?')} {what}, s: apart / in one "
+      f"call | {fig(part, 'apart_s', '{:.2f}')} / {fig(part, 'one_call_s', '{:.2f}')} | | "
+      f"apart / one call: {fig(part, 'one_call_vs_apart', '{:.2f}x')} |"
+      for part, what in (
+        ("evaluate_two", "seed canvases"),
+        ("evaluate_two_multi", "`multi` scenes"),
+      )
     ),
     "",
     f"float32 bound: {r['matmul'].get('gflops', 0):.0f} GFLOP/s (2048^2 matmul) / "

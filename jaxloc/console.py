@@ -88,7 +88,8 @@ def end_lines(out_dir: str, final: dict) -> list[str]:
   return [
     f"done: {final['steps']:,} steps in {final['wall_s']:.1f} s: {final['train_s']:.1f} s "
     f"training ({final['train_images_per_s']:,.0f} images/s), {final['compile_s']:.1f} s "
-    f"compiling the train step, {final['eval_s']:.1f} s evaluating",
+    f"compiling the train step, {final['eval_s']:.1f} s evaluating, {final['save_s']:.1f} s "
+    "writing checkpoints",
     f"outputs in {out_dir}: metrics.json (final figures), metrics.jsonl, params.msgpack, "
     "predictions.png, curves.png, tensorboard/ (tensorboard --logdir "
     f"{os.path.dirname(os.path.abspath(out_dir))})",
@@ -115,7 +116,8 @@ def summary_lines(out_dir: str, summary: dict, finals: list[dict]) -> list[str]:
     f"{summary['members']} members: {figures} (mean +- std [min, max])",
     f"done: {f['steps']['mean']:,.0f} steps each in {f['wall_s']['mean']:.1f} s: "
     f"{f['train_s']['mean']:.1f} s training ({summary['images_per_s']:,.0f} images/s, all "
-    f"members), {f['compile_s']['mean']:.1f} s compiling, {f['eval_s']['mean']:.1f} s evaluating",
+    f"members), {f['compile_s']['mean']:.1f} s compiling, {f['eval_s']['mean']:.1f} s evaluating, "
+    f"{f['save_s']['mean'] * summary['members']:.1f} s writing checkpoints",
     f"outputs in {out_dir}: summary.json, member-0 .. member-{summary['members'] - 1}/ "
     "(each a workdir: evaluate, predict, Predictor, resume)",
   ]

@@ -141,20 +141,31 @@ def write_digit_outputs(out_dir: str, val: dict, per: dict, history: list[dict])
   plots.plot_curves(history, os.path.join(out_dir, "curves.png"))
 
 
-def plot_digit_predictions(out_dir: str, val: dict, per: dict, *, canvas_size: int, num_plot: int):
-  """predictions.png: the first `num_plot` validation canvases, true and predicted boxes."""
+def _now(draw) -> None:
+  draw()
+
+
+def plot_digit_predictions(
+  out_dir: str, val: dict, per: dict, *, canvas_size: int, num_plot: int, draw=_now
+):
+  """predictions.png: the first `num_plot` validation canvases, true and predicted boxes.
+  The device work happens here; `draw(fn)` runs the drawing `fn()`: now by default, or later
+  on another thread (`records.Log`)."""
   k = min(num_plot, len(per["iou"]))
   images = parallel.to_host(
     canvas.render(val["digits"][:k], val["labels"][:k], val["xy"][:k], canvas_size=canvas_size)
   )
-  plots.plot_predictions(
-    images["image"][..., 0],
-    images["box"],
-    per["pred_box"][:k],
-    per["pred_label"][:k],
-    per["iou"][:k],
-    os.path.join(out_dir, "predictions.png"),
-    true_label_N=parallel.to_host(val["labels"][:k]),
+  draw(
+    functools.partial(
+      plots.plot_predictions,
+      images["image"][..., 0],
+      images["box"],
+      per["pred_box"][:k],
+      per["pred_label"][:k],
+      per["iou"][:k],
+      os.path.join(out_dir, "predictions.png"),
+      true_label_N=parallel.to_host(val["labels"][:k]),
+    )
   )
 
 
@@ -188,11 +199,13 @@ def write_scene_outputs(
 
 
 def plot_scene_predictions(
-  out_dir: str, val: dict, per: dict, *, num_plot: int, classify: bool, make_chunk
+  out_dir: str, val: dict, per: dict, *, num_plot: int, classify: bool, make_chunk, draw=_now
 ) -> None:
-  """predictions.png: kept detections on the first `num_plot` validation scenes."""
+  """predictions.png: kept detections on the first `num_plot` validation scenes (`draw`: as
+  for `plot_digit_predictions`)."""
   image, first_per = _first_scenes(val, per, num_plot, make_chunk)
-  plots.plot_scenes(image, first_per, classify, os.path.join(out_dir, "predictions.png"))
+  path = os.path.join(out_dir, "predictions.png")
+  draw(functools.partial(plots.plot_scenes, image, first_per, classify, path))
 
 
 def _first_scenes(val: dict, per: dict, num_plot: int, make_chunk):

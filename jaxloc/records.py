@@ -2,6 +2,7 @@
 train metrics of the epoch in progress, rebuilt from the log on resume) and `summary`
 (mean, std, min, max of replica members' final figures, for summary.json)."""
 
+import concurrent.futures
 import os
 
 import numpy as np
@@ -18,6 +19,7 @@ class Log:
     self.records = workdir.truncate_jsonl(self.path, resume_step or 0)
     self.history = [r for r in self.records if "val/num_val" in r]  # evaluation records
     self.events = events.EventWriter(out_dir if main_process else None, resume_step)
+    self._drawn = []  # futures of the drawing thread
 
   def write(self, record: dict) -> None:
     workdir.append_jsonl(self.path, record)
@@ -26,12 +28,38 @@ class Log:
       self.history.append(record)
 
   def predictions(self, step: int, per: dict) -> None:
-    """predictions.png of this evaluation (`per`), also into TensorBoard."""
-    self.plot(per)
-    self.events.image("predictions", os.path.join(self.out_dir, "predictions.png"), step)
+    """predictions.png of this evaluation (`per`), also into TensorBoard. The device work
+    happens now; the drawing, the file and the TensorBoard image on the drawing thread, while
+    training goes on (`close` waits for it, and raises what failed there)."""
+    for done in [f for f in self._drawn if f.done()]:
+      self._drawn.remove(done)
+      done.result()
+
+    def later(draw):
+      def job():
+        draw()
+        self.events.image("predictions", os.path.join(self.out_dir, "predictions.png"), step)
+
+      self._drawn.append(_drawing_thread().submit(job))
+
+    self.plot(per, draw=later)
 
   def close(self) -> None:
-    self.events.close()
+    try:
+      for drawn in self._drawn:
+        drawn.result()
+    finally:
+      self._drawn = []
+      self.events.close()
+
+
+_DRAWING = []  # the process's one drawing thread (pyplot is not thread-safe), once started
+
+
+def _drawing_thread() -> concurrent.futures.ThreadPoolExecutor:
+  if not _DRAWING:
+    _DRAWING.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxloc-draw"))
+  return _DRAWING[0]
 
 
 class EpochMeans:

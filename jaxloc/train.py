@@ -28,6 +28,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -135,6 +136,12 @@ class _Member:
   def __init__(self, config, work_dir: str, mngr):
     self.config, self.work_dir, self.mngr = config, work_dir, mngr
     self.out_dir = self.log = self.epoch_means = None
+    self.save_s = 0.0  # time spent writing checkpoints
+
+  def save(self, state) -> None:
+    t = time.perf_counter()
+    checkpoint.save(self.mngr, state)
+    self.save_s += time.perf_counter() - t
 
   def open(self, task, val, resume_step, echo) -> None:
     """config.json and the log. Multi-host: only process 0 writes logs, plots and metrics;
@@ -212,7 +219,8 @@ def _run(config, work_dir, task, members, states, resume_step, data, echo, signa
     echo(line)
   for i, m in enumerate(members):
     m.open(task, val, resume_step, echo if mode is None else _prefixed(echo, f"member {i} | "))
-  evaluate = _Evaluation(task, states[0].apply_fn, val, mesh, members=mode is not None)
+  averaged = states[0].ema_params is not None
+  evaluate = _Evaluation(task, states[0].apply_fn, val, mesh, len(members), averaged)
   try:
     state, results = _train(config, state, steps, steps_per_call, members, evaluate, signals)
   finally:
@@ -233,6 +241,7 @@ def _run(config, work_dir, task, members, states, resume_step, data, echo, signa
       train_s=steps.train_s,
       compile_s=steps.compile_s,
       eval_s=evaluate.seconds,
+      save_s=m.save_s,
       wall_s=time.perf_counter() - t_start,
       backend=jax.default_backend(),
       devices=jax.device_count(),
@@ -255,21 +264,26 @@ def _run(config, work_dir, task, members, states, resume_step, data, echo, signa
 
 class _Evaluation:
   """`self(state)`: per member, the figures of the exported weights (summary, per canvas)
-  and, with a moving average, the summary of the raw weights; the members of a stacked
-  state are scored in one compiled call per batch. `seconds`: time spent in it so far."""
+  and, with a moving average, the summary of the raw weights. Every model of the state (its
+  members; the averaged and the raw weights) is scored in one compiled call per batch.
+  `seconds`: time spent in it so far."""
 
-  def __init__(self, task, apply_fn, val, mesh, members: bool):
-    self.evaluator = task.make_evaluator(apply_fn, mesh, members)
+  def __init__(self, task, apply_fn, val, mesh, members: int, averaged: bool):
+    self.stacked = members > 1 or averaged
+    self.evaluator = task.make_evaluator(apply_fn, mesh, self.stacked)
     self.val, self.members, self.seconds = val, members, 0.0
 
   def __call__(self, state) -> list[tuple]:
     t = time.perf_counter()
-    scored = self.evaluator(ts.exported_params(state), self.val)
-    raw = None if state.ema_params is None else self.evaluator(state.params, self.val)
-    if not self.members:
-      scored, raw = [scored], None if raw is None else [raw]
+    params = ts.exported_params(state)
+    if state.ema_params is not None:  # the averaged weights, then the raw ones
+      join = jnp.concatenate if self.members > 1 else jnp.stack  # members: [2N, ...]
+      params = jax.tree_util.tree_map(lambda *a: join(a), params, state.params)
+    scored = self.evaluator(params, self.val)
+    scored = scored if self.stacked else [scored]
+    exported, raw = scored[: self.members], scored[self.members :]
     self.seconds += time.perf_counter() - t
-    return [(s, p, None if raw is None else raw[i][0]) for i, (s, p) in enumerate(scored)]
+    return [(s, p, raw[i][0] if raw else None) for i, (s, p) in enumerate(exported)]
 
 
 def _train(config, state, steps, steps_per_call, members, evaluate, signals):
@@ -312,7 +326,7 @@ def _train_epoch(config, state, epoch, steps, steps_per_call, members, bar, sign
 
   def save():
     for i, m in enumerate(members):
-      checkpoint.save(m.mngr, pick(state, i))
+      m.save(pick(state, i))
 
   while step < epoch_end:
     next_log = min((step // config.log_every + 1) * config.log_every, epoch_end)

@@ -9,11 +9,10 @@ import sys
 import conftest
 import numpy as np
 import pytest
+from resume_test import TIMING
 
 from jaxloc import datasets, tasks, train, workdir
 from jaxloc.errors import UserError
-
-TIMING = ("train_images_per_s", "train_s", "compile_s", "eval_s", "wall_s", "resumed_from_step")
 
 
 def _config(mnist_dir, name="detect", **fields):

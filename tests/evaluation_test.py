@@ -1,4 +1,5 @@
-"""The evaluators: padded last batches, the fixed scene validation set, the prediction plots."""
+"""The evaluators: padded last batches, the fixed scene validation set, several models in one
+call, the prediction plots."""
 
 import functools
 
@@ -8,7 +9,7 @@ import pytest
 from conftest import small_config
 
 from experiments.configs import multi
-from jaxloc import evaluation, tasks, train_state
+from jaxloc import evaluation, parallel, tasks, train_state
 
 
 def test_evaluation_ignores_padding_of_last_batch(mnist_dir, tmp_path):
@@ -45,6 +46,26 @@ def test_scene_validation_set_is_fixed_and_cut_to_num_val(mnist_dir, monkeypatch
     np.testing.assert_array_equal(per_a[key], per_b[key])
   other = tasks.build(_scene_config(mnist_dir, val_seed=1)).make_evaluator(state.apply_fn)
   assert not np.array_equal(other(state.params, val)[1]["box"], per_a["box"])
+
+
+@pytest.mark.parametrize("scene", [False, True])
+def test_models_scored_in_one_call_get_their_own_figures(mnist_dir, scene):
+  """`members`: stacked models (a run's averaged and raw weights, replicas) in one compiled
+  call per batch get the figures each gets alone."""
+  config = _scene_config(mnist_dir) if scene else small_config(mnist_dir)
+  task = tasks.build(config)
+  _, _, val = tasks.load_data(config)
+  models = [train_state.create_train_state(jax.random.key(i), config).params for i in (0, 1)]
+  together = task.make_evaluator(task.model.apply, None, True)(parallel.stack(models), val)
+  assert len(together) == 2
+  for params, (summary, per) in zip(models, together, strict=True):
+    alone, per_alone = task.make_evaluator(task.model.apply)(params, val)
+    assert summary.keys() == alone.keys()
+    for k in alone:
+      assert summary[k] == pytest.approx(alone[k], rel=1e-5, abs=1e-6), k
+    for k in per_alone:
+      np.testing.assert_allclose(per[k], per_alone[k], rtol=1e-4, atol=1e-5, err_msg=k)
+  assert together[0][0] != together[1][0]  # two models, two sets of figures
 
 
 @pytest.mark.parametrize("scene", [False, True])

@@ -9,7 +9,15 @@ from conftest import kill_after_first_checkpoint, small_config
 from jaxloc import train, workdir
 from jaxloc.errors import UserError
 
-TIMING = ("train_images_per_s", "train_s", "compile_s", "eval_s", "wall_s", "resumed_from_step")
+TIMING = (
+  "train_images_per_s",
+  "train_s",
+  "compile_s",
+  "eval_s",
+  "save_s",
+  "wall_s",
+  "resumed_from_step",
+)
 
 
 def _config(mnist_dir, **overrides):

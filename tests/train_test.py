@@ -1,10 +1,12 @@
 import json
+import os
+import threading
 
 import conftest
 import pytest
 from conftest import small_config
 
-from jaxloc import train, workdir
+from jaxloc import plots, train, workdir
 from jaxloc.errors import UserError
 
 
@@ -62,6 +64,29 @@ def test_end_to_end_run_writes_every_output(mnist_dir, tmp_path):
   assert "raw" not in plain
   assert plain["accuracy"] == on_disk["raw"]["accuracy"]
   assert plain["mean_iou"] == pytest.approx(on_disk["raw"]["mean_iou"], rel=1e-6)
+
+
+def test_predictions_are_drawn_off_the_training_thread(mnist_dir, tmp_path, monkeypatch):
+  """predictions.png is drawn on the drawing thread; a failed drawing is one UserError at the
+  end of training, and the checkpoints stay."""
+  threads, draw = [], plots.plot_predictions
+
+  def recorded(*args, **kwargs):
+    threads.append(threading.current_thread().name)
+    return draw(*args, **kwargs)
+
+  monkeypatch.setattr(plots, "plot_predictions", recorded)
+  train.train_and_evaluate(small_config(mnist_dir), str(tmp_path / "run"))
+  assert len(threads) == 2 and all(t.startswith("jaxloc-draw") for t in threads), threads
+  assert (tmp_path / "run" / "predictions.png").exists()
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device", os.path.join(str(tmp_path), "predictions.png"))
+
+  monkeypatch.setattr(plots, "plot_predictions", full_disk)
+  with pytest.raises(UserError, match=r"cannot write .*predictions.png \(No space left"):
+    train.train_and_evaluate(small_config(mnist_dir), str(tmp_path / "full"))
+  assert os.listdir(tmp_path / "full" / "checkpoints") == ["6"]
 
 
 @pytest.mark.parametrize(
