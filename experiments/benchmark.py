@@ -22,7 +22,8 @@ own) on the same MNIST training digits, batch 64, canvas 75:
                   feature pyramid, and the pyramid with GroupNorm
   profile         ms per batch: forward and gradient, jaxloc's conv vs XLA's native conv
   conv_formulations
-                  the same for six ways of writing the seed model's 3x3 convolutions
+                  the same for eight ways of writing the seed model's 3x3 convolutions
+  pools           training images/s of the seed model with three ways of writing its pools
   read_dataset    seconds to read a detection dataset from disk (`jaxloc.datasets.read`):
                   --data=PATH, or 1,000 scenes of the benchmark layout exported first
   replicas, replicas_multi
@@ -32,6 +33,8 @@ own) on the same MNIST training digits, batch 64, canvas 75:
   evaluate_two, evaluate_two_multi
                   seconds to score two models (a run's averaged and raw weights): apart,
                   and in one compiled call per batch (what a run does)
+  evaluate_batch  seconds to score one model on the seed's 10,000 validation canvases per
+                  eval_batch_size (500, 250, 100, 50)
 
 Rows that need TensorFlow are skipped (and the table says so) without the [tfds] extra.
 Prints a markdown table; --out writes all figures as JSON.
@@ -45,7 +48,7 @@ import sys
 
 from absl import flags
 
-from experiments import bench_scenes, bench_seed, cli
+from experiments import bench_formulations, bench_scenes, bench_seed, cli
 from jaxloc.errors import UserError
 
 _PART = flags.DEFINE_string("part", None, "Internal: run one measurement and print JSON.")
@@ -66,6 +69,7 @@ PARTS = (
   "matmul",
   "profile",
   "conv_formulations",
+  "pools",
   "train_multi_dense",
   "train_multi_slots",
   "train_md_single",
@@ -76,6 +80,7 @@ PARTS = (
   "replicas_multi",
   "evaluate_two",
   "evaluate_two_multi",
+  "evaluate_batch",
 )
 
 
@@ -84,7 +89,7 @@ def _peak_rss_mb() -> float:
 
 
 def _run_part(name: str, steps: int) -> dict:
-  module = bench_scenes if hasattr(bench_scenes, name) else bench_seed
+  module = next(m for m in (bench_seed, bench_scenes, bench_formulations) if hasattr(m, name))
   result = getattr(module, name)(steps)
   result["peak_rss_mb"] = _peak_rss_mb()
   return result
@@ -171,6 +176,10 @@ def _table(r: dict) -> str:
         ("evaluate_two_multi", "`multi` scenes"),
       )
     ),
+    "| scoring one model on the seed's 10,000 canvases, s, eval_batch_size 500 / 250 / 100 / "
+    "50 | "
+    + " / ".join(fig("evaluate_batch", f"batch_{n}_s", "{:.2f}") for n in (500, 250, 100, 50))
+    + " | | |",
     "",
     f"float32 bound: {r['matmul'].get('gflops', 0):.0f} GFLOP/s (2048^2 matmul) / "
     f"{bench_seed.train_flops_per_image() / 1e6:.1f} MFLOP per training image = "
@@ -191,9 +200,15 @@ def _table(r: dict) -> str:
     + ", ".join(
       f"{how} {r['conv_formulations'].get(f'{how}_forward_ms', 0):.1f} / "
       f"{r['conv_formulations'].get(f'{how}_gradient_ms', 0):.1f}"
-      for how in ("gather", "slices", "shifted", "first_madd", "bf16", "lax", "vjp")
+      for how in bench_formulations.FORMULATIONS
     )
     + " (`python -m experiments.benchmark --parts=conv_formulations`).",
+    "",
+    "Pools, training images/s of the seed model (best of 2 alternating rounds): "
+    + ", ".join(
+      f"{how} {r['pools'].get(f'{how}_images_per_s', 0):,.0f}" for how in bench_formulations.POOLS
+    )
+    + " (`python -m experiments.benchmark --parts=pools`).",
     "",
     "Canvas synthesis, microseconds per call of 64 canvases: the whole batch "
     f"{r['canvas_jaxloc'].get('whole_us', 0):.0f}; each part alone in its own call: an "

@@ -1,0 +1,171 @@
+"""Benchmark parts that compare ways of writing the seed model's step on this machine's CPU
+(issue: jaxloc against Keras on AVX2 and AVX-512 CPUs), so the choice can be re-checked on
+the next one: its 3x3 convolutions (`conv_formulations`) and its 2x2 pools (`pools`)."""
+
+from experiments import bench_seed
+from experiments.bench_seed import BATCH, CANVAS
+
+FORMULATIONS = ("gather", "slices", "shifted", "first_madd", "bf16", "lax", "vjp", "lax_fwd")
+POOLS = ("reshape", "window", "slices")
+
+
+def conv_formulations(steps):
+  """The seed model's forward and gradient, ms per batch of 64, with each way of writing
+  its 3x3 convolutions tried on CPU (issue: jaxloc against Keras on AVX-512), so the
+  choice can be re-checked on the next CPU. The parameters are the same in all.
+
+    gather     jaxloc's Conv3x3: one gather builds all patches, one matrix product
+    slices     the patches from 9 slices + concatenate, one matrix product
+    shifted    9 matrix products of shifted inputs, summed (no patch tensor)
+    first_madd the first (1-channel) conv as 9 multiply-adds, the others as `gather`
+    bf16       `gather` with bfloat16 operands, float32 accumulation
+    lax        XLA's convolution (`jax.lax.conv_general_dilated`)
+    vjp        `gather` with its own gradient: the input's as a `gather` correlation of the
+               padded output gradient with the flipped kernel (a matrix product, instead of
+               the scatter-add that is the gather's transpose); the kernel's from the
+               patches recomputed
+    lax_fwd    XLA's convolution forward, with its own gradient: the input's as XLA's
+               convolution of the padded output gradient with the flipped kernel, the
+               kernel's from `gather` patches (XLA:CPU's own kernel gradient is the slow part)
+  """
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from jaxloc import model
+
+  def patches(x, ho, wo, how):
+    if how == "slices":
+      cols = [x[:, dy : dy + ho, dx : dx + wo] for dy in range(3) for dx in range(3)]
+      return jnp.concatenate(cols, axis=-1)  # [B, Ho, Wo, 9C] in (dy, dx, c) order
+    rows = jnp.arange(ho)[:, None] + jnp.arange(3)[None, :]
+    cols = jnp.arange(wo)[:, None] + jnp.arange(3)[None, :]
+    return x[:, rows[:, None, :, None], cols[None, :, None, :]]
+
+  def gather_conv(x, kernel):
+    b, h, w, c = x.shape
+    p = patches(x, h - 2, w - 2, "gather").reshape(-1, 9 * c)
+    return (p @ kernel.reshape(9 * c, -1)).reshape(b, h - 2, w - 2, -1)
+
+  def xla_conv(x, kernel):
+    dims = ("NHWC", "HWIO", "NHWC")
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=dims)
+
+  def with_own_gradient(conv_fn):
+    """`conv_fn` whose input gradient is `conv_fn` of the padded output gradient with the
+    flipped kernel, and whose kernel gradient comes from the gathered patches."""
+
+    @jax.custom_vjp
+    def conv_with_gradient(x, kernel):
+      return conv_fn(x, kernel)
+
+    def backward(res, g):
+      x, kernel = res
+      b, h, w, c = x.shape
+      p = patches(x, h - 2, w - 2, "gather").reshape(-1, 9 * c)
+      dk = (p.T @ g.reshape(-1, g.shape[-1])).reshape(kernel.shape)
+      flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))  # [3, 3, F, C]
+      return conv_fn(jnp.pad(g, ((0, 0), (2, 2), (2, 2), (0, 0))), flipped), dk
+
+    conv_with_gradient.defvjp(lambda x, kernel: (conv_fn(x, kernel), (x, kernel)), backward)
+    return conv_with_gradient
+
+  vjp_conv, lax_fwd_conv = with_own_gradient(gather_conv), with_own_gradient(xla_conv)
+
+  def conv(x, kernel, how, first):
+    if how in ("vjp", "lax_fwd"):
+      return (vjp_conv if how == "vjp" else lax_fwd_conv)(x, kernel)
+    b, h, w, c = x.shape
+    ho, wo, f = h - 2, w - 2, kernel.shape[-1]
+    if how == "lax":
+      return xla_conv(x, kernel)
+    if how == "shifted" or (how == "first_madd" and first):
+      terms = [
+        x[:, dy : dy + ho, dx : dx + wo] @ kernel[dy, dx]
+        if how == "shifted"
+        else x[:, dy : dy + ho, dx : dx + wo] * kernel[dy, dx, 0]
+        for dy in range(3)
+        for dx in range(3)
+      ]
+      return sum(terms[1:], terms[0])
+    p = patches(x, ho, wo, how).reshape(b * ho * wo, 9 * c)
+    k = kernel.reshape(9 * c, f)
+    if how == "bf16":
+      y = jnp.dot(
+        p.astype(jnp.bfloat16), k.astype(jnp.bfloat16), preferred_element_type=jnp.float32
+      )
+    else:
+      y = p @ k
+    return y.reshape(b, ho, wo, f)
+
+  class Seed(nn.Module):  # the seed model, parameters as model.Localizer's, conv as `how`
+    how: str
+
+    @nn.compact
+    def __call__(self, x):
+      for i, f in enumerate((16, 32, 64)):
+        kernel = self.param(f"k{i}", model.KERAS_INIT, (3, 3, x.shape[-1], f))
+        bias = self.param(f"b{i}", nn.initializers.zeros_init(), (f,))
+        y = conv(x, kernel, self.how, i == 0) + bias
+        x = model.avg_pool_2x2(nn.relu(y))
+      x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
+      return {"logits": nn.Dense(10)(x), "box": nn.Dense(4)(x)}
+
+  x = jax.random.uniform(jax.random.key(0), (BATCH, CANVAS, CANVAS, 1))
+  result, reference, reference_grads = {}, None, None
+  for how in FORMULATIONS:
+    net = Seed(how)
+    params = model.init_params(jax.random.key(1), net, CANVAS)
+    loss = lambda p, net=net: sum(v.sum() for v in net.apply({"params": p}, x).values())
+    out = float(jax.jit(loss)(params))
+    reference = out if reference is None else reference
+    result[f"{how}_rel_diff"] = abs(out - reference) / max(abs(reference), 1e-9)
+    grads = jax.grad(loss)(params)
+    reference_grads = grads if how == "gather" else reference_grads
+    diffs = jax.tree_util.tree_map(
+      lambda a, r: float(jnp.max(jnp.abs(a - r)) / (jnp.max(jnp.abs(r)) + 1e-12)),
+      grads,
+      reference_grads,
+    )
+    result[f"{how}_grad_rel_diff"] = max(jax.tree_util.tree_leaves(diffs))
+    for part, fn in (("forward", jax.jit(loss)), ("gradient", jax.jit(jax.grad(loss)))):
+      seconds = bench_seed._seconds_per_call(fn, params, max(3, steps // 10))
+      result[f"{how}_{part}_ms"] = seconds * 1000
+  return result
+
+
+def pools(steps):
+  """Training images/s of the seed model (its whole step, as `train_jaxloc`) with each way of
+  writing its 2x2 average pools, in rounds alternating between them (best of 2 rounds):
+
+    reshape  the mean of the reshaped 2x2 blocks (`model.avg_pool_2x2`)
+    window   `lax.reduce_window` sum x 0.25: the same values, bit for bit; alone, its
+             gradient on the first pool's input took half the time of `reshape`'s
+    slices   the sum of 4 strided slices x 0.25 (not bit-identical: another summation order)
+  """
+  import jax
+
+  from jaxloc import model
+
+  def window(x):
+    b, h, w, c = x.shape
+    dims = (1, 2, 2, 1)
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, dims, "VALID") * 0.25
+
+  def slices(x):
+    b, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return (x[:, 0::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 0::2] + x[:, 1::2, 1::2]) * 0.25
+
+  ways = {"reshape": model.avg_pool_2x2, "window": window, "slices": slices}
+  result = {}
+  try:
+    for _ in range(2):
+      for name, pool in ways.items():
+        model.avg_pool_2x2 = pool
+        images_per_s = bench_seed.train_jaxloc(steps)["images_per_s"]
+        result[f"{name}_images_per_s"] = max(result.get(f"{name}_images_per_s", 0), images_per_s)
+  finally:
+    model.avg_pool_2x2 = ways["reshape"]
+  return result
