@@ -10,6 +10,7 @@ config uses is decided by `jaxloc.tasks.build`; the functions here take explicit
 
 import functools
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,33 @@ def evaluate(
 def _split(per: dict) -> list[dict]:
   """Per-canvas results [M, N, ...] of M models as M dicts of [N, ...]."""
   return [parallel.member(per, i) for i in range(len(next(iter(per.values()))))]
+
+
+class RunEvaluation:
+  """A run's scoring after each epoch: `self(exported, raw)` -> per model (replica member),
+  (summary, per-canvas results, summary of the raw weights or None). `exported`: the
+  weights a run exports (with `members` > 1, stacked [N, ...]); `raw`: with a moving
+  average, the raw weights beside them, else None. All of them are scored in one compiled
+  call per batch (`make_evaluator(apply_fn, mesh, members=True)`). `seconds`: time spent."""
+
+  def __init__(self, make_evaluator, apply_fn, mesh, val, members: int, averaged: bool):
+    self.stacked = members > 1 or averaged
+    self.evaluator = make_evaluator(apply_fn, mesh, self.stacked)
+    self.val, self.members, self.seconds = val, members, 0.0
+
+  def __call__(self, exported, raw=None) -> list[tuple]:
+    t = time.perf_counter()
+    params = exported
+    if raw is not None:  # the exported weights, then the raw ones
+      join = jnp.concatenate if self.members > 1 else jnp.stack  # members: [2N, ...]
+      params = jax.tree_util.tree_map(lambda *a: join(a), exported, raw)
+    scored = self.evaluator(params, self.val)
+    scored = scored if self.stacked else [scored]
+    exported_scores, raw_scores = scored[: self.members], scored[self.members :]
+    self.seconds += time.perf_counter() - t
+    return [
+      (s, p, raw_scores[i][0] if raw_scores else None) for i, (s, p) in enumerate(exported_scores)
+    ]
 
 
 SCENE_VAL_CHUNK = 500  # scene validation canvases per key: chunk i uses fold_in(val_key, i)

@@ -11,7 +11,7 @@ A run, step by step: `train_and_evaluate` checks the config and builds its task 
 `workdir.resume_step` decide between a new run, a resume and a refusal, `_initial_states`
 (new, or the newest readable checkpoint), then `_run`: `_train` (epochs of `_train_epoch`:
 compiled steps from `train_state.Steps`, a `records.Log` record every `log_every` steps,
-checkpoints, a stop on SIGTERM / SIGINT; an `_Evaluation` and an epoch line after each
+checkpoints, a stop on SIGTERM / SIGINT; an `evaluation.RunEvaluation` and an epoch line after each
 epoch), `_export` (params.msgpack, the task's plots and files) and metrics.json.
 
 Replicas (`config.replicas` = N > 1): N members, seeds `config.seed + i` and the values
@@ -28,7 +28,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -37,6 +36,7 @@ from flax import serialization
 from jaxloc import (
   checkpoint,
   console,
+  evaluation,
   model,
   parallel,
   preemption,
@@ -220,7 +220,10 @@ def _run(config, work_dir, task, members, states, resume_step, data, echo, signa
   for i, m in enumerate(members):
     m.open(task, val, resume_step, echo if mode is None else _prefixed(echo, f"member {i} | "))
   averaged = states[0].ema_params is not None
-  evaluate = _Evaluation(task, states[0].apply_fn, val, mesh, len(members), averaged)
+  scorer = evaluation.RunEvaluation(
+    task.make_evaluator, states[0].apply_fn, mesh, val, len(members), averaged
+  )
+  evaluate = lambda state: scorer(ts.exported_params(state), state.params if averaged else None)
   try:
     state, results = _train(config, state, steps, steps_per_call, members, evaluate, signals)
   finally:
@@ -240,7 +243,7 @@ def _run(config, work_dir, task, members, states, resume_step, data, echo, signa
       train_images_per_s=steps.images_per_s(config.batch_size),
       train_s=steps.train_s,
       compile_s=steps.compile_s,
-      eval_s=evaluate.seconds,
+      eval_s=scorer.seconds,
       save_s=m.save_s,
       wall_s=time.perf_counter() - t_start,
       backend=jax.default_backend(),
@@ -260,30 +263,6 @@ def _run(config, work_dir, task, members, states, resume_step, data, echo, signa
   for line in console.summary_lines(work_dir, summary, finals):
     echo(line)
   return summary
-
-
-class _Evaluation:
-  """`self(state)`: per member, the figures of the exported weights (summary, per canvas)
-  and, with a moving average, the summary of the raw weights. Every model of the state (its
-  members; the averaged and the raw weights) is scored in one compiled call per batch.
-  `seconds`: time spent in it so far."""
-
-  def __init__(self, task, apply_fn, val, mesh, members: int, averaged: bool):
-    self.stacked = members > 1 or averaged
-    self.evaluator = task.make_evaluator(apply_fn, mesh, self.stacked)
-    self.val, self.members, self.seconds = val, members, 0.0
-
-  def __call__(self, state) -> list[tuple]:
-    t = time.perf_counter()
-    params = ts.exported_params(state)
-    if state.ema_params is not None:  # the averaged weights, then the raw ones
-      join = jnp.concatenate if self.members > 1 else jnp.stack  # members: [2N, ...]
-      params = jax.tree_util.tree_map(lambda *a: join(a), params, state.params)
-    scored = self.evaluator(params, self.val)
-    scored = scored if self.stacked else [scored]
-    exported, raw = scored[: self.members], scored[self.members :]
-    self.seconds += time.perf_counter() - t
-    return [(s, p, raw[i][0] if raw else None) for i, (s, p) in enumerate(exported)]
 
 
 def _train(config, state, steps, steps_per_call, members, evaluate, signals):
