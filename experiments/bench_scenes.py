@@ -1,6 +1,6 @@
 """Benchmark parts beyond the seed's task (`experiments.benchmark` runs each in a
 subprocess): the scene cases' detectors, the MNIST detection layout's networks, reading a
-dataset from disk, and replicas (several members in one program)."""
+dataset from disk, replicas (several members in one program), and the evaluation's cost."""
 
 import os
 import time
@@ -108,7 +108,6 @@ def evaluate_two_multi(steps):
 
 
 def _evaluate_two(steps, config):
-  import time
 
   import jax
 
@@ -128,14 +127,7 @@ def _evaluate_two(steps, config):
     "apart_s": lambda: [one(p, val) for p in models],
     "one_call_s": lambda: both(stacked, val),
   }
-  for fn in ways.values():  # compiles
-    fn()
-  best = {k: float("inf") for k in ways}
-  for _ in range(max(2, steps // 100)):
-    for k, fn in ways.items():
-      t = time.perf_counter()
-      fn()
-      best[k] = min(best[k], time.perf_counter() - t)
+  best = _best_seconds(ways, max(2, steps // 100))
   result = dict(best, one_call_vs_apart=best["apart_s"] / best["one_call_s"])
   num_val = len(val["labels"]) if config.num_val <= 0 else config.num_val
   result.update(backend=jax.default_backend(), num_val=num_val)
@@ -144,8 +136,7 @@ def _evaluate_two(steps, config):
 
 def evaluate_batch(steps):
   """Seconds to score one model on the seed's validation set (10,000 canvases) per
-  `eval_batch_size`; the best of `steps // 100` (at least 2) rounds after a compiling one."""
-  import time
+  `eval_batch_size`; the best of `steps // 100` (at least 2) alternating rounds."""
 
   import jax
 
@@ -157,16 +148,24 @@ def evaluate_batch(steps):
   mesh = parallel.data_mesh()
   val = parallel.replicate(tasks.load_data(config)[2], mesh)
   params = train_state.create_train_state(jax.random.key(0), config).params
-  result = {"backend": jax.default_backend()}
+  ways = {}
   for size in (500, 250, 100, 50):
     config.eval_batch_size = size
     task = tasks.build(config)
     evaluate = task.make_evaluator(task.model.apply, mesh)
-    evaluate(params, val)  # compiles
-    best = float("inf")
-    for _ in range(max(2, steps // 100)):
+    ways[f"batch_{size}_s"] = lambda evaluate=evaluate: evaluate(params, val)
+  return dict(_best_seconds(ways, max(2, steps // 100)), backend=jax.default_backend())
+
+
+def _best_seconds(ways: dict, rounds: int) -> dict[str, float]:
+  """{name: the least seconds of `fn()`}: every fn once first (compiling), then `rounds`
+  rounds alternating between them, so a slow spell of the machine falls on all alike."""
+  for fn in ways.values():
+    fn()
+  best = {k: float("inf") for k in ways}
+  for _ in range(rounds):
+    for k, fn in ways.items():
       t = time.perf_counter()
-      evaluate(params, val)
-      best = min(best, time.perf_counter() - t)
-    result[f"batch_{size}_s"] = best
-  return result
+      fn()
+      best[k] = min(best[k], time.perf_counter() - t)
+  return best

@@ -251,10 +251,10 @@ def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, float]:
 def _weighted(loss, config) -> Callable:
   """`loss(outputs, batch, **weights)` as a Task's loss_fn (`loss_weights` from the config, or
   from `hp` when given)."""
-  weights = loss_weights(config)
+  weights, own = loss_weights(config), hyperparameters(config)
 
   def loss_fn(outputs, batch, hp=None):
-    hp = hyperparameters(config) if hp is None else hp
+    hp = own if hp is None else hp
     return loss(outputs, batch, **{arg: hp[field] for arg, field in weights.items()})
 
   return loss_fn
