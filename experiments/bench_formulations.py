@@ -1,12 +1,24 @@
 """Benchmark parts that compare ways of writing the seed model's step on this machine's CPU
 (issue: jaxloc against Keras on AVX2 and AVX-512 CPUs), so the choice can be re-checked on
-the next one: its 3x3 convolutions (`conv_formulations`) and its 2x2 pools (`pools`)."""
+the next one: its 3x3 convolutions (`conv_formulations`: forward and gradient alone;
+`conv_steps`: the whole training step) and its 2x2 pools (`pools`)."""
 
 from experiments import bench_seed
 from experiments.bench_seed import BATCH, CANVAS
 
-FORMULATIONS = ("gather", "slices", "shifted", "first_madd", "bf16", "lax", "vjp", "lax_fwd")
+FORMULATIONS = (
+  "jaxloc",
+  "gather",
+  "slices",
+  "shifted",
+  "first_madd",
+  "bf16",
+  "lax",
+  "vjp",
+  "lax_fwd",
+)
 POOLS = ("reshape", "window", "slices")
+STEP_CONVS = ("jaxloc", "gather", "patches_first")
 
 
 def conv_formulations(steps):
@@ -14,7 +26,11 @@ def conv_formulations(steps):
   its 3x3 convolutions tried on CPU (issue: jaxloc against Keras on AVX-512), so the
   choice can be re-checked on the next CPU. The parameters are the same in all.
 
-    gather     jaxloc's Conv3x3: one gather builds all patches, one matrix product
+    jaxloc     `model.conv3x3_valid`: `gather`'s forward (9 multiply-adds when one input
+               channel), its own gradient: the kernel's from the kept patches, the input's
+               as XLA's convolution of the padded output gradient with the flipped kernel
+    gather     one gather builds all patches, one matrix product, XLA's gradient of it
+               (jaxloc's Conv3x3 until 2026-11-30; the input's gradient is a scatter-add)
     slices     the patches from 9 slices + concatenate, one matrix product
     shifted    9 matrix products of shifted inputs, summed (no patch tensor)
     first_madd the first (1-channel) conv as 9 multiply-adds, the others as `gather`
@@ -73,6 +89,8 @@ def conv_formulations(steps):
   vjp_conv, lax_fwd_conv = with_own_gradient(gather_conv), with_own_gradient(xla_conv)
 
   def conv(x, kernel, how, first):
+    if how == "jaxloc":
+      return model.conv3x3_valid(x, kernel)
     if how in ("vjp", "lax_fwd"):
       return (vjp_conv if how == "vjp" else lax_fwd_conv)(x, kernel)
     b, h, w, c = x.shape
@@ -121,7 +139,7 @@ def conv_formulations(steps):
     reference = out if reference is None else reference
     result[f"{how}_rel_diff"] = abs(out - reference) / max(abs(reference), 1e-9)
     grads = jax.grad(loss)(params)
-    reference_grads = grads if how == "gather" else reference_grads
+    reference_grads = grads if reference_grads is None else reference_grads
     diffs = jax.tree_util.tree_map(
       lambda a, r: float(jnp.max(jnp.abs(a - r)) / (jnp.max(jnp.abs(r)) + 1e-12)),
       grads,
@@ -159,13 +177,48 @@ def pools(steps):
     return (x[:, 0::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 0::2] + x[:, 1::2, 1::2]) * 0.25
 
   ways = {"reshape": model.avg_pool_2x2, "window": window, "slices": slices}
-  result = {}
+  return _alternating_rounds(steps, model, "avg_pool_2x2", ways)
+
+
+def conv_steps(steps):
+  """Training images/s of the seed model (its whole step, as `train_jaxloc`) with its 3x3
+  convolutions written each way, in rounds alternating between them (best of 2 rounds);
+  the same parameters and values (to float32 rounding) in all:
+
+    jaxloc         `model.conv3x3_valid` (see `conv_formulations`)
+    gather         one matrix product over gathered patches, XLA's gradient of it
+                   (jaxloc's until 2026-11-30)
+    patches_first  `jaxloc` with the 1-channel first conv as a matrix product over its
+                   patches (inner dimension 9) instead of 9 multiply-adds
+  """
+  import jax
+
+  from jaxloc import model
+
+  def gather(x, kernel):
+    return model._forward(x, kernel, model._patches(x))
+
+  def patches_forward(x, kernel):
+    patches = model._patches(x)
+    return model._forward(x, kernel, patches), (patches, kernel)
+
+  patches_first = jax.custom_vjp(gather)
+  patches_first.defvjp(patches_forward, model._conv3x3_bwd)
+  ways = {"jaxloc": model.conv3x3_valid, "gather": gather, "patches_first": patches_first}
+  return _alternating_rounds(steps, model, "conv3x3_valid", ways)
+
+
+def _alternating_rounds(steps, module, name, ways):
+  """`bench_seed.train_jaxloc` images/s with `module.name` set to each of `ways` in turn,
+  best of 2 rounds; `module.name` is restored after."""
+  original, result = getattr(module, name), {}
   try:
     for _ in range(2):
-      for name, pool in ways.items():
-        model.avg_pool_2x2 = pool
+      for way, fn in ways.items():
+        setattr(module, name, fn)
         images_per_s = bench_seed.train_jaxloc(steps)["images_per_s"]
-        result[f"{name}_images_per_s"] = max(result.get(f"{name}_images_per_s", 0), images_per_s)
+        key = f"{way}_images_per_s"
+        result[key] = max(result.get(key, 0), images_per_s)
   finally:
-    model.avg_pool_2x2 = ways["reshape"]
+    setattr(module, name, original)
   return result

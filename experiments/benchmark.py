@@ -22,8 +22,9 @@ own) on the same MNIST training digits, batch 64, canvas 75:
                   feature pyramid, and the pyramid with GroupNorm
   profile         ms per batch: forward and gradient, jaxloc's conv vs XLA's native conv
   conv_formulations
-                  the same for eight ways of writing the seed model's 3x3 convolutions
+                  the same for nine ways of writing the seed model's 3x3 convolutions
   pools           training images/s of the seed model with three ways of writing its pools
+  conv_steps      training images/s of the seed model with three ways of writing its convs
   read_dataset    seconds to read a detection dataset from disk (`jaxloc.datasets.read`):
                   --data=PATH, or 1,000 scenes of the benchmark layout exported first
   replicas, replicas_multi
@@ -70,6 +71,7 @@ PARTS = (
   "profile",
   "conv_formulations",
   "pools",
+  "conv_steps",
   "train_multi_dense",
   "train_multi_slots",
   "train_md_single",
@@ -209,6 +211,14 @@ def _table(r: dict) -> str:
       f"{how} {r['pools'].get(f'{how}_images_per_s', 0):,.0f}" for how in bench_formulations.POOLS
     )
     + " (`python -m experiments.benchmark --parts=pools`).",
+    "",
+    "Convolutions in the whole step, training images/s of the seed model (best of 2 "
+    "alternating rounds): "
+    + ", ".join(
+      f"{how} {r['conv_steps'].get(f'{how}_images_per_s', 0):,.0f}"
+      for how in bench_formulations.STEP_CONVS
+    )
+    + " (`python -m experiments.benchmark --parts=conv_steps`).",
     "",
     "Canvas synthesis, microseconds per call of 64 canvases: the whole batch "
     f"{r['canvas_jaxloc'].get('whole_us', 0):.0f}; each part alone in its own call: an "

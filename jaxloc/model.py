@@ -8,10 +8,10 @@
 
 `Conv3x3` has the parameters of `flax.linen.Conv(features, (3, 3), padding="VALID")`
 (`kernel` [3,3,Cin,Cout], `bias` [Cout]) and computes the convolution per backend
-(`CONV_IMPL`): as one matrix product over 3x3 patches ("matmul"), which XLA:CPU runs,
-with the matrix products of its gradient, several times faster than its native
-convolution (benchmark part `profile`), or as `jax.lax.conv_general_dilated` ("lax").
-The tests check that both give the same outputs and gradients.
+(`CONV_IMPL`): with `conv3x3_valid` ("matmul"), which XLA:CPU runs several times faster
+than its native convolution and its gradient (benchmark parts `profile`, `conv_formulations`,
+`conv_steps`), or as `jax.lax.conv_general_dilated` ("lax"). The tests check that both give
+the same outputs and gradients.
 """
 
 from collections.abc import Sequence
@@ -32,19 +32,72 @@ def avg_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
   return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
+def _patches(x_BxHxWxC: jax.Array) -> jax.Array:
+  """All 3x3 VALID patches as rows, [B*Ho*Wo, 9*C] in (dy, dx, c) order: one gather
+  (cheaper than 9 slices + concatenate)."""
+  b, h, w, c = x_BxHxWxC.shape
+  rows = np.arange(h - 2)[:, None] + np.arange(3)[None, :]  # [Ho, 3]
+  cols = np.arange(w - 2)[:, None] + np.arange(3)[None, :]  # [Wo, 3]
+  return x_BxHxWxC[:, rows[:, None, :, None], cols[None, :, None, :]].reshape(-1, 9 * c)
+
+
+def _forward(x_BxHxWxC, kernel_3x3xCxF, patches):
+  b, h, w, c = x_BxHxWxC.shape
+  ho, wo, f = h - 2, w - 2, kernel_3x3xCxF.shape[-1]
+  if patches is None:  # one input channel: 9 multiply-adds, which XLA fuses with what follows
+    terms = [
+      x_BxHxWxC[:, dy : dy + ho, dx : dx + wo] * kernel_3x3xCxF[None, None, dy, dx]
+      for dy in range(3)
+      for dx in range(3)
+    ]
+    return sum(terms[1:], terms[0])
+  return (patches @ kernel_3x3xCxF.reshape(9 * c, f)).reshape(b, ho, wo, f)
+
+
+@jax.custom_vjp
+def conv3x3_valid(x_BxHxWxC: jax.Array, kernel_3x3xCxF: jax.Array) -> jax.Array:
+  """3x3 VALID convolution, stride 1, no bias: [B,H,W,C] -> [B,H-2,W-2,F], written for
+  XLA:CPU. Forward: one matrix product over the 3x3 patches (9 multiply-adds when C = 1).
+  Gradient: the kernel's, the patches^T x output-gradient matrix product; the input's, XLA's
+  convolution of the output gradient (zero-padded by 2) with the flipped kernel, which
+  XLA:CPU runs fast (its kernel gradient is the slow part), instead of the scatter-add that
+  is the transpose of the patch gather."""
+  return _conv3x3_fwd(x_BxHxWxC, kernel_3x3xCxF)[0]
+
+
+def _conv3x3_fwd(x, kernel):
+  patches = None if x.shape[-1] == 1 else _patches(x)
+  # The kernel's gradient needs the patches: kept, or built again from x when C = 1.
+  return _forward(x, kernel, patches), (x if patches is None else patches, kernel)
+
+
+def _conv3x3_bwd(residuals, g_BxHoxWoxF):
+  x_or_patches, kernel = residuals
+  patches = _patches(x_or_patches) if x_or_patches.ndim == 4 else x_or_patches
+  f = kernel.shape[-1]
+  d_kernel = (patches.T @ g_BxHoxWoxF.reshape(-1, f)).reshape(kernel.shape)
+  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))  # [3, 3, F, C]
+  g = jnp.pad(g_BxHoxWoxF, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  dims = ("NHWC", "HWIO", "NHWC")
+  d_x = jax.lax.conv_general_dilated(g, flipped, (1, 1), "VALID", dimension_numbers=dims)
+  return d_x, d_kernel
+
+
+conv3x3_valid.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
 # How Conv3x3 computes per backend (impl = "auto"); backends not listed use "matmul". CPU:
-# measured (benchmark part `profile`: gradient of the seed model 171 ms per batch of 64 as
-# a matrix product, 486 ms with XLA's convolution). GPU and TPU: "lax" is the
-# accelerators' own convolution, not yet measured against "matmul" here (the GPU figures
-# in docs/speed.md are "matmul"): run `profile` on one and list the faster.
+# measured (benchmark parts `profile` and `conv_steps`). GPU and TPU: "lax" is the
+# accelerators' own convolution, not yet measured against "matmul" here: run `profile` on
+# one and list the faster.
 CONV_IMPL = {"cpu": "matmul"}
 CONV_IMPLS = ("matmul", "lax")
 
 
 class Conv3x3(nn.Module):
   """3x3 convolution, stride 1 (VALID, or SAME: the input is zero-padded by one pixel on
-  each side, so the output keeps its size), as a patches x kernel matrix product or as
-  XLA's convolution (`impl`: "matmul", "lax", or "auto": `CONV_IMPL` of the backend)."""
+  each side, so the output keeps its size), with `conv3x3_valid` or XLA's convolution
+  (`impl`: "matmul", "lax", or "auto": `CONV_IMPL` of the backend)."""
 
   features: int
   padding: str = "VALID"
@@ -54,21 +107,16 @@ class Conv3x3(nn.Module):
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     if self.padding == "SAME":
       x_BxHxWxC = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    b, h, w, c = x_BxHxWxC.shape
+    c = x_BxHxWxC.shape[-1]
     kernel = self.param("kernel", KERAS_INIT, (3, 3, c, self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     impl = CONV_IMPL.get(jax.default_backend(), "matmul") if self.impl == "auto" else self.impl
     if impl == "lax":
       dims = ("NHWC", "HWIO", "NHWC")
       y = jax.lax.conv_general_dilated(x_BxHxWxC, kernel, (1, 1), "VALID", dimension_numbers=dims)
-      return y + bias[None, None, None, :]
-    ho, wo = h - 2, w - 2  # VALID padding: 75 -> 73, as in the reference model summary
-    rows = np.arange(ho)[:, None] + np.arange(3)[None, :]  # [Ho, 3]
-    cols = np.arange(wo)[:, None] + np.arange(3)[None, :]  # [Wo, 3]
-    # One gather builds all 3x3 patches: [B, Ho, Wo, 3, 3, C] (cheaper than 9 slices + concat).
-    patches = x_BxHxWxC[:, rows[:, None, :, None], cols[None, :, None, :]]
-    y = patches.reshape(b * ho * wo, 9 * c) @ kernel.reshape(9 * c, self.features)
-    return (y + bias[None, :]).reshape(b, ho, wo, self.features)
+    else:  # VALID padding: 75 -> 73, as in the reference model summary
+      y = conv3x3_valid(x_BxHxWxC, kernel)
+    return y + bias[None, None, None, :]
 
 
 def _backbone(x, conv_features: Sequence[int], dense_features: int) -> jax.Array:

@@ -35,10 +35,11 @@ def _reference_conv(x, kernel, bias):
   return y + bias[None, None, None, :]
 
 
+@pytest.mark.parametrize("channels", [1, 3])  # 1: the multiply-adds path of "matmul"
 @pytest.mark.parametrize("impl", model.CONV_IMPLS)
-def test_conv3x3_matches_lax_conv_and_its_gradient(impl):
+def test_conv3x3_matches_lax_conv_and_its_gradient(impl, channels):
   key_x, key_p = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(key_x, (2, 11, 9, 3))
+  x = jax.random.normal(key_x, (2, 11, 9, channels))
   conv = model.Conv3x3(5, impl=impl)
   params = conv.init(key_p, x)["params"]
   ref = nn.Conv(5, (3, 3), padding="VALID")
