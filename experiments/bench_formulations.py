@@ -180,10 +180,10 @@ def pools(steps):
   return _alternating_rounds(steps, model, "avg_pool_2x2", ways)
 
 
-def conv_steps(steps):
-  """Training images/s of the seed model (its whole step, as `train_jaxloc`) with its 3x3
-  convolutions written each way, in rounds alternating between them (best of 2 rounds);
-  the same parameters and values (to float32 rounding) in all:
+def conv_steps(steps, config=None):
+  """Training images/s of the seed model (its whole step, as `train_jaxloc`; or `config`'s)
+  with its 3x3 convolutions written each way, in rounds alternating between them (best of
+  2 rounds); the same parameters and values (to float32 rounding) in all:
 
     jaxloc         `model.conv3x3_valid` (see `conv_formulations`)
     gather         one matrix product over gathered patches, XLA's gradient of it
@@ -205,10 +205,18 @@ def conv_steps(steps):
   patches_first = jax.custom_vjp(gather)
   patches_first.defvjp(patches_forward, model._conv3x3_bwd)
   ways = {"jaxloc": model.conv3x3_valid, "gather": gather, "patches_first": patches_first}
-  return _alternating_rounds(steps, model, "conv3x3_valid", ways)
+  return _alternating_rounds(steps, model, "conv3x3_valid", ways, config)
 
 
-def _alternating_rounds(steps, module, name, ways):
+def conv_steps_multi(steps):
+  """`conv_steps` with case 4's dense detector (`multi`, 128x128 scenes, batch 64), whose
+  3x3 convolutions are SAME-padded and up to 128 channels wide."""
+  from experiments import bench_scenes
+
+  return conv_steps(steps, bench_scenes.multi_config("dense"))
+
+
+def _alternating_rounds(steps, module, name, ways, config=None):
   """`bench_seed.train_jaxloc` images/s with `module.name` set to each of `ways` in turn,
   best of 2 rounds; `module.name` is restored after."""
   original, result = getattr(module, name), {}
@@ -216,9 +224,61 @@ def _alternating_rounds(steps, module, name, ways):
     for _ in range(2):
       for way, fn in ways.items():
         setattr(module, name, fn)
-        images_per_s = bench_seed.train_jaxloc(steps)["images_per_s"]
+        images_per_s = bench_seed.train_jaxloc(steps, config=config)["images_per_s"]
         key = f"{way}_images_per_s"
         result[key] = max(result.get(key, 0), images_per_s)
   finally:
     setattr(module, name, original)
   return result
+
+
+def step_profile(steps, config=None):
+  """Where the seed model's training step (or `config`'s) spends its time on this CPU: ms
+  per step in each of XLA's compiled operations (its fusions and library calls, by the name
+  in the compiled program), from a `jax.profiler` trace of `steps` steps, the 15 largest,
+  each with its output shape and the model operation it was made from (the HLO's op_name).
+  Operations XLA:CPU runs asynchronously (its own dot and convolution calls) count their
+  launch only, so `listed_ms` can fall short of `step_ms`."""
+  import collections
+  import glob
+  import gzip
+  import json
+  import re
+  import tempfile
+  import time
+
+  import jax
+
+  fn, (state, sums, *data), n, _ = bench_seed.compiled_steps(config)
+  state, sums = fn(state, sums, *data)  # warm-up
+  jax.block_until_ready(sums)
+  calls = max(1, steps // n)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    t = time.perf_counter()
+    for _ in range(calls):
+      state, sums = fn(state, sums, *data)
+    jax.block_until_ready(sums)
+    step_ms = (time.perf_counter() - t) * 1000 / (calls * n)
+    jax.profiler.stop_trace()
+    (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+    events = json.load(gzip.open(path))["traceEvents"]
+  us = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and "hlo_op" in e.get("args", {}):
+      us[e["args"]["hlo_op"]] += e["dur"]
+  hlo = fn.as_text()
+  ops = []
+  for name, total in us.most_common(15):
+    m = re.search(rf"%{re.escape(name)} = (\S+) .*?op_name=\"([^\"]*)\"", hlo)
+    shape, source = (m.group(1), m.group(2).split("closed_call/")[-1]) if m else ("?", "?")
+    ops.append([round(total / 1000 / (calls * n), 2), name, shape, source])
+  listed = sum(total for total in us.values()) / 1000 / (calls * n)
+  return {"step_ms": step_ms, "listed_ms": listed, "ops": ops}
+
+
+def step_profile_multi(steps):
+  """`step_profile` of case 4's dense detector (`multi`, 128x128 scenes, batch 64)."""
+  from experiments import bench_scenes
+
+  return step_profile(steps, bench_scenes.multi_config("dense"))

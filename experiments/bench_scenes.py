@@ -12,12 +12,12 @@ from experiments import bench_seed
 
 def train_multi_dense(steps):
   """Training images/s of case 4 (`multi`, 128x128) with the dense detector."""
-  return bench_seed.train_jaxloc(steps, config=_multi_config("dense"))
+  return bench_seed.train_jaxloc(steps, config=multi_config("dense"))
 
 
 def train_multi_slots(steps):
   """Training images/s of case 4 (`multi`, 128x128) with the slot detector."""
-  return bench_seed.train_jaxloc(steps, config=_multi_config("slots"))
+  return bench_seed.train_jaxloc(steps, config=multi_config("slots"))
 
 
 def train_md_single(steps):
@@ -60,7 +60,7 @@ def read_dataset(steps):
   return {"images": n, "size": data.canvas_size, "read_s": dt, "images_per_s": n / dt}
 
 
-def _multi_config(head):
+def multi_config(head):
   from experiments.configs import multi
 
   config = multi.get_config()
@@ -76,7 +76,7 @@ def replicas(steps):
 
 def replicas_multi(steps):
   """`replicas` on a scene case: `multi` (128x128) with the dense detector."""
-  return _replicas(steps, _multi_config("dense"))
+  return _replicas(steps, multi_config("dense"))
 
 
 def _replicas(steps, config):
@@ -102,7 +102,7 @@ def evaluate_two(steps):
 
 def evaluate_two_multi(steps):
   """`evaluate_two` on 2,000 validation scenes of `multi` with the dense detector."""
-  config = _multi_config("dense")
+  config = multi_config("dense")
   config.num_val = 2000
   return _evaluate_two(steps, config)
 

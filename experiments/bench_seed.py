@@ -131,9 +131,10 @@ def canvas_tfdata(steps):
   return {"canvases_per_s": steps * BATCH / _time_loop(loop, steps)}
 
 
-def train_jaxloc(steps, steps_per_call=None, config=None, members=1, mode=None):
-  """Training images/s (all members together) of `config` (default: the seed's), steady
-  state; with `mode` ("vmap" / "map"), `members` replicas in one program."""
+def compiled_steps(config=None, steps_per_call=None, members=1, mode=None):
+  """The compiled training program of `config` (default: the seed's; with `mode`, `members`
+  replicas in one program) and its arguments: (fn, (state, sums, *data), steps per call,
+  compile seconds). `fn(*args)` returns the next (state, sums)."""
   import jax
 
   from experiments.configs import digit
@@ -156,7 +157,18 @@ def train_jaxloc(steps, steps_per_call=None, config=None, members=1, mode=None):
   n = steps_per_call or tasks.resolve_steps_per_call(flags.FLAGS.steps_per_call)
   t = time.perf_counter()
   fn = train_state.compile_train_steps(state, sums, *data, num_steps=n, replicas=mode, **static)
-  compile_s = time.perf_counter() - t
+  return fn, (state, sums, *data), n, time.perf_counter() - t
+
+
+def train_jaxloc(steps, steps_per_call=None, config=None, members=1, mode=None):
+  """Training images/s (all members together) of `config` (default: the seed's), steady
+  state; with `mode` ("vmap" / "map"), `members` replicas in one program."""
+  import jax
+
+  from experiments.configs import digit
+
+  config = config or digit.get_config()
+  fn, (state, sums, *data), n, compile_s = compiled_steps(config, steps_per_call, members, mode)
   memory = fn.memory_analysis()
   state, sums = fn(state, sums, *data)  # warm-up
   jax.block_until_ready(sums)

@@ -25,6 +25,10 @@ own) on the same MNIST training digits, batch 64, canvas 75:
                   the same for nine ways of writing the seed model's 3x3 convolutions
   pools           training images/s of the seed model with three ways of writing its pools
   conv_steps      training images/s of the seed model with three ways of writing its convs
+  step_profile    ms per step of the seed model in each of XLA's compiled operations (a
+                  jax.profiler trace): where the step's time goes on this CPU
+  conv_steps_multi, step_profile_multi
+                  the same two for case 4's dense detector (`multi`, 128x128)
   read_dataset    seconds to read a detection dataset from disk (`jaxloc.datasets.read`):
                   --data=PATH, or 1,000 scenes of the benchmark layout exported first
   replicas, replicas_multi
@@ -72,6 +76,9 @@ PARTS = (
   "conv_formulations",
   "pools",
   "conv_steps",
+  "step_profile",
+  "conv_steps_multi",
+  "step_profile_multi",
   "train_multi_dense",
   "train_multi_slots",
   "train_md_single",
@@ -212,14 +219,26 @@ def _table(r: dict) -> str:
     )
     + " (`python -m experiments.benchmark --parts=pools`).",
     "",
-    "Convolutions in the whole step, training images/s of the seed model (best of 2 "
-    "alternating rounds): "
-    + ", ".join(
-      f"{how} {r['conv_steps'].get(f'{how}_images_per_s', 0):,.0f}"
-      for how in bench_formulations.STEP_CONVS
-    )
-    + " (`python -m experiments.benchmark --parts=conv_steps`).",
-    "",
+    *(
+      f"Convolutions in the whole step, training images/s of {what} (best of 2 alternating "
+      "rounds): "
+      + ", ".join(
+        f"{how} {r[part].get(f'{how}_images_per_s', 0):,.1f}"
+        for how in bench_formulations.STEP_CONVS
+      )
+      + f" (`python -m experiments.benchmark --parts={part}`).\n"
+      for part, what in (("conv_steps", "the seed model"), ("conv_steps_multi", "`multi` dense"))
+    ),
+    *(
+      f"Step profile, {what}, {r[part].get('step_ms', 0):.1f} ms per step, the largest of "
+      f"XLA's operations in ms per step (`--parts={part}`): "
+      + "; ".join(
+        f"{ms:.1f} {name} {shape} ({source})"
+        for ms, name, shape, source in r[part].get("ops", [])[:8]
+      )
+      + ".\n"
+      for part, what in (("step_profile", "seed model"), ("step_profile_multi", "`multi` dense"))
+    ),
     "Canvas synthesis, microseconds per call of 64 canvases: the whole batch "
     f"{r['canvas_jaxloc'].get('whole_us', 0):.0f}; each part alone in its own call: an "
     f"empty call returning zeros of the batch's shapes {r['canvas_jaxloc'].get('call_us', 0):.0f}"

@@ -76,14 +76,33 @@ def _conv3x3_bwd(residuals, g_BxHoxWoxF):
   patches = _patches(x_or_patches) if x_or_patches.ndim == 4 else x_or_patches
   f = kernel.shape[-1]
   d_kernel = (patches.T @ g_BxHoxWoxF.reshape(-1, f)).reshape(kernel.shape)
-  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))  # [3, 3, F, C]
-  g = jnp.pad(g_BxHoxWoxF, ((0, 0), (2, 2), (2, 2), (0, 0)))
-  dims = ("NHWC", "HWIO", "NHWC")
-  d_x = jax.lax.conv_general_dilated(g, flipped, (1, 1), "VALID", dimension_numbers=dims)
-  return d_x, d_kernel
+  return _input_gradient(g_BxHoxWoxF, kernel), d_kernel
 
 
 conv3x3_valid.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+@jax.custom_batching.custom_vmap
+def _input_gradient(g_BxHoxWoxF, kernel_3x3xCxF):
+  """The input's gradient of a 3x3 VALID convolution: XLA's convolution of the output
+  gradient, zero-padded by 2, with the flipped kernel."""
+  flipped = jnp.transpose(kernel_3x3xCxF[::-1, ::-1], (0, 1, 3, 2))  # [3, 3, F, C]
+  g = jnp.pad(g_BxHoxWoxF, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  dims = ("NHWC", "HWIO", "NHWC")
+  return jax.lax.conv_general_dilated(g, flipped, (1, 1), "VALID", dimension_numbers=dims)
+
+
+@_input_gradient.def_vmap
+def _input_gradient_vmap(axis_size, in_batched, g, kernel):
+  """Under vmap (replicas: one kernel per member) one convolution per member, not the
+  grouped convolution JAX's batching would make of it, which XLA:CPU runs several times
+  slower; with one kernel, the members' batches as one batch."""
+  g_batched, kernel_batched = in_batched
+  if not kernel_batched:
+    folded = _input_gradient(g.reshape(-1, *g.shape[2:]), kernel)
+    return folded.reshape(axis_size, -1, *folded.shape[1:]), True
+  g = g if g_batched else jnp.broadcast_to(g, (axis_size, *g.shape))
+  return jnp.stack([_input_gradient(g[i], kernel[i]) for i in range(axis_size)]), True
 
 
 # How Conv3x3 computes per backend (impl = "auto"); backends not listed use "matmul". CPU:

@@ -74,3 +74,25 @@ def test_conv3x3_impls_agree_with_same_padding_and_the_same_parameters():
   outs = {impl: conv.apply({"params": params}, x) for impl, conv in convs.items()}
   assert outs["lax"].shape == (2, 8, 8, 6)
   np.testing.assert_allclose(outs["lax"], outs["matmul"], rtol=1e-5, atol=1e-5)
+
+
+def test_conv3x3_gradient_under_vmap_matches_each_member():
+  """Replicas vmap the step over stacked parameters: the custom gradient's input convolution
+  then has one kernel per member (its own batching rule); with shared parameters, one."""
+  conv = model.Conv3x3(4, impl="matmul")
+  x = jax.random.normal(jax.random.key(0), (3, 2, 7, 6, 2))  # [members, B, H, W, C]
+  keys = jax.random.split(jax.random.key(1), 3)
+  params = jax.vmap(lambda k, x: conv.init(k, x)["params"])(keys, x)
+  loss = lambda p, x: jnp.sum(jnp.sin(conv.apply({"params": p}, x)))
+  grad = jax.grad(loss, argnums=(0, 1))
+  member = lambda i: jax.tree_util.tree_map(lambda a: a[i], params)
+  shared = jax.tree_util.tree_map(lambda a: a[0], params)
+  for stacked, per_member in (
+    (jax.vmap(grad)(params, x), [grad(member(i), x[i]) for i in range(3)]),
+    (jax.vmap(grad, in_axes=(None, 0))(shared, x), [grad(shared, x[i]) for i in range(3)]),
+  ):
+    for i in range(3):
+      for a, b in zip(
+        jax.tree_util.tree_leaves(stacked), jax.tree_util.tree_leaves(per_member[i]), strict=True
+      ):
+        np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-5)
