@@ -262,7 +262,8 @@ def step_profile(steps, config=None):
     step_ms = (time.perf_counter() - t) * 1000 / (calls * n)
     jax.profiler.stop_trace()
     (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
-    events = json.load(gzip.open(path))["traceEvents"]
+    with gzip.open(path) as f:
+      events = json.load(f)["traceEvents"]
   us = collections.Counter()
   for e in events:
     if e.get("ph") == "X" and "hlo_op" in e.get("args", {}):
