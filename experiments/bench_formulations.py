@@ -50,43 +50,20 @@ def conv_formulations(steps):
 
   from jaxloc import model
 
-  def patches(x, ho, wo, how):
-    if how == "slices":
-      cols = [x[:, dy : dy + ho, dx : dx + wo] for dy in range(3) for dx in range(3)]
-      return jnp.concatenate(cols, axis=-1)  # [B, Ho, Wo, 9C] in (dy, dx, c) order
-    rows = jnp.arange(ho)[:, None] + jnp.arange(3)[None, :]
-    cols = jnp.arange(wo)[:, None] + jnp.arange(3)[None, :]
-    return x[:, rows[:, None, :, None], cols[None, :, None, :]]
-
-  def gather_conv(x, kernel):
-    b, h, w, c = x.shape
-    p = patches(x, h - 2, w - 2, "gather").reshape(-1, 9 * c)
-    return (p @ kernel.reshape(9 * c, -1)).reshape(b, h - 2, w - 2, -1)
+  def slice_patches(x, ho, wo):  # [B, Ho, Wo, 9C] in (dy, dx, c) order, as model._patches
+    cols = [x[:, dy : dy + ho, dx : dx + wo] for dy in range(3) for dx in range(3)]
+    return jnp.concatenate(cols, axis=-1)
 
   def xla_conv(x, kernel):
     dims = ("NHWC", "HWIO", "NHWC")
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=dims)
 
-  def with_own_gradient(conv_fn):
-    """`conv_fn` whose input gradient is `conv_fn` of the padded output gradient with the
-    flipped kernel, and whose kernel gradient comes from the gathered patches."""
+  def gather_correlation(g, kernel):  # the input's gradient as `gather` of the padded g
+    flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))  # [3, 3, F, C]
+    return _gather_conv(jnp.pad(g, ((0, 0), (2, 2), (2, 2), (0, 0))), flipped)
 
-    @jax.custom_vjp
-    def conv_with_gradient(x, kernel):
-      return conv_fn(x, kernel)
-
-    def backward(res, g):
-      x, kernel = res
-      b, h, w, c = x.shape
-      p = patches(x, h - 2, w - 2, "gather").reshape(-1, 9 * c)
-      dk = (p.T @ g.reshape(-1, g.shape[-1])).reshape(kernel.shape)
-      flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))  # [3, 3, F, C]
-      return conv_fn(jnp.pad(g, ((0, 0), (2, 2), (2, 2), (0, 0))), flipped), dk
-
-    conv_with_gradient.defvjp(lambda x, kernel: (conv_fn(x, kernel), (x, kernel)), backward)
-    return conv_with_gradient
-
-  vjp_conv, lax_fwd_conv = with_own_gradient(gather_conv), with_own_gradient(xla_conv)
+  vjp_conv = _own_gradient(_gather_conv, gather_correlation)
+  lax_fwd_conv = _own_gradient(xla_conv, model._input_gradient)
 
   def conv(x, kernel, how, first):
     if how == "jaxloc":
@@ -106,8 +83,8 @@ def conv_formulations(steps):
         for dx in range(3)
       ]
       return sum(terms[1:], terms[0])
-    p = patches(x, ho, wo, how).reshape(b * ho * wo, 9 * c)
-    k = kernel.reshape(9 * c, f)
+    p = slice_patches(x, ho, wo) if how == "slices" else model._patches(x)
+    p, k = p.reshape(b * ho * wo, 9 * c), kernel.reshape(9 * c, f)
     if how == "bf16":
       y = jnp.dot(
         p.astype(jnp.bfloat16), k.astype(jnp.bfloat16), preferred_element_type=jnp.float32
@@ -180,6 +157,28 @@ def pools(steps):
   return _alternating_rounds(steps, model, "avg_pool_2x2", ways)
 
 
+def _gather_conv(x, kernel):
+  """One matrix product over the gathered patches, XLA's gradient of it."""
+  from jaxloc import model
+
+  return model._forward(x, kernel, model._patches(x))
+
+
+def _own_gradient(forward, input_gradient):
+  """`forward(x, kernel)` with its own gradient: the input's `input_gradient(g, kernel)`,
+  the kernel's from the patches built again from x (`model._kernel_gradient`)."""
+  import jax
+
+  from jaxloc import model
+
+  conv = jax.custom_vjp(forward)
+  conv.defvjp(
+    lambda x, kernel: (forward(x, kernel), (x, kernel)),
+    lambda res, g: (input_gradient(g, res[1]), model._kernel_gradient(res[0], g, res[1])),
+  )
+  return conv
+
+
 def conv_steps(steps, config=None):
   """Training images/s of the seed model (its whole step, as `train_jaxloc`; or `config`'s)
   with its 3x3 convolutions written each way, in rounds alternating between them (best of
@@ -195,16 +194,13 @@ def conv_steps(steps, config=None):
 
   from jaxloc import model
 
-  def gather(x, kernel):
-    return model._forward(x, kernel, model._patches(x))
-
   def patches_forward(x, kernel):
     patches = model._patches(x)
     return model._forward(x, kernel, patches), (patches, kernel)
 
-  patches_first = jax.custom_vjp(gather)
+  patches_first = jax.custom_vjp(_gather_conv)
   patches_first.defvjp(patches_forward, model._conv3x3_bwd)
-  ways = {"jaxloc": model.conv3x3_valid, "gather": gather, "patches_first": patches_first}
+  ways = {"jaxloc": model.conv3x3_valid, "gather": _gather_conv, "patches_first": patches_first}
   return _alternating_rounds(steps, model, "conv3x3_valid", ways, config)
 
 

@@ -73,10 +73,15 @@ def _conv3x3_fwd(x, kernel):
 
 def _conv3x3_bwd(residuals, g_BxHoxWoxF):
   x_or_patches, kernel = residuals
+  return _input_gradient(g_BxHoxWoxF, kernel), _kernel_gradient(x_or_patches, g_BxHoxWoxF, kernel)
+
+
+def _kernel_gradient(x_or_patches, g_BxHoxWoxF, kernel_3x3xCxF):
+  """The kernel's gradient of a 3x3 VALID convolution: patches^T x output gradient, from
+  the patches, or from the input [B,H,W,C] they are built from."""
   patches = _patches(x_or_patches) if x_or_patches.ndim == 4 else x_or_patches
-  f = kernel.shape[-1]
-  d_kernel = (patches.T @ g_BxHoxWoxF.reshape(-1, f)).reshape(kernel.shape)
-  return _input_gradient(g_BxHoxWoxF, kernel), d_kernel
+  f = kernel_3x3xCxF.shape[-1]
+  return (patches.T @ g_BxHoxWoxF.reshape(-1, f)).reshape(kernel_3x3xCxF.shape)
 
 
 conv3x3_valid.defvjp(_conv3x3_fwd, _conv3x3_bwd)

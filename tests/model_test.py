@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxloc import model
+from jaxloc import model, parallel
 
 
 def test_parameter_count_matches_keras_summary():
@@ -85,10 +85,9 @@ def test_conv3x3_gradient_under_vmap_matches_each_member():
   params = jax.vmap(lambda k, x: conv.init(k, x)["params"])(keys, x)
   loss = lambda p, x: jnp.sum(jnp.sin(conv.apply({"params": p}, x)))
   grad = jax.grad(loss, argnums=(0, 1))
-  member = lambda i: jax.tree_util.tree_map(lambda a: a[i], params)
-  shared = jax.tree_util.tree_map(lambda a: a[0], params)
+  shared = parallel.member(params, 0)
   for stacked, per_member in (
-    (jax.vmap(grad)(params, x), [grad(member(i), x[i]) for i in range(3)]),
+    (jax.vmap(grad)(params, x), [grad(parallel.member(params, i), x[i]) for i in range(3)]),
     (jax.vmap(grad, in_axes=(None, 0))(shared, x), [grad(shared, x[i]) for i in range(3)]),
   ):
     for i in range(3):
