@@ -18,7 +18,7 @@ FORMULATIONS = (
   "lax_fwd",
 )
 POOLS = ("reshape", "window", "slices")
-STEP_CONVS = ("jaxloc", "gather", "patches_first")
+STEP_CONVS = ("jaxloc", "gather", "patches_first", "first_grad_gather")
 
 
 def conv_formulations(steps):
@@ -27,8 +27,10 @@ def conv_formulations(steps):
   choice can be re-checked on the next CPU. The parameters are the same in all.
 
     jaxloc     `model.conv3x3_valid`: `gather`'s forward (9 multiply-adds when one input
-               channel), its own gradient: the kernel's from the kept patches, the input's
-               as XLA's convolution of the padded output gradient with the flipped kernel
+               channel), its own gradient: the kernel's from the kept patches (one input
+               channel: the kernel's and the bias' as one product of the 9 shifted input
+               planes and a row of ones), the input's as XLA's convolution of the padded
+               output gradient with the flipped kernel
     gather     one gather builds all patches, one matrix product, XLA's gradient of it
                (jaxloc's Conv3x3 until 2026-11-30; the input's gradient is a scatter-add)
     slices     the patches from 9 slices + concatenate, one matrix product
@@ -65,9 +67,12 @@ def conv_formulations(steps):
   vjp_conv = _own_gradient(_gather_conv, gather_correlation)
   lax_fwd_conv = _own_gradient(xla_conv, model._input_gradient)
 
-  def conv(x, kernel, how, first):
+  def conv(x, kernel, bias, how, first):
     if how == "jaxloc":
-      return model.conv3x3_valid(x, kernel)
+      return model.conv3x3_valid(x, kernel, bias)
+    return conv_no_bias(x, kernel, how, first) + bias
+
+  def conv_no_bias(x, kernel, how, first):
     if how in ("vjp", "lax_fwd"):
       return (vjp_conv if how == "vjp" else lax_fwd_conv)(x, kernel)
     b, h, w, c = x.shape
@@ -101,7 +106,7 @@ def conv_formulations(steps):
       for i, f in enumerate((16, 32, 64)):
         kernel = self.param(f"k{i}", model.KERAS_INIT, (3, 3, x.shape[-1], f))
         bias = self.param(f"b{i}", nn.initializers.zeros_init(), (f,))
-        y = conv(x, kernel, self.how, i == 0) + bias
+        y = conv(x, kernel, bias, self.how, i == 0)
         x = model.avg_pool_2x2(nn.relu(y))
       x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
       return {"logits": nn.Dense(10)(x), "box": nn.Dense(4)(x)}
@@ -174,7 +179,7 @@ def _own_gradient(forward, input_gradient):
   conv = jax.custom_vjp(forward)
   conv.defvjp(
     lambda x, kernel: (forward(x, kernel), (x, kernel)),
-    lambda res, g: (input_gradient(g, res[1]), model._kernel_gradient(res[0], g, res[1])),
+    lambda res, g: (input_gradient(g, res[1]), model._kernel_gradient(res[0], g, res[1])[0]),
   )
   return conv
 
@@ -187,6 +192,11 @@ def conv_steps(steps, config=None):
     jaxloc         `model.conv3x3_valid` (see `conv_formulations`)
     gather         one matrix product over gathered patches, XLA's gradient of it
                    (jaxloc's until 2026-11-30)
+    first_grad_gather
+                   `jaxloc` with the 1-channel first conv's kernel gradient from its gathered
+                   [N, 9] patches and its bias gradient a sum apart (jaxloc's until
+                   2026-12-01; now one [10, N] x [N, F] product of the 9 shifted input
+                   planes and a row of ones)
     patches_first  `jaxloc` with the 1-channel first conv as a matrix product over its
                    patches (inner dimension 9) instead of 9 multiply-adds
   """
@@ -194,13 +204,29 @@ def conv_steps(steps, config=None):
 
   from jaxloc import model
 
-  def patches_forward(x, kernel):
+  def patches_forward(x, kernel, bias):
     patches = model._patches(x)
-    return model._forward(x, kernel, patches), (patches, kernel)
+    return model._forward(x, kernel, patches) + bias, (patches, kernel)
 
-  patches_first = jax.custom_vjp(_gather_conv)
+  patches_first = jax.custom_vjp(lambda x, kernel, bias: patches_forward(x, kernel, bias)[0])
   patches_first.defvjp(patches_forward, model._conv3x3_bwd)
-  ways = {"jaxloc": model.conv3x3_valid, "gather": _gather_conv, "patches_first": patches_first}
+
+  def first_grad_gather_bwd(residuals, g):
+    x_or_patches, kernel = residuals
+    if x_or_patches.ndim == 2:
+      return model._conv3x3_bwd(residuals, g)
+    flat = g.reshape(-1, kernel.shape[-1])
+    kernel_grad = (model._patches(x_or_patches).T @ flat).reshape(kernel.shape)
+    return model._input_gradient(g, kernel), kernel_grad, flat.sum(axis=0)
+
+  first_grad_gather = jax.custom_vjp(model.conv3x3_valid.fun)
+  first_grad_gather.defvjp(model._conv3x3_fwd, first_grad_gather_bwd)
+  ways = {
+    "jaxloc": model.conv3x3_valid,
+    "gather": lambda x, kernel, bias: _gather_conv(x, kernel) + bias,
+    "patches_first": patches_first,
+    "first_grad_gather": first_grad_gather,
+  }
   return _alternating_rounds(steps, model, "conv3x3_valid", ways, config)
 
 

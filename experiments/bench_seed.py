@@ -3,6 +3,7 @@ jaxloc's canvas synthesis and training step against the seed's tf.data pipeline 
 model on the same digits, the machine's matmul bound, and a profile of the step."""
 
 import functools
+import os
 import time
 
 from absl import flags
@@ -216,7 +217,12 @@ def keras_model():
 
 
 def train_keras(steps):
+  """Training images/s of the seed's Keras model under model.fit, with TensorFlow's default
+  for this CPU: on Linux its oneDNN kernels only where the CPU has AVX512_VNNI, AVX512_BF16,
+  AVX_VNNI or AMX (AVX-512 machines such as AMD Zen 4), its Eigen kernels elsewhere
+  (`onednn` in the figures says which ran)."""
   import keras
+  from tensorflow.python.util import _pywrap_util_port
 
   model = keras_model()
   assert model.count_params() == 426_638
@@ -231,7 +237,24 @@ def train_keras(steps):
       times.append(time.perf_counter() - self.t)
 
   model.fit(ds, epochs=2, steps_per_epoch=steps, verbose=0, callbacks=[Timer()])
-  return {"images_per_s": steps * BATCH / times[1], "first_epoch_s": times[0]}
+  return {
+    "images_per_s": steps * BATCH / times[1],
+    "first_epoch_s": times[0],
+    "onednn": bool(_pywrap_util_port.IsMklEnabled()),
+  }
+
+
+def train_keras_onednn(steps):
+  """`train_keras` with TensorFlow's oneDNN kernels on (TF_ENABLE_ONEDNN_OPTS=1), as
+  TensorFlow runs by default on AVX-512 machines: on an AVX2 CPU, the path an AVX-512
+  machine takes, with this CPU's instructions. Needs a process that has not yet imported
+  TensorFlow (each benchmark part runs in its own)."""
+  import sys
+
+  if "tensorflow" in sys.modules:
+    raise RuntimeError("train_keras_onednn must run before TensorFlow is imported")
+  os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+  return train_keras(steps)
 
 
 def matmul(steps):

@@ -11,7 +11,9 @@ own) on the same MNIST training digits, batch 64, canvas 75:
                   random offsets) -> shuffle(5000) -> batch(64) -> prefetch
   train_jaxloc    training images/s, steady state (compile time reported apart), with the
                   backend's default steps per call; train_jaxloc_1: one step per call
-  train_keras     training images/s of the seed's Keras model under model.fit on that pipeline
+  train_keras     training images/s of the seed's Keras model under model.fit on that pipeline,
+                  TensorFlow's default kernels for this CPU (oneDNN only where it has
+                  AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX); train_keras_onednn: oneDNN on
   matmul          float32 GFLOP/s of a 2048x2048 matmul: the machine's FLOP bound
   train_multi_dense, train_multi_slots
                   training images/s of case 4 (`multi`, 128x128 scenes) with the dense
@@ -42,12 +44,16 @@ own) on the same MNIST training digits, batch 64, canvas 75:
                   eval_batch_size (500, 250, 100, 50)
 
 Rows that need TensorFlow are skipped (and the table says so) without the [tfds] extra.
-Prints a markdown table; --out writes all figures as JSON.
+Prints a markdown table; --out writes all figures as JSON. With --rounds=N the parts run N
+times in turn (so a drift in this machine's speed reaches each alike): each figure is the
+median of the rounds, each round's figures are kept, and jaxloc's training speed is divided
+by Keras' round by round. The CPU (model, family, AVX flags) is printed and kept with them.
 """
 
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 
@@ -64,6 +70,9 @@ _STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", -1, "jaxloc steps per c
 _PARTS = flags.DEFINE_list("parts", None, "Run only these measurements (default: all).")
 _DATA = flags.DEFINE_string("data", None, "read_dataset: the dataset folder to read.")
 _REPLICAS = flags.DEFINE_integer("replicas", 4, "replicas, replicas_multi: members per program.")
+_ROUNDS = flags.DEFINE_integer(
+  "rounds", 1, "Run the parts this many times in turn; figures: the median of the rounds."
+)
 
 PARTS = (
   "canvas_jaxloc",
@@ -71,6 +80,7 @@ PARTS = (
   "train_jaxloc",
   "train_jaxloc_1",
   "train_keras",
+  "train_keras_onednn",
   "matmul",
   "profile",
   "conv_formulations",
@@ -135,6 +145,11 @@ def _table(r: dict) -> str:
     x, y = r[a].get(key), r[b].get(key)
     return f"{x / y:.2f}x" if x and y else "n/a"
 
+  c = r["machine"]["cpu"]
+  cpu_name = (
+    f"{c.get('model_name')}, family {c.get('family')} model {c.get('model')}, "
+    f"flags {', '.join(c.get('flags', []))}"
+  )
   bound = r["matmul"].get("gflops", 0) * 1e9 / bench_seed.train_flops_per_image()
   share = r["train_jaxloc"].get("images_per_s", 0) / bound if bound else 0
   rows = [
@@ -146,6 +161,10 @@ def _table(r: dict) -> str:
     f"| training images/s, batch 64 | {fig('train_jaxloc', 'images_per_s')} | "
     f"{fig('train_keras', 'images_per_s')} | "
     f"{ratio('train_jaxloc', 'train_keras', 'images_per_s')} |",
+    f"| training images/s, batch 64, Keras with oneDNN on (TensorFlow's default on AVX-512 "
+    f"CPUs) | {fig('train_jaxloc', 'images_per_s')} | "
+    f"{fig('train_keras_onednn', 'images_per_s')} | "
+    f"{ratio('train_jaxloc', 'train_keras_onednn', 'images_per_s')} |",
     f"| peak RSS of training, MB | {fig('train_jaxloc', 'peak_rss_mb')} | "
     f"{fig('train_keras', 'peak_rss_mb')} | "
     f"{ratio('train_jaxloc', 'train_keras', 'peak_rss_mb')} |",
@@ -195,7 +214,8 @@ def _table(r: dict) -> str:
     f"{bound:,.0f} images/s; "
     f"jaxloc reaches {share:.0%} of it "
     f"({r['train_jaxloc'].get('backend', '?')}, steps_per_call="
-    f"{r['train_jaxloc'].get('steps_per_call', '?')}).",
+    f"{r['train_jaxloc'].get('steps_per_call', '?')}). CPU: {cpu_name}"
+    f"; Keras' default ran oneDNN: {r['train_keras'].get('onednn', '?')}.",
     "",
     "Profile, ms per batch of 64 (forward / forward+backward): "
     + ", ".join(
@@ -250,25 +270,94 @@ def _table(r: dict) -> str:
   return "\n".join(rows)
 
 
+def cpu() -> dict:
+  """This machine's CPU as Linux reports it: model name, family and model, and which of the
+  vector instruction sets that decide the speed of XLA's and TensorFlow's kernels it has."""
+  info = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+  except OSError:
+    return {"model_name": "unknown (no /proc/cpuinfo)"}
+  flags_ = set(info.get("flags", "").split())
+  wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
+  return {
+    "model_name": info.get("model name", "?"),
+    "family": info.get("cpu family", "?"),
+    "model": info.get("model", "?"),
+    "flags": [f for f in wanted if f in flags_],
+  }
+
+
+def _median_of(rounds: list[dict]) -> dict:
+  """One part's figures over rounds: each number the median of the rounds that have it."""
+  if len(rounds) == 1:
+    return rounds[0]
+  merged = {}
+  for r in rounds:
+    for key, value in r.items():
+      merged.setdefault(key, []).append(value)
+  out = {
+    key: statistics.median(values)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    else values[0]
+    for key, values in merged.items()
+  }
+  return {**out, "rounds": rounds}
+
+
+def _ratios(runs: dict) -> dict:
+  """jaxloc's training images/s over each Keras setting's, round by round, and the median."""
+  out = {}
+  for keras in ("train_keras", "train_keras_onednn"):
+    if "train_jaxloc" in runs and keras in runs:
+      per_round = [
+        j["images_per_s"] / k["images_per_s"]
+        for j, k in zip(runs["train_jaxloc"], runs[keras], strict=True)
+        if j.get("images_per_s") and k.get("images_per_s")
+      ]
+      if per_round:
+        out[f"jaxloc_vs_{keras}"] = {"rounds": per_round, "median": statistics.median(per_round)}
+  return out
+
+
 def main(argv):
   del argv
   if _PART.value:
     print(json.dumps(_run_part(_PART.value, _STEPS.value)))
     return
-  results = {name: {"skipped": "not run (--parts)"} for name in PARTS}
-  for name in _PARTS.value or PARTS:
+  names = _PARTS.value or PARTS
+  for name in names:
     if name not in PARTS:
       raise UserError(f"unknown part {name!r}; choose from {', '.join(PARTS)}")
-    results[name] = _subprocess(name)
-    print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
+  if _ROUNDS.value < 1:
+    raise UserError(f"--rounds={_ROUNDS.value}: give 1 or more")
+  print(f"cpu: {json.dumps(cpu())}", file=sys.stderr, flush=True)
+  runs = {name: [] for name in names}
+  for _ in range(_ROUNDS.value):
+    for name in names:  # in turn, round by round
+      runs[name].append(_subprocess(name))
+      print(f"{name}: {runs[name][-1]}", file=sys.stderr, flush=True)
+  results = {name: {"skipped": "not run (--parts)"} for name in PARTS}
+  results.update({name: _median_of(r) for name, r in runs.items()})
+  results["ratios"] = _ratios(runs)
   results["machine"] = {
     "cpus": os.cpu_count(),
+    "cpu": cpu(),
     "python": sys.version.split()[0],
     "steps": _STEPS.value,
+    "rounds": _ROUNDS.value,
   }
+  print(f"cpu: {json.dumps(results['machine']['cpu'])}")
   if _PARTS.value:  # a subset: its figures only (the table needs every part)
     for name in _PARTS.value:
       print(f"{name}: {json.dumps(results[name])}")
+    for name, r in results["ratios"].items():
+      print(
+        f"{name}: " + ", ".join(f"{x:.2f}x" for x in r["rounds"]) + f"; median {r['median']:.2f}x"
+      )
   else:
     print(_table(results))
   if _OUT.value:

@@ -55,33 +55,45 @@ def _forward(x_BxHxWxC, kernel_3x3xCxF, patches):
 
 
 @jax.custom_vjp
-def conv3x3_valid(x_BxHxWxC: jax.Array, kernel_3x3xCxF: jax.Array) -> jax.Array:
-  """3x3 VALID convolution, stride 1, no bias: [B,H,W,C] -> [B,H-2,W-2,F], written for
+def conv3x3_valid(x_BxHxWxC: jax.Array, kernel_3x3xCxF: jax.Array, bias_F: jax.Array) -> jax.Array:
+  """3x3 VALID convolution, stride 1, plus bias: [B,H,W,C] -> [B,H-2,W-2,F], written for
   XLA:CPU. Forward: one matrix product over the 3x3 patches (9 multiply-adds when C = 1).
   Gradient: the kernel's, the patches^T x output-gradient matrix product; the input's, XLA's
   convolution of the output gradient (zero-padded by 2) with the flipped kernel, which
   XLA:CPU runs fast (its kernel gradient is the slow part), instead of the scatter-add that
-  is the transpose of the patch gather."""
-  return _conv3x3_fwd(x_BxHxWxC, kernel_3x3xCxF)[0]
+  is the transpose of the patch gather. When C = 1 the kernel's and the bias' gradients are
+  one product: the 9 shifted input planes and a row of ones, [10, N] x [N, F]."""
+  return _conv3x3_fwd(x_BxHxWxC, kernel_3x3xCxF, bias_F)[0]
 
 
-def _conv3x3_fwd(x, kernel):
+def _conv3x3_fwd(x, kernel, bias):
   patches = None if x.shape[-1] == 1 else _patches(x)
   # The kernel's gradient needs the patches: kept, or built again from x when C = 1.
-  return _forward(x, kernel, patches), (x if patches is None else patches, kernel)
+  y = _forward(x, kernel, patches) + bias[None, None, None, :]
+  return y, (x if patches is None else patches, kernel)
 
 
 def _conv3x3_bwd(residuals, g_BxHoxWoxF):
   x_or_patches, kernel = residuals
-  return _input_gradient(g_BxHoxWoxF, kernel), _kernel_gradient(x_or_patches, g_BxHoxWoxF, kernel)
+  kernel_grad, bias_grad = _kernel_gradient(x_or_patches, g_BxHoxWoxF, kernel)
+  return _input_gradient(g_BxHoxWoxF, kernel), kernel_grad, bias_grad
 
 
 def _kernel_gradient(x_or_patches, g_BxHoxWoxF, kernel_3x3xCxF):
-  """The kernel's gradient of a 3x3 VALID convolution: patches^T x output gradient, from
-  the patches, or from the input [B,H,W,C] they are built from."""
-  patches = _patches(x_or_patches) if x_or_patches.ndim == 4 else x_or_patches
+  """The kernel's and the bias' gradients of a 3x3 VALID convolution: patches^T x output
+  gradient and the output gradient's sum, from the patches [N, 9C], or from the 1-channel
+  input [B,H,W,1] as one product of its 9 shifted planes and a row of ones (no [N, 9]
+  patch tensor, whose rows of 9 XLA:CPU writes slowly)."""
   f = kernel_3x3xCxF.shape[-1]
-  return (patches.T @ g_BxHoxWoxF.reshape(-1, f)).reshape(kernel_3x3xCxF.shape)
+  g = g_BxHoxWoxF.reshape(-1, f)
+  if x_or_patches.ndim == 2:
+    return (x_or_patches.T @ g).reshape(kernel_3x3xCxF.shape), g.sum(axis=0)
+  x = x_or_patches[..., 0]
+  ho, wo = x.shape[1] - 2, x.shape[2] - 2
+  planes = [x[:, dy : dy + ho, dx : dx + wo] for dy in range(3) for dx in range(3)]
+  rows = jnp.stack([*planes, jnp.ones_like(planes[0])]).reshape(10, -1)  # [10, N]
+  both = rows @ g
+  return both[:9].reshape(kernel_3x3xCxF.shape), both[9]
 
 
 conv3x3_valid.defvjp(_conv3x3_fwd, _conv3x3_bwd)
@@ -138,9 +150,8 @@ class Conv3x3(nn.Module):
     if impl == "lax":
       dims = ("NHWC", "HWIO", "NHWC")
       y = jax.lax.conv_general_dilated(x_BxHxWxC, kernel, (1, 1), "VALID", dimension_numbers=dims)
-    else:  # VALID padding: 75 -> 73, as in the reference model summary
-      y = conv3x3_valid(x_BxHxWxC, kernel)
-    return y + bias[None, None, None, :]
+      return y + bias[None, None, None, :]
+    return conv3x3_valid(x_BxHxWxC, kernel, bias)  # VALID: 75 -> 73, as the reference model
 
 
 def _backbone(x, conv_features: Sequence[int], dense_features: int) -> jax.Array:

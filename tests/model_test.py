@@ -76,11 +76,12 @@ def test_conv3x3_impls_agree_with_same_padding_and_the_same_parameters():
   np.testing.assert_allclose(outs["lax"], outs["matmul"], rtol=1e-5, atol=1e-5)
 
 
-def test_conv3x3_gradient_under_vmap_matches_each_member():
+@pytest.mark.parametrize("channels", [1, 2])  # 1: kernel and bias gradients as one product
+def test_conv3x3_gradient_under_vmap_matches_each_member(channels):
   """Replicas vmap the step over stacked parameters: the custom gradient's input convolution
   then has one kernel per member (its own batching rule); with shared parameters, one."""
   conv = model.Conv3x3(4, impl="matmul")
-  x = jax.random.normal(jax.random.key(0), (3, 2, 7, 6, 2))  # [members, B, H, W, C]
+  x = jax.random.normal(jax.random.key(0), (3, 2, 7, 6, channels))  # [members, B, H, W, C]
   keys = jax.random.split(jax.random.key(1), 3)
   params = jax.vmap(lambda k, x: conv.init(k, x)["params"])(keys, x)
   loss = lambda p, x: jnp.sum(jnp.sin(conv.apply({"params": p}, x)))

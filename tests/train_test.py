@@ -146,6 +146,7 @@ def test_command_line_flag_errors(override, match, tmp_path):
     ("experiments.run_cases", ["--set=batch_size"], "expected field=value with an existing"),
     ("experiments.run_cases", ["--set=dense.context_features=7"], "Could not override field"),
     ("experiments.benchmark", ["--parts=nope"], "unknown part 'nope'; choose from"),
+    ("experiments.benchmark", ["--parts=matmul", "--rounds=0"], "--rounds=0: give 1 or more"),
   ],
 )
 def test_experiment_script_errors(module, args, match, tmp_path):
