@@ -68,7 +68,7 @@ def conv3x3_valid(x_BxHxWxC: jax.Array, kernel_3x3xCxF: jax.Array, bias_F: jax.A
 
 def _conv3x3_fwd(x, kernel, bias):
   patches = None if x.shape[-1] == 1 else _patches(x)
-  # The kernel's gradient needs the patches: kept, or built again from x when C = 1.
+  # The kernel's gradient needs the patches: kept, or (C = 1) x's 9 shifted planes.
   y = _forward(x, kernel, patches) + bias[None, None, None, :]
   return y, (x if patches is None else patches, kernel)
 
