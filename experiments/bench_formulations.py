@@ -211,13 +211,11 @@ def conv_steps(steps, config=None):
   patches_first = jax.custom_vjp(lambda x, kernel, bias: patches_forward(x, kernel, bias)[0])
   patches_first.defvjp(patches_forward, model._conv3x3_bwd)
 
-  def first_grad_gather_bwd(residuals, g):
+  def first_grad_gather_bwd(residuals, g):  # the first conv's gradients from its [N, 9] patches
     x_or_patches, kernel = residuals
-    if x_or_patches.ndim == 2:
-      return model._conv3x3_bwd(residuals, g)
-    flat = g.reshape(-1, kernel.shape[-1])
-    kernel_grad = (model._patches(x_or_patches).T @ flat).reshape(kernel.shape)
-    return model._input_gradient(g, kernel), kernel_grad, flat.sum(axis=0)
+    if x_or_patches.ndim == 4:
+      residuals = (model._patches(x_or_patches), kernel)
+    return model._conv3x3_bwd(residuals, g)
 
   first_grad_gather = jax.custom_vjp(model.conv3x3_valid.fun)
   first_grad_gather.defvjp(model._conv3x3_fwd, first_grad_gather_bwd)
