@@ -17,7 +17,8 @@ import os
 from absl import flags
 
 from experiments import cli
-from jaxloc import console, inference, parallel, tasks, workdir
+from jaxloc import configs, console, inference, loaders, parallel, tasks, workdir
+from jaxloc import spec as specs
 from jaxloc.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
@@ -32,16 +33,16 @@ def main(argv):
   work_dir = _WORKDIR.value
   print(console.devices_line())
   predictor = inference.Predictor.from_workdir(work_dir)
-  config = predictor.config
+  spec = predictor.spec
   if _MNIST_DIR.value:
-    config.mnist_dir = _MNIST_DIR.value
+    spec = specs.replace(spec, data={"mnist_dir": _MNIST_DIR.value})
   mesh = parallel.data_mesh()
   if _DATA.value:
-    out_dir, val = _on_dataset(config, _DATA.value)
+    out_dir, spec, val = _on_dataset(spec, _DATA.value)
   else:
-    out_dir, val = work_dir, tasks.load_data(config)[2]
+    out_dir, val = work_dir, loaders.load(spec)[2]
   val = parallel.replicate(val, mesh)
-  task = tasks.build(config)
+  task = tasks.build(spec)
   summary, per = task.make_evaluator(task.model.apply, mesh)(predictor.params, val)
   path = lambda name: os.path.join(work_dir, name)
   with workdir.lock(work_dir):
@@ -60,15 +61,16 @@ def main(argv):
   print(f"wrote metrics.json and the plots in {out_dir}")
 
 
-def _on_dataset(config, data_path: str):
-  """(DIR/eval-<name>, the dataset as the validation set); config now scores all of it."""
-  if not config.get("scene"):
+def _on_dataset(spec, data_path: str):
+  """(DIR/eval-<name>, the spec that scores all of the dataset, the dataset as the
+  validation set), through the checks of a run's config."""
+  if spec.scene is None:
     raise UserError("--data needs a scene run (detections); the seed's digit task has no scenes")
-  val = tasks.load_set(data_path, config)
-  config.data.val_path = data_path
-  config.num_val = len(val["images"])
+  val = loaders.load_set(data_path, spec)
+  spec = specs.replace(spec, data={"val_path": data_path, "num_val": len(val["images"])})
+  spec = configs.read(spec.fields)
   name = os.path.splitext(os.path.basename(os.path.normpath(data_path)))[0]
-  return os.path.join(_WORKDIR.value, f"eval-{name}"), val
+  return os.path.join(_WORKDIR.value, f"eval-{name}"), spec, val
 
 
 if __name__ == "__main__":

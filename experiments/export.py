@@ -18,7 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
-from jaxloc import datasets, tasks
+from jaxloc import configs, datasets, loaders
 from jaxloc.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A scene config file.")
@@ -32,16 +32,15 @@ flags.mark_flags_as_required(["config", "out"])
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = _CONFIG.value
-  if not config.get("scene"):
+  spec = configs.read(_CONFIG.value)
+  if spec.scene is None:
     raise UserError(
       "--config must be a scene config (with config.scene); the seed's digit task has no scenes"
     )
-  tasks.check_config(config)
   if _NUM.value < 1:
     raise UserError(f"--num={_NUM.value} must be positive")
-  seed = config.val_seed if _SEED.value is None else _SEED.value
-  data = tasks.export_scenes(config, _NUM.value, _SPLIT.value, seed)
+  seed = spec.data.val_seed if _SEED.value is None else _SEED.value
+  data = loaders.export_scenes(spec, _NUM.value, _SPLIT.value, seed)
   datasets.write(_OUT.value, data)
   print(
     f"wrote {_NUM.value} scenes ({int(data.valid.sum())} digits, {_SPLIT.value} digits, seed "

@@ -26,25 +26,25 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   predictor = inference.Predictor.from_workdir(_WORKDIR.value)
-  config = predictor.config
+  spec = predictor.spec
   digits, labels = images.font_digits()
   digits, labels = np.repeat(digits, _PER_DIGIT.value, 0), np.repeat(labels, _PER_DIGIT.value)
   val = {
     "digits": jax.numpy.asarray(digits),
     "labels": jax.numpy.asarray(labels),
     "xy": canvas.validation_offsets(
-      jax.random.key(config.val_seed), len(labels), config.canvas_size
+      jax.random.key(spec.data.val_seed), len(labels), spec.data.canvas_size
     ),
   }
-  net = tasks.build(config).model
+  net = tasks.build(spec).model
   summary, per = evaluation.evaluate(
-    net.apply, predictor.params, val, canvas_size=config.canvas_size, batch_size=len(labels)
+    net.apply, predictor.params, val, canvas_size=spec.data.canvas_size, batch_size=len(labels)
   )
   summary["num_font_digits"] = len(labels) // _PER_DIGIT.value
   workdir.write_json(os.path.join(_WORKDIR.value, "font_digits.json"), summary)
   pick = np.arange(0, len(labels), _PER_DIGIT.value)[::3][:16]
   rendered = canvas.render(
-    val["digits"][pick], val["labels"][pick], val["xy"][pick], canvas_size=config.canvas_size
+    val["digits"][pick], val["labels"][pick], val["xy"][pick], canvas_size=spec.data.canvas_size
   )
   plots.plot_predictions(
     np.asarray(rendered["image"][..., 0]),

@@ -83,12 +83,11 @@ def main(argv):
   if _NUM.value < 1:
     raise UserError(f"--num={_NUM.value} must be positive")
   predictor = inference.Predictor.from_workdir(_WORKDIR.value)
-  if predictor.canvas_size != generator.CANVAS or not predictor.config.get("scene"):
+  if predictor.canvas_size != generator.CANVAS or predictor.spec.scene is None:
     raise UserError(
       f"{_WORKDIR.value} is not a scene run on {generator.CANVAS}x{generator.CANVAS} canvases"
     )
-  config = predictor.config
-  digits, labels = mnist.load("test", mnist_dir=config.mnist_dir or None)
+  digits, labels = mnist.load("test", mnist_dir=predictor.spec.data.mnist_dir or None)
   rng = np.random.default_rng(_SEED.value)
   images, targets = generator.make_scenes(
     rng, digits, labels, _NUM.value, _MIN_COUNT.value, _MAX_COUNT.value

@@ -21,7 +21,7 @@ import jax
 from absl import flags
 
 from experiments import cli
-from jaxloc import tasks, train, workdir
+from jaxloc import configs, train, workdir
 from jaxloc.errors import UserError
 
 CASES = ("single", "presence", "digit128", "multi", "detect")  # the default table
@@ -31,7 +31,9 @@ _STEPS = flags.DEFINE_integer("steps", 400, "Training steps per case (batch 64).
 _NUM_VAL = flags.DEFINE_integer("num_val", 2000, "Validation canvases per case.")
 _CASES = flags.DEFINE_list("cases", list(CASES), "Which cases to run.")
 _STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", -1, "Steps per call (-1: per backend).")
-_HEAD = flags.DEFINE_enum("head", None, list(tasks.HEADS), "Detector of every case (default: own).")
+_HEAD = flags.DEFINE_enum(
+  "head", None, list(configs.HEADS), "Detector of every case (default: own)."
+)
 _SET = flags.DEFINE_multi_string("set", [], "Config override for every case: field=value.")
 
 
@@ -96,7 +98,7 @@ def main(argv):
     config.head = _HEAD.value or config.head
     _override(config, _SET.value)
     t = time.perf_counter()
-    final = train.train_and_evaluate(config, os.path.join(_ROOT.value, name))
+    final = train.train_and_evaluate(configs.read(config), os.path.join(_ROOT.value, name))
     wall = time.perf_counter() - t
     rows.append(_row(name, config.head, final, wall))
     print(rows[-1], flush=True)

@@ -9,7 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
-from jaxloc import train
+from jaxloc import configs, train
 from jaxloc.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -51,10 +51,11 @@ def _start_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  _start_distributed()
+  _start_distributed()  # before anything initialises JAX's backend
+  spec = configs.read(_CONFIG.value)
   if jax.process_index() == 0:
     print(f"config {flags.FLAGS['config'].config_filename} -> workdir {_WORKDIR.value}")
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
+  train.train_and_evaluate(spec, _WORKDIR.value, fresh=_FRESH.value)
 
 
 if __name__ == "__main__":

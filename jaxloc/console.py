@@ -53,21 +53,21 @@ def devices_line() -> str:
   )
 
 
-def start_lines(
-  config, n_params: int, steps_per_call: int, resume_step: int | None, replica_mode=None
-) -> list[str]:
-  total = config.epochs * config.steps_per_epoch
+def start_lines(spec, n_params: int, resume_step: int | None, replica_mode=None) -> list[str]:
+  """What the run is about to do: devices, parameters, new or resumed, its steps."""
+  sched, reps = spec.schedule, spec.replicas
   where = f"resuming at step {resume_step}" if resume_step is not None else "new run"
   if replica_mode:
-    last = config.seed + config.replicas - 1
-    where += f"; {config.replicas} replicas (seeds {config.seed}..{last}, {replica_mode})"
-    if config.get("vary"):
-      where += f", varying {config.vary}"
+    last = spec.seed + reps.count - 1
+    where += f"; {reps.count} replicas (seeds {spec.seed}..{last}, {replica_mode})"
+    if reps.varied:
+      where += f", varying {spec.fields['vary']}"
   return [
     devices_line(),
     f"model: {n_params:,} parameters; {where}",
-    f"training: {config.epochs} epochs x {config.steps_per_epoch} steps of batch "
-    f"{config.batch_size} = {total:,} steps, {steps_per_call} per compiled call",
+    f"training: {sched.epochs} epochs x {sched.steps_per_epoch} steps of batch "
+    f"{spec.data.batch_size} = {sched.total_steps:,} steps, {sched.steps_per_call} per "
+    "compiled call",
   ]
 
 

@@ -11,9 +11,9 @@ same box in pixels of the canvas. The model is jitted once per batch shape.
 A scene model (the presence / count / detection cases) answers with detections
 shaped [N,T,...]: `box`, `box_px`, `label`, `score`, and `keep` (the detections that
 are its answer), plus the cases' answers `count` [N] (detections kept) and `presence`
-[N] (count > 0). The dense detector (`config.head = "dense"`) gives its top-k
-detections (T = `config.dense.top_k`, sorted by score; `keep` = score >=
-`config.dense.score_threshold`); the slot detector gives its K slots (`keep` = the
+[N] (count > 0). The dense detector (`DenseHead`) gives its top-k
+detections (T = its `top_k`, sorted by score; `keep` = score >=
+its `score_threshold`); the slot detector gives its K slots (`keep` = the
 `count` slots of highest `objectness`; also `count_probs`, `objectness`, `probs`).
 The answers come from `jaxloc.metrics` (`digit_answers`, `dense_answers`,
 `slot_answers`), the same functions the evaluator uses.
@@ -23,20 +23,20 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import serialization
 
-from jaxloc import boxes, model, tasks, workdir
+from jaxloc import boxes, configs, model, tasks, workdir
 from jaxloc.errors import UserError
+from jaxloc.spec import Spec
 
 
-def load_params(work_dir: str, config):
-  """The trained parameters of a workdir (params.msgpack), checked against the config."""
+def load_params(work_dir: str, spec: Spec):
+  """The trained parameters of a workdir (params.msgpack), checked against its spec."""
   path = os.path.join(work_dir, workdir.PARAMS)
   if not os.path.exists(path):
     raise UserError(f"{path} not found: the run in {work_dir!r} has not finished training")
-  like = model.init_params(jax.random.key(0), tasks.build(config).model, config.canvas_size)
+  like = model.init_params(jax.random.key(0), tasks.build(spec).model, spec.data.canvas_size)
   with open(path, "rb") as f:
     data = f.read()
   try:
@@ -54,13 +54,14 @@ def load_params(work_dir: str, config):
   return params
 
 
-def load_config(work_dir: str) -> ml_collections.ConfigDict:
+def load_spec(work_dir: str) -> Spec:
+  """The checked spec of a workdir's config.json (`configs.read`: upgraded, checked)."""
   if not os.path.isdir(work_dir):
     raise UserError(f"workdir {work_dir!r} does not exist")
   path = os.path.join(work_dir, workdir.CONFIG)
   if not os.path.exists(path):
     raise UserError(f"{path} not found: {work_dir!r} is not a jaxloc workdir")
-  return ml_collections.ConfigDict(tasks.upgrade_config(workdir.read_json(path)))
+  return configs.read(workdir.read_json(path))
 
 
 def to_canvas_batch(images, canvas_size: int) -> jax.Array:
@@ -92,18 +93,17 @@ def to_canvas_batch(images, canvas_size: int) -> jax.Array:
 class Predictor:
   """A trained model: call it on a batch of canvases."""
 
-  def __init__(self, config, params):
-    self.config = ml_collections.ConfigDict(dict(config))
-    self.canvas_size = int(self.config.canvas_size)
-    self.params = params
-    task = tasks.build(self.config)
+  def __init__(self, spec: Spec, params):
+    self.spec, self.params = spec, params
+    self.canvas_size = spec.data.canvas_size
+    task = tasks.build(spec)
     # model + answers, compiled once per batch shape
     self._predict = jax.jit(lambda p, x: task.answer(task.model.apply({"params": p}, x)))
 
   @classmethod
   def from_workdir(cls, work_dir: str) -> "Predictor":
-    config = load_config(work_dir)
-    return cls(config, load_params(work_dir, config))
+    spec = load_spec(work_dir)
+    return cls(spec, load_params(work_dir, spec))
 
   def __call__(self, images) -> dict[str, np.ndarray]:
     out = jax.device_get(self._predict(self.params, to_canvas_batch(images, self.canvas_size)))

@@ -10,12 +10,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
+from flax import linen as nn
 from flax.training import train_state as flax_train_state
 
 from jaxloc import model, parallel, tasks
+from jaxloc.spec import Optimizer, Spec
 
 
 class TrainState(flax_train_state.TrainState):
@@ -41,17 +42,17 @@ def exported_params(state: TrainState):
   return state.params if state.ema_params is None else state.ema_params
 
 
-def learning_rate(config: ml_collections.ConfigDict, peak=None) -> optax.ScalarOrSchedule:
-  """`peak` (default `config.learning_rate`) held constant (the seed), or with `lr_schedule =
+def learning_rate(opt: Optimizer, peak=None) -> optax.ScalarOrSchedule:
+  """`peak` (default `opt.learning_rate`) held constant (the seed), or with `lr_schedule =
   "cosine"` a linear warm-up over `warmup_steps` to it, then a cosine decay to 0 at the last
-  step. `peak` may be traced (a replica member's value, `tasks.hyperparameters`)."""
-  peak = config.learning_rate if peak is None else peak
-  if config.lr_schedule == "constant":
+  step. `peak` may be traced (a replica member's value, `Spec.hyperparameters`)."""
+  peak = opt.learning_rate if peak is None else peak
+  if opt.lr_schedule == "constant":
     return peak
   # optax.warmup_cosine_decay_schedule(0, peak, warmup, total, 0) as its parts: that function
   # compares `peak` with 0 in Python, which a traced peak cannot answer
-  warmup = config.warmup_steps
-  total = max(config.epochs * config.steps_per_epoch, warmup + 1)
+  warmup = opt.warmup_steps
+  total = max(opt.total_steps, warmup + 1)
   return optax.join_schedules(
     [
       optax.linear_schedule(0.0, peak, warmup),
@@ -61,25 +62,26 @@ def learning_rate(config: ml_collections.ConfigDict, peak=None) -> optax.ScalarO
   )
 
 
-def optimizer(config: ml_collections.ConfigDict, peak=None) -> optax.GradientTransformation:
+def optimizer(opt: Optimizer, peak=None) -> optax.GradientTransformation:
   """Adam with Keras' defaults (epsilon 1e-7, not optax's 1e-8), as the seed used. Its state
   does not depend on `peak`, so one built with a traced step size updates the state that
   `create_train_state` made."""
-  return optax.adam(learning_rate(config, peak), b1=0.9, b2=0.999, eps=1e-7)
+  return optax.adam(learning_rate(opt, peak), b1=0.9, b2=0.999, eps=1e-7)
 
 
-def create_train_state(key: jax.Array, config: ml_collections.ConfigDict, net=None) -> TrainState:
-  """The state before step 1: `net` (default: the config's model) initialised from `key`."""
-  net = tasks.build(config).model if net is None else net
-  params = model.init_params(key, net, config.canvas_size)
-  ema = jax.tree_util.tree_map(jnp.copy, params) if config.ema_decay > 0 else None
-  state = TrainState.create(apply_fn=net.apply, params=params, tx=optimizer(config), ema_params=ema)
+def create_train_state(key: jax.Array, spec: Spec, net: nn.Module | None = None) -> TrainState:
+  """The state before step 1: `net` (default: the spec's model) initialised from `key`."""
+  net = tasks.build(spec).model if net is None else net
+  params = model.init_params(key, net, spec.data.canvas_size)
+  ema = jax.tree_util.tree_map(jnp.copy, params) if spec.opt.ema_decay > 0 else None
+  tx = optimizer(spec.opt)
+  state = TrainState.create(apply_fn=net.apply, params=params, tx=tx, ema_params=ema)
   return state.replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints restore it
 
 
-def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-  """The `hp` argument of the train step for this config (`tasks.hyperparameters`, float32)."""
-  return {k: jnp.float32(v) for k, v in tasks.hyperparameters(config).items()}
+def hyperparameters(spec: Spec) -> dict[str, jax.Array]:
+  """The `hp` argument of the train step (`Spec.hyperparameters`, as float32)."""
+  return {k: jnp.float32(v) for k, v in spec.hyperparameters().items()}
 
 
 def train_step(
@@ -88,7 +90,7 @@ def train_step(
   """One Adam step on `loss_fn(outputs, batch, hp) -> (loss, parts)`; returns the parts.
 
   `hp` (`hyperparameters`) are arguments, not constants: the step size goes to
-  `optimizer_fn(peak)` (e.g. `functools.partial(optimizer, config)`), the loss weights to
+  `optimizer_fn(peak)` (e.g. `functools.partial(optimizer, spec.opt)`), the loss weights to
   `loss_fn`, and when the state keeps a moving average, `hp["ema_decay"]` to `ema_update`.
   """
 

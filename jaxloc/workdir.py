@@ -165,22 +165,32 @@ def prepare(path: str) -> None:
 
 
 def resume_step(
-  path: str, config, latest: int | None, *, fresh: bool, resumable, upgrade, finished_file=METRICS
+  path: str,
+  fields: dict,
+  latest: int | None,
+  total_steps: int,
+  *,
+  fresh: bool,
+  resumable,
+  upgrade,
+  ended: str,
+  finished_file=METRICS,
 ):
   """Decides between a new run (None), a resume (the step to resume from) and a refusal.
 
-  `config` is the new run's ConfigDict, `latest` the step of the newest checkpoint,
-  `resumable` the fields that may differ from the saved config.json, `upgrade`
-  fills the fields an older config.json lacks and `finished_file` is written at the end.
-  A run that cannot be resumed (another config, finished, results without config) is a
-  `UserError`; with `fresh` it is moved aside instead and a new run starts.
+  `fields` is the new run's config as a dict, `latest` the step of the newest checkpoint,
+  `total_steps` the run's last step, `resumable` the fields that may differ from the saved
+  config.json, `upgrade` fills the fields an older config.json lacks, `ended` says how to
+  train on after a finished run and `finished_file` is written at the end. A run that
+  cannot be resumed (another config, finished, results without config) is a `UserError`;
+  with `fresh` it is moved aside instead and a new run starts.
   """
   config_path = os.path.join(path, CONFIG)
   finished = os.path.exists(os.path.join(path, finished_file))
   if latest is None and not finished:
     return None  # nothing to resume: a new run (a partial log of a run killed early is replaced)
   old = upgrade(read_json(config_path)) if os.path.exists(config_path) else None
-  problem = _resume_problem(path, config, latest, old, resumable, finished)
+  problem = _resume_problem(path, fields, latest, total_steps, old, resumable, finished, ended)
   if problem is None:
     return latest
   if not fresh:
@@ -192,20 +202,15 @@ def resume_step(
   return None
 
 
-def _resume_problem(path: str, config, latest: int | None, old: dict | None, resumable, finished):
+def _resume_problem(path, fields, latest, total, old, resumable, finished, ended):
   """Why the run in `path` (config `old`, newest checkpoint `latest`) cannot go on; or None."""
   if old is None:
     return f"workdir {path!r} holds results of a run without {CONFIG}"
-  diff = config_diff(old, config.to_dict(), resumable)
+  diff = config_diff(old, fields, resumable)
   if diff:
     return f"workdir {path!r} holds a run with another config; differing fields:\n  " + (
       "\n  ".join(diff)
     )
-  total = config.epochs * config.steps_per_epoch
   if latest is None or latest > total or (latest == total and finished):
-    return f"workdir {path!r} holds a finished run of {latest or total} steps; " + (
-      "raise --config.epochs to train on"
-      if config.lr_schedule == "constant"
-      else f"its {config.lr_schedule} learning-rate schedule has ended"
-    )
+    return f"workdir {path!r} holds a finished run of {latest or total} steps; {ended}"
   return None

@@ -133,3 +133,10 @@ def random_digits(n: int = 32, seed: int = 0):
     jax.numpy.asarray(rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)),
     jax.numpy.asarray(rng.integers(0, 10, n), jax.numpy.int32),
   )
+
+
+def train_run(config, work_dir, **kwargs) -> dict:
+  """`train.train_and_evaluate` of a ConfigDict, read as the train script reads it."""
+  from jaxloc import configs, train
+
+  return train.train_and_evaluate(configs.read(config), str(work_dir), **kwargs)

@@ -9,9 +9,10 @@ import sys
 import conftest
 import numpy as np
 import pytest
+from conftest import train_run
 from resume_test import TIMING
 
-from jaxloc import datasets, tasks, train, workdir
+from jaxloc import configs, datasets, loaders, workdir
 from jaxloc.errors import UserError
 
 
@@ -34,7 +35,7 @@ def _config(mnist_dir, name="detect", **fields):
 def exported(mnist_dir, tmp_path_factory):
   """12 scenes written in both formats, and the arrays they were written from."""
   out = str(tmp_path_factory.mktemp("export") / "set")
-  data = tasks.export_scenes(_config(mnist_dir), 12, "test", seed=0)
+  data = loaders.export_scenes(configs.read(_config(mnist_dir)), 12, "test", seed=0)
   datasets.write(out, data)
   return out, data
 
@@ -59,7 +60,9 @@ def test_export_reads_back_to_the_pixel_in_both_formats(exported):
 
 def test_the_same_seed_gives_the_same_files(mnist_dir, tmp_path):
   for name in ("a", "b"):
-    datasets.write(str(tmp_path / name), tasks.export_scenes(_config(mnist_dir), 5, "train", 3))
+    datasets.write(
+      str(tmp_path / name), loaders.export_scenes(configs.read(_config(mnist_dir)), 5, "train", 3)
+    )
   for sub in ("labels/0.txt", "labels/4.txt", "images/2.png", "annotations.json"):
     assert (tmp_path / "a" / sub).read_bytes() == (tmp_path / "b" / sub).read_bytes(), sub
 
@@ -175,7 +178,7 @@ def test_training_on_a_stored_set_resumes_exactly_after_sigkill(mnist_dir, expor
   out, _ = exported
   config = _config(mnist_dir, epochs=2, steps_per_epoch=6)
   config.data.train_path = config.data.val_path = out
-  reference = train.train_and_evaluate(config, str(tmp_path / "ref"))
+  reference = train_run(config, str(tmp_path / "ref"))
   assert reference["num_val"] == 12  # the whole stored set (num_val 24 > 12)
   run = tmp_path / "killed"
   args = [
@@ -199,7 +202,7 @@ def test_training_on_a_stored_set_resumes_exactly_after_sigkill(mnist_dir, expor
   ]
   cmd = [sys.executable, "-m", "experiments.train", *args]
   conftest.kill_after_first_checkpoint(cmd, run)
-  resumed = train.train_and_evaluate(config, str(run))
+  resumed = train_run(config, str(run))
   assert resumed["resumed_from_step"] is not None and resumed["resumed_from_step"] < 12
   assert (run / workdir.PARAMS).read_bytes() == (tmp_path / "ref" / workdir.PARAMS).read_bytes()
   strip = lambda m: {k: v for k, v in m.items() if k not in TIMING}
@@ -209,7 +212,7 @@ def test_training_on_a_stored_set_resumes_exactly_after_sigkill(mnist_dir, expor
 def test_evaluate_on_exported_validation_scenes_reproduces_the_run(mnist_dir, tmp_path):
   config = _config(mnist_dir)
   run = tmp_path / "run"
-  final = train.train_and_evaluate(config, str(run))
+  final = train_run(config, str(run))
   own = sorted(os.listdir(run))
   data = tmp_path / "val"
   proc = conftest.run_command(

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxloc import canvas, dense, metrics, model
+from jaxloc import canvas, configs, dense, metrics, model
 from jaxloc.errors import UserError
 
 STRIDE = 8
@@ -298,9 +298,8 @@ def test_dense_config_errors_are_one_line_exit_2(override, match, tmp_path):
 
 def test_dense_config_errors_raise_before_training():
   from experiments.configs import multi
-  from jaxloc import tasks
 
   config = multi.get_config()
   config.dense.top_k = 16 * 16 * 10 + 1
   with pytest.raises(UserError, match="number of heatmap cells x classes \\(2560\\)"):
-    tasks.check_config(config)
+    configs.read(config)

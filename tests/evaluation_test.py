@@ -9,13 +9,13 @@ import pytest
 from conftest import small_config
 
 from experiments.configs import multi
-from jaxloc import evaluation, parallel, tasks, train_state
+from jaxloc import configs, evaluation, loaders, parallel, tasks, train_state
 
 
 def test_evaluation_ignores_padding_of_last_batch(mnist_dir, tmp_path):
   config = small_config(mnist_dir)
-  _, _, val = tasks.load_data(config)
-  state = train_state.create_train_state(jax.random.key(0), config)
+  _, _, val = loaders.load(configs.read(config))
+  state = train_state.create_train_state(jax.random.key(0), configs.read(config))
   eval_fn = functools.partial(
     evaluation.evaluate, state.apply_fn, state.params, val, canvas_size=75
   )
@@ -35,16 +35,17 @@ def _scene_config(mnist_dir, **overrides):
 def test_scene_validation_set_is_fixed_and_cut_to_num_val(mnist_dir, monkeypatch):
   monkeypatch.setattr(evaluation, "SCENE_VAL_CHUNK", 16)  # 30 scenes: chunks of 16 + 14 used
   config = _scene_config(mnist_dir)
-  task = tasks.build(config)
-  _, _, val = tasks.load_data(config)
-  state = train_state.create_train_state(jax.random.key(0), config)
+  task = tasks.build(configs.read(config))
+  _, _, val = loaders.load(configs.read(config))
+  state = train_state.create_train_state(jax.random.key(0), configs.read(config))
   evaluate = task.make_evaluator(state.apply_fn)
   (a, per_a), (b, per_b) = evaluate(state.params, val), evaluate(state.params, val)
   assert a["num_val"] == 30 and len(per_a["count"]) == 30
   assert a == b
   for key in per_a:
     np.testing.assert_array_equal(per_a[key], per_b[key])
-  other = tasks.build(_scene_config(mnist_dir, val_seed=1)).make_evaluator(state.apply_fn)
+  other = tasks.build(configs.read(_scene_config(mnist_dir, val_seed=1)))
+  other = other.make_evaluator(state.apply_fn)
   assert not np.array_equal(other(state.params, val)[1]["box"], per_a["box"])
 
 
@@ -53,9 +54,11 @@ def test_models_scored_in_one_call_get_their_own_figures(mnist_dir, scene):
   """`members`: stacked models (a run's averaged and raw weights, replicas) in one compiled
   call per batch get the figures each gets alone."""
   config = _scene_config(mnist_dir) if scene else small_config(mnist_dir)
-  task = tasks.build(config)
-  _, _, val = tasks.load_data(config)
-  models = [train_state.create_train_state(jax.random.key(i), config).params for i in (0, 1)]
+  task = tasks.build(configs.read(config))
+  _, _, val = loaders.load(configs.read(config))
+  models = [
+    train_state.create_train_state(jax.random.key(i), configs.read(config)).params for i in (0, 1)
+  ]
   together = task.make_evaluator(task.model.apply, None, True)(parallel.stack(models), val)
   assert len(together) == 2
   for params, (summary, per) in zip(models, together, strict=True):
@@ -71,9 +74,9 @@ def test_models_scored_in_one_call_get_their_own_figures(mnist_dir, scene):
 @pytest.mark.parametrize("scene", [False, True])
 def test_plot_predictions_draws_the_first_validation_canvases(mnist_dir, tmp_path, scene):
   config = _scene_config(mnist_dir) if scene else small_config(mnist_dir)
-  task = tasks.build(config)
-  _, _, val = tasks.load_data(config)
-  state = train_state.create_train_state(jax.random.key(0), config)
+  task = tasks.build(configs.read(config))
+  _, _, val = loaders.load(configs.read(config))
+  state = train_state.create_train_state(jax.random.key(0), configs.read(config))
   _, per = task.make_evaluator(state.apply_fn)(state.params, val)
   task.plot_predictions(str(tmp_path), val, per)
   assert (tmp_path / "predictions.png").read_bytes().startswith(b"\x89PNG")

@@ -9,18 +9,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, run_command, small_config
+from conftest import ROOT, run_command, small_config, train_run
 from flax import serialization
 from PIL import Image
 
-from jaxloc import images, inference, mnist, model, tasks, train, workdir
+from jaxloc import configs, images, inference, mnist, model, tasks, workdir
 from jaxloc.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def trained(mnist_dir, tmp_path_factory):
   run = tmp_path_factory.mktemp("trained") / "run"
-  final = train.train_and_evaluate(small_config(mnist_dir, epochs=1, steps_per_epoch=4), str(run))
+  final = train_run(small_config(mnist_dir, epochs=1, steps_per_epoch=4), str(run))
   return str(run), final
 
 
@@ -70,7 +70,9 @@ def test_from_workdir_errors(tmp_path):
   with pytest.raises(UserError, match="cannot be read"):
     inference.Predictor.from_workdir(str(tmp_path))
   other = small_config("", dense_features=64)  # another model: same names, other shapes
-  params = model.init_params(jax.random.key(0), tasks.build(other).model, other.canvas_size)
+  params = model.init_params(
+    jax.random.key(0), tasks.build(configs.read(other)).model, other.canvas_size
+  )
   (tmp_path / "params.msgpack").write_bytes(serialization.to_bytes(params))
   with pytest.raises(
     UserError, match=r"\['Dense_0'\]\['bias'\] has shape \(64,\) where .* makes \(128,\)"

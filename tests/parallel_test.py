@@ -11,14 +11,14 @@ import pytest
 from conftest import random_digits
 
 from experiments.configs import digit
-from jaxloc import parallel, tasks, train_state
+from jaxloc import configs, parallel, tasks, train_state
 from jaxloc.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _EIGHT_DEVICES = r"""
 import functools, importlib, sys, jax, numpy as np
-from jaxloc import parallel, tasks, train_state
+from jaxloc import configs, parallel, tasks, train_state
 assert jax.device_count() == 8, jax.devices()
 rng = np.random.default_rng(0)
 digits = jax.numpy.asarray(rng.integers(0, 256, (64, 28, 28)).astype(np.uint8))
@@ -26,16 +26,16 @@ labels = jax.numpy.asarray(rng.integers(0, 10, 64), jax.numpy.int32)
 config = importlib.import_module("experiments.configs." + sys.argv[1]).get_config()
 init_key, data_key = jax.random.split(jax.random.key(0))
 
-config.batch_size = 16
+config.batch_size, config.eval_batch_size = 16, 16
 if config.get("scene"):
   config.canvas_size, config.num_val = 64, 48
-task = tasks.build(config)
+task = tasks.build(configs.read(config))
 sample_fn, loss_fn = task.sample_fn, task.loss_fn
-optimizer_fn = functools.partial(train_state.optimizer, config)
+optimizer_fn = functools.partial(train_state.optimizer, configs.read(config).opt)
 
 def run(mesh):
-  state = train_state.create_train_state(init_key, config)
-  data = (digits, labels, data_key, train_state.hyperparameters(config))
+  state = train_state.create_train_state(init_key, configs.read(config))
+  data = (digits, labels, data_key, train_state.hyperparameters(configs.read(config)))
   if mesh is not None:
     state, data = parallel.replicate((state, data), mesh)
   sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
@@ -90,21 +90,21 @@ def test_batch_not_divisible_by_devices_is_rejected(monkeypatch):
   config = digit.get_config()
   config.batch_size = 6
   with pytest.raises(UserError, match="batch_size=6 does not divide by the 4 devices"):
-    tasks.check_config(config)
+    configs.read(config)
 
 
 def test_steps_per_call_does_not_change_the_result():
   digits, labels = random_digits()
   config = digit.get_config()
   config.batch_size = 8
-  task = tasks.build(config)
+  task = tasks.build(configs.read(config))
   sample_fn, loss_fn = task.sample_fn, task.loss_fn
   init_key, data_key = jax.random.split(jax.random.key(0))
   results = []
   for chunk in (1, 2, 4):
-    state = train_state.create_train_state(init_key, config)
+    state = train_state.create_train_state(init_key, configs.read(config))
     sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
-    data = (digits, labels, data_key, train_state.hyperparameters(config))
+    data = (digits, labels, data_key, train_state.hyperparameters(configs.read(config)))
     fn = train_state.compile_train_steps(
       state,
       sums,
@@ -112,7 +112,7 @@ def test_steps_per_call_does_not_change_the_result():
       num_steps=chunk,
       sample_fn=sample_fn,
       loss_fn=loss_fn,
-      optimizer_fn=functools.partial(train_state.optimizer, config),
+      optimizer_fn=functools.partial(train_state.optimizer, configs.read(config).opt),
     )
     for _ in range(4 // chunk):
       state, sums = fn(state, sums, *data)

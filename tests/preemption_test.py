@@ -11,10 +11,17 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, newest_checkpoint, small_config, stopped_step, wait_for_first_record
+from conftest import (
+  ROOT,
+  newest_checkpoint,
+  small_config,
+  stopped_step,
+  train_run,
+  wait_for_first_record,
+)
 from resume_test import _cli, _config, _strip
 
-from jaxloc import checkpoint, preemption, train, workdir
+from jaxloc import checkpoint, preemption, workdir
 from jaxloc.errors import Stopped, UserError
 
 
@@ -28,7 +35,7 @@ def _long_config(mnist_dir):
 @pytest.fixture(scope="module")
 def long_reference(mnist_dir, tmp_path_factory):
   run = tmp_path_factory.mktemp("reference") / "run"
-  return run, train.train_and_evaluate(_long_config(mnist_dir), str(run))
+  return run, train_run(_long_config(mnist_dir), str(run))
 
 
 def train_steps_logged(run_dir) -> list[tuple[int, int]]:
@@ -75,11 +82,11 @@ def test_signal_before_any_step_saves_nothing(mnist_dir, tmp_path, monkeypatch):
   monkeypatch.setattr(preemption, "Signals", Early)
   config, run = small_config(mnist_dir, epochs=1), tmp_path / "run"
   with pytest.raises(Stopped, match="SIGTERM at step 0 of 3") as stop:
-    train.train_and_evaluate(config, str(run))
+    train_run(config, str(run))
   assert stop.value.exit_status == 143
   assert not any((run / "checkpoints").iterdir())
   monkeypatch.undo()
-  assert train.train_and_evaluate(config, str(run))["steps"] == 3
+  assert train_run(config, str(run))["steps"] == 3
 
 
 # Damaged checkpoints: three ways to damage the newest one's largest data file.
@@ -104,18 +111,18 @@ def _short_config(mnist_dir, epochs):
 @pytest.fixture(scope="module")
 def short_reference(mnist_dir, tmp_path_factory):
   run = tmp_path_factory.mktemp("reference") / "run"
-  return run, train.train_and_evaluate(_short_config(mnist_dir, 2), str(run))
+  return run, train_run(_short_config(mnist_dir, 2), str(run))
 
 
 @pytest.mark.parametrize("how", ["truncated", "overwritten", "deleted"])
 def test_damaged_newest_checkpoint_falls_back(mnist_dir, tmp_path, short_reference, how):
   ref_dir, reference = short_reference
   run = tmp_path / "run"
-  train.train_and_evaluate(_short_config(mnist_dir, 1), str(run))
+  train_run(_short_config(mnist_dir, 1), str(run))
   _damage(run / "checkpoints" / "6", how)
 
   lines = []
-  final = train.train_and_evaluate(_short_config(mnist_dir, 2), str(run), echo=lines.append)
+  final = train_run(_short_config(mnist_dir, 2), str(run), echo=lines.append)
   said = [line for line in lines if "cannot be read" in line]
   assert len(said) == 1 and "checkpoint of step 6" in said[0] and "using step 4" in said[0]
   assert final["resumed_from_step"] == 4
@@ -130,17 +137,17 @@ def test_damaged_newest_checkpoint_falls_back(mnist_dir, tmp_path, short_referen
 
 def test_no_readable_checkpoint_is_one_error_and_fresh_starts_over(mnist_dir, tmp_path):
   run = tmp_path / "run"
-  train.train_and_evaluate(_short_config(mnist_dir, 1), str(run))
+  train_run(_short_config(mnist_dir, 1), str(run))
   for step in (2, 4, 6):
     _damage(run / "checkpoints" / str(step), "deleted")
   before = sorted(p.name for p in (run / "checkpoints").iterdir())
   with pytest.raises(
     checkpoint.Unreadable, match=r"no checkpoint .* can be read \(step 6: .*--fresh"
   ):
-    train.train_and_evaluate(_short_config(mnist_dir, 2), str(run))
+    train_run(_short_config(mnist_dir, 2), str(run))
   assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing moved
 
-  final = train.train_and_evaluate(_short_config(mnist_dir, 2), str(run), fresh=True)
+  final = train_run(_short_config(mnist_dir, 2), str(run), fresh=True)
   assert final["resumed_from_step"] is None and final["steps"] == 12
   backups = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
   assert len(backups) == 1 and sorted(os.listdir(backups[0] / "checkpoints")) == before
@@ -148,9 +155,9 @@ def test_no_readable_checkpoint_is_one_error_and_fresh_starts_over(mnist_dir, tm
 
 def test_killed_after_the_last_checkpoint_finishes_on_resume(mnist_dir, tmp_path):
   run = tmp_path / "run"
-  first = train.train_and_evaluate(_short_config(mnist_dir, 1), str(run))
+  first = train_run(_short_config(mnist_dir, 1), str(run))
   os.remove(run / workdir.METRICS)  # as if killed while exporting
-  again = train.train_and_evaluate(_short_config(mnist_dir, 1), str(run))
+  again = train_run(_short_config(mnist_dir, 1), str(run))
   assert again["resumed_from_step"] == 6 and _strip(again) == _strip(first)
 
 
@@ -171,7 +178,7 @@ def test_failing_checkpoint_write_keeps_the_previous_one(mnist_dir, tmp_path, sh
   one error line; the previous checkpoint is intact and the same command resumes."""
   ref_dir, reference = short_reference
   run = tmp_path / "run"
-  train.train_and_evaluate(_short_config(mnist_dir, 1), str(run))
+  train_run(_short_config(mnist_dir, 1), str(run))
   config = _short_config(mnist_dir, 2)
   env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
   cmd = _with_file_size_limit(_cli(config, run), 64 * 1024)
@@ -200,8 +207,8 @@ def test_a_failing_output_write_is_one_error_and_keeps_the_checkpoints(
 
   monkeypatch.setattr(workdir, "write_bytes_atomic", full_disk)
   with pytest.raises(UserError, match=r"cannot write .*params.msgpack \(No space left on device\)"):
-    train.train_and_evaluate(_short_config(mnist_dir, 1), str(run))
+    train_run(_short_config(mnist_dir, 1), str(run))
   assert newest_checkpoint(run) == 6 and not (run / workdir.METRICS).exists()
   monkeypatch.undo()
-  final = train.train_and_evaluate(_short_config(mnist_dir, 1), str(run))
+  final = train_run(_short_config(mnist_dir, 1), str(run))
   assert final["resumed_from_step"] == 6 and (run / workdir.PARAMS).exists()

@@ -7,12 +7,12 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import kill_after_first_checkpoint, run_train_command, small_config
+from conftest import kill_after_first_checkpoint, run_train_command, small_config, train_run
 from flax import serialization
 from resume_test import TIMING, _cli, _config, _strip
 from scene_test import _case_config
 
-from jaxloc import inference, replicas, tasks, train, workdir
+from jaxloc import configs, inference, spec, train, workdir
 from jaxloc.errors import UserError
 
 
@@ -29,12 +29,12 @@ def _assert_close(a, b):
 @pytest.mark.parametrize("mode", ["vmap", "map"])
 def test_each_member_equals_its_own_run(mnist_dir, tmp_path, mode):
   config = small_config(mnist_dir, seed=3, replicas=2, replica_mode=mode, num_val=32)
-  summary = train.train_and_evaluate(config, str(tmp_path / "replicas"))
+  summary = train_run(config, str(tmp_path / "replicas"))
   assert summary["members"] == 2 and summary["replica_mode"] == mode
   finals = []
   for i in range(2):
     single = small_config(mnist_dir, seed=3 + i, num_val=32)
-    own = train.train_and_evaluate(single, str(tmp_path / f"seed{3 + i}"))
+    own = train_run(single, str(tmp_path / f"seed{3 + i}"))
     member_dir = tmp_path / "replicas" / f"member-{i}"
     final = workdir.read_json(str(member_dir / workdir.METRICS))
     assert final["accuracy"] == own["accuracy"]
@@ -55,10 +55,10 @@ def test_each_member_equals_its_own_run(mnist_dir, tmp_path, mode):
 
 def test_replicas_resume_exactly_after_sigkill(mnist_dir, tmp_path):
   config = _config(mnist_dir, replicas=2)
-  reference = train.train_and_evaluate(config, str(tmp_path / "ref"))
+  reference = train_run(config, str(tmp_path / "ref"))
   run = tmp_path / "killed"
   kill_after_first_checkpoint(_cli(config, run), run / "member-1")
-  resumed = train.train_and_evaluate(config, str(run))
+  resumed = train_run(config, str(run))
   for i in range(2):
     a, b = run / f"member-{i}", tmp_path / "ref" / f"member-{i}"
     assert (a / workdir.PARAMS).read_bytes() == (b / workdir.PARAMS).read_bytes()
@@ -68,7 +68,7 @@ def test_replicas_resume_exactly_after_sigkill(mnist_dir, tmp_path):
   figures = {k: v for k, v in resumed["figures"].items() if k not in TIMING}
   assert figures == {k: v for k, v in reference["figures"].items() if k not in TIMING}
   with pytest.raises(UserError, match="finished run"):
-    train.train_and_evaluate(config, str(run))
+    train_run(config, str(run))
 
 
 @pytest.mark.parametrize("mode", ["vmap", "map"])
@@ -77,7 +77,7 @@ def test_members_with_listed_values_equal_their_own_runs(mnist_dir, tmp_path, mo
   vary = "learning_rate=1e-3,3e-3 ema_decay=0.99,0.9;box_loss_weight=1,5"
   config = small_config(mnist_dir, replicas=2, replica_mode=mode, num_val=32, vary=vary)
   lines = []
-  summary = train.train_and_evaluate(config, str(tmp_path / "sweep"), echo=lines.append)
+  summary = train_run(config, str(tmp_path / "sweep"), echo=lines.append)
   assert summary["varied"] == {
     "learning_rate": [1e-3, 3e-3],
     "ema_decay": [0.99, 0.9],
@@ -89,9 +89,7 @@ def test_members_with_listed_values_equal_their_own_runs(mnist_dir, tmp_path, mo
     for line in lines
   ), lines
   values = dict(learning_rate=3e-3, ema_decay=0.9, box_loss_weight=5.0)
-  own = train.train_and_evaluate(
-    small_config(mnist_dir, seed=1, num_val=32, **values), str(tmp_path / "own")
-  )
+  own = train_run(small_config(mnist_dir, seed=1, num_val=32, **values), str(tmp_path / "own"))
   member = tmp_path / "sweep" / "member-1"
   final = workdir.read_json(str(member / workdir.METRICS))
   assert final["accuracy"] == own["accuracy"]
@@ -106,15 +104,15 @@ def test_dense_members_vary_their_step_size_and_loss_weights(mnist_dir, tmp_path
   """The dense detector's cosine schedule takes each member's peak; its loss, its weights."""
   config = _case_config(mnist_dir, "multi")
   config.update(dict(replicas=2, vary="learning_rate=3e-3,1e-3 dense.box_loss_weight=1,2"))
-  assert set(tasks.hyperparameters(config)) == {
+  assert set(configs.read(config).hyperparameters()) == {
     "learning_rate",
     "ema_decay",
     "dense.heatmap_loss_weight",
     "dense.box_loss_weight",
   }
-  train.train_and_evaluate(config, str(tmp_path / "sweep"))
-  single = replicas.member_config(config, 1)
-  assert (single.seed, single.learning_rate, single.dense.box_loss_weight) == (1, 1e-3, 2.0)
+  train_run(config, str(tmp_path / "sweep"))
+  single = spec.member(configs.read(config), 1)
+  assert (single.seed, single.opt.learning_rate, single.head.box_loss_weight) == (1, 1e-3, 2.0)
   own = train.train_and_evaluate(single, str(tmp_path / "own"))
   final = workdir.read_json(str(tmp_path / "sweep" / "member-1" / workdir.METRICS))
   for key in ("AP", "count_accuracy", "heatmap_loss", "box_loss"):
@@ -169,12 +167,12 @@ def test_scene_members_are_scored_as_their_own_runs(mnist_dir, tmp_path):
   """The dense detector's members, scored in one call per chunk, get their own runs' AP."""
   config = _case_config(mnist_dir, "multi")
   config.update(dict(seed=5, replicas=2))
-  summary = train.train_and_evaluate(config, str(tmp_path / "replicas"))
+  summary = train_run(config, str(tmp_path / "replicas"))
   aps = []
   for i in range(2):
     single = _case_config(mnist_dir, "multi")
     single.seed = 5 + i
-    own = train.train_and_evaluate(single, str(tmp_path / f"seed{i}"))
+    own = train_run(single, str(tmp_path / f"seed{i}"))
     final = workdir.read_json(str(tmp_path / "replicas" / f"member-{i}" / workdir.METRICS))
     for key in ("AP", "AP50", "count_accuracy", "heatmap_loss"):
       assert final[key] == pytest.approx(own[key], rel=1e-3, abs=1e-4), key

@@ -4,7 +4,7 @@ import os
 import sys
 
 import pytest
-from conftest import kill_after_first_checkpoint, small_config
+from conftest import kill_after_first_checkpoint, small_config, train_run
 
 from jaxloc import train, workdir
 from jaxloc.errors import UserError
@@ -44,13 +44,13 @@ def _strip(metrics):
 
 def test_sigkill_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path):
   config = _config(mnist_dir)
-  reference = train.train_and_evaluate(config, str(tmp_path / "ref"))
+  reference = train_run(config, str(tmp_path / "ref"))
 
   run = tmp_path / "killed"
   kill_after_first_checkpoint(_cli(config, run), run)
   assert not (run / "metrics.json").exists()
 
-  resumed = train.train_and_evaluate(config, str(run))
+  resumed = train_run(config, str(run))
   assert resumed["resumed_from_step"] is not None and resumed["resumed_from_step"] < 12
   assert (run / workdir.PARAMS).read_bytes() == (tmp_path / "ref" / workdir.PARAMS).read_bytes()
   assert _strip(resumed) == _strip(reference)
@@ -63,12 +63,12 @@ def test_sigkill_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path):
 def test_torn_log_line_is_dropped_on_resume(mnist_dir, tmp_path):
   run = tmp_path / "run"
   config = _config(mnist_dir, epochs=1)
-  train.train_and_evaluate(config, str(run))
+  train_run(config, str(run))
   os.remove(run / workdir.METRICS)
   with open(run / workdir.METRICS_LOG, "a") as f:
     f.write('{"step": 99, "train/lo')  # a write cut off by a kill
   config.epochs = 2  # train on from the final checkpoint
-  final = train.train_and_evaluate(config, str(run))
+  final = train_run(config, str(run))
   assert final["resumed_from_step"] == 6 and final["steps"] == 12
   records = workdir.read_jsonl(str(run / workdir.METRICS_LOG))
   assert [r["epoch"] for r in records if "val/accuracy" in r] == [1, 2]
@@ -77,16 +77,16 @@ def test_torn_log_line_is_dropped_on_resume(mnist_dir, tmp_path):
 
 def test_changed_config_is_refused_with_the_fields(mnist_dir, tmp_path):
   run = tmp_path / "run"
-  train.train_and_evaluate(_config(mnist_dir, epochs=1), str(run))
+  train_run(_config(mnist_dir, epochs=1), str(run))
   before = (run / workdir.PARAMS).read_bytes()
   changed = _config(mnist_dir, epochs=1, learning_rate=0.01, batch_size=4)
   with pytest.raises(UserError, match=r"(?s)batch_size: 8 -> 4.*learning_rate: 0.001 -> 0.01"):
-    train.train_and_evaluate(changed, str(run))
+    train_run(changed, str(run))
   assert (run / workdir.PARAMS).read_bytes() == before
   with pytest.raises(UserError, match="finished run of 6 steps"):
-    train.train_and_evaluate(_config(mnist_dir, epochs=1), str(run))
+    train_run(_config(mnist_dir, epochs=1), str(run))
 
-  train.train_and_evaluate(changed, str(run), fresh=True)
+  train_run(changed, str(run), fresh=True)
   backups = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
   assert len(backups) == 1 and (backups[0] / workdir.PARAMS).read_bytes() == before
   assert workdir.read_json(str(run / workdir.CONFIG))["batch_size"] == 4
@@ -97,14 +97,14 @@ def test_second_run_on_a_locked_workdir_refuses(mnist_dir, tmp_path):
   run.mkdir()
   with workdir.lock(str(run)):
     with pytest.raises(UserError, match="in use by a running job"):
-      train.train_and_evaluate(_config(mnist_dir, epochs=1), str(run))
+      train_run(_config(mnist_dir, epochs=1), str(run))
 
 
 def test_stale_lock_of_a_killed_run_does_not_block(mnist_dir, tmp_path):
   run = tmp_path / "run"
   run.mkdir()
   (run / ".lock").write_text("pid 999999 on a-killed-host")  # file left, no flock held
-  final = train.train_and_evaluate(_config(mnist_dir, epochs=1), str(run))
+  final = train_run(_config(mnist_dir, epochs=1), str(run))
   assert final["steps"] == 6
 
 
@@ -112,5 +112,5 @@ def test_non_finite_loss_stops_with_the_step(mnist_dir, tmp_path):
   run = tmp_path / "run"
   config = _config(mnist_dir, epochs=1, learning_rate=1e30)
   with pytest.raises(train.TrainingDiverged, match=r"steps \d+\.\.\d+.*last good checkpoint"):
-    train.train_and_evaluate(config, str(run))
+    train_run(config, str(run))
   assert not (run / workdir.METRICS).exists()

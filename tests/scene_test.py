@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import train_run
 from PIL import Image
 
-from jaxloc import boxes, canvas, mnist, tasks
+from jaxloc import boxes, canvas, configs, mnist
 from jaxloc.errors import UserError
 
 
@@ -158,12 +159,12 @@ def _case_config(mnist_dir, name, **scene):
 
 @pytest.mark.parametrize("head", ["dense", "slots"])
 def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head):
-  from jaxloc import inference, metrics, train, workdir
+  from jaxloc import inference, metrics, workdir
 
   run = tmp_path / "multi"
   config = _case_config(mnist_dir, "multi")
   config.head = head
-  final = train.train_and_evaluate(config, str(run))
+  final = train_run(config, str(run))
   for name in (
     "metrics.json",
     "predictions.png",
@@ -216,7 +217,9 @@ def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head
   for key in ("count_accuracy", "presence_accuracy", "mean_iou", "class_accuracy", "AP", "AP50"):
     assert scored[key] == final[key], key
   scene = canvas.sample_scene(
-    jax.random.key(3), *_digits(mnist_dir), **tasks.scene_args(config, batch_size=1)
+    jax.random.key(3),
+    *_digits(mnist_dir),
+    **configs.read(config).scene.sample_args(1, config.canvas_size),
   )
   png = tmp_path / "scene.png"
   Image.fromarray(np.asarray(scene["image"][0, :, :, 0] * 255, np.uint8)).save(png)
@@ -253,8 +256,7 @@ def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head
   ],
 )
 def test_bad_scene_configs_are_rejected_before_training(mnist_dir, tmp_path, case, scene, match):
-  from jaxloc import train
 
   with pytest.raises(UserError, match=match):
-    train.train_and_evaluate(_case_config(mnist_dir, case, **scene), str(tmp_path / "run"))
+    train_run(_case_config(mnist_dir, case, **scene), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()

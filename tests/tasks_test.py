@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, random_digits
+from conftest import ROOT, random_digits, small_config
 
 from experiments.configs import digit, multi, presence
-from jaxloc import model, tasks
+from jaxloc import configs, model, tasks
 
 
 def _benchmark_layout():
@@ -29,7 +29,7 @@ def test_every_config_file_passes_its_checks():
   assert "mnist_detection" in names
   for name in names:
     if name != "scene_base":
-      tasks.check_config(importlib.import_module(f"experiments.configs.{name}").get_config())
+      configs.read(importlib.import_module(f"experiments.configs.{name}").get_config())
 
 
 def _multi(head):
@@ -51,7 +51,7 @@ def _multi(head):
 def test_build_gives_a_consistent_task(config, model_type, answer_keys):
   """Sampler, model, loss and answers fit together: a batch gives a finite loss and
   answers with one row per canvas."""
-  task = tasks.build(config)
+  task = tasks.build(configs.read(config))
   assert type(task.model) is model_type
   batch = task.sample_fn(jax.random.key(0), jnp.zeros((), jnp.int32), *random_digits())
   params = model.init_params(jax.random.key(1), task.model, config.canvas_size)
@@ -66,7 +66,7 @@ def test_build_gives_a_consistent_task(config, model_type, answer_keys):
 def test_single_class_cases_answer_presence():
   config = presence.get_config()  # one class at 128 px: 256 cells >= its top_k of 100
   config.batch_size = 4
-  task = tasks.build(config)
+  task = tasks.build(configs.read(config))
   batch = task.sample_fn(jax.random.key(0), jnp.zeros((), jnp.int32), *random_digits())
   params = model.init_params(jax.random.key(1), task.model, config.canvas_size)
   answers = task.answer(task.model.apply({"params": params}, batch["image"]))
@@ -75,11 +75,9 @@ def test_single_class_cases_answer_presence():
 
 
 def test_steps_per_call_default_is_per_backend():
-  assert tasks.resolve_steps_per_call(7) == 7
-  expected = tasks.DEFAULT_STEPS_PER_CALL.get(
-    jax.default_backend(), tasks.DEFAULT_STEPS_PER_CALL_ACCELERATOR
-  )
-  assert tasks.resolve_steps_per_call(-1) == expected
+  read = lambda n: configs.read(small_config("", steps_per_call=n)).schedule.steps_per_call
+  assert read(7) == 7
+  assert read(-1) == (10 if jax.default_backend() == "cpu" else 1)  # a scan of 10 on the CPU
 
 
 def test_configs_saved_before_new_fields_keep_their_meaning():
@@ -88,10 +86,10 @@ def test_configs_saved_before_new_fields_keep_their_meaning():
   old = multi.get_config().to_dict()
   for name in ("head", "lr_schedule", "warmup_steps"):
     del old[name]
-  upgraded = tasks.upgrade_config(old)
+  upgraded = configs.upgrade(old)
   assert (upgraded["head"], upgraded["lr_schedule"], upgraded["warmup_steps"]) == (
     "slots",
     "constant",
     0,
   )
-  assert "head" not in tasks.upgrade_config(digit.get_config().to_dict())
+  assert "head" not in configs.upgrade(digit.get_config().to_dict())

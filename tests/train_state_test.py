@@ -9,22 +9,22 @@ import pytest
 from conftest import random_digits
 
 from experiments.configs import digit
-from jaxloc import canvas, parallel, tasks, train_state
+from jaxloc import canvas, configs, parallel, tasks, train_state
 
 
 def _step_fn(config):
   """train_step(state, batch) of the config: its loss, optimizer and hyperparameters."""
   return functools.partial(
     train_state.train_step,
-    hp=train_state.hyperparameters(config),
-    loss_fn=tasks.build(config).loss_fn,
-    optimizer_fn=functools.partial(train_state.optimizer, config),
+    hp=train_state.hyperparameters(configs.read(config)),
+    loss_fn=tasks.build(configs.read(config)).loss_fn,
+    optimizer_fn=functools.partial(train_state.optimizer, configs.read(config).opt),
   )
 
 
 def test_loss_falls_when_overfitting_one_batch():
   config = digit.get_config()
-  state = train_state.create_train_state(jax.random.key(0), config)
+  state = train_state.create_train_state(jax.random.key(0), configs.read(config))
   batch = canvas.sample_batch(jax.random.key(1), *random_digits(), batch_size=8)
   step = jax.jit(_step_fn(config))
   losses = []
@@ -36,7 +36,7 @@ def test_loss_falls_when_overfitting_one_batch():
 
 def test_train_step_traces_once():
   config = digit.get_config()
-  state = train_state.create_train_state(jax.random.key(0), config)
+  state = train_state.create_train_state(jax.random.key(0), configs.read(config))
   traces, step_fn = [], _step_fn(config)
 
   def counted(state, batch):
@@ -66,9 +66,9 @@ def test_moving_average_does_not_change_training():
   for decay in (0.0, 0.9):
     config = digit.get_config()
     config.ema_decay = decay
-    state = train_state.create_train_state(key, config)
+    state = train_state.create_train_state(key, configs.read(config))
     assert (state.ema_params is None) == (decay == 0.0)
-    loss_fn = tasks.build(config).loss_fn
+    loss_fn = tasks.build(configs.read(config)).loss_fn
     sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample, loss_fn=loss_fn)
     out[decay] = train_state.train_steps(
       state,
@@ -76,11 +76,11 @@ def test_moving_average_does_not_change_training():
       digits,
       labels,
       data_key,
-      train_state.hyperparameters(config),
+      train_state.hyperparameters(configs.read(config)),
       num_steps=4,
       sample_fn=sample,
       loss_fn=loss_fn,
-      optimizer_fn=functools.partial(train_state.optimizer, config),
+      optimizer_fn=functools.partial(train_state.optimizer, configs.read(config).opt),
     )[0]
   same = jax.tree_util.tree_map(np.array_equal, out[0.0].params, out[0.9].params)
   assert all(jax.tree_util.tree_leaves(same))
@@ -93,16 +93,20 @@ def test_moving_average_does_not_change_training():
 def test_cosine_schedule_warms_up_then_decays_to_zero():
   config = digit.get_config()
   config.update(lr_schedule="cosine", warmup_steps=10, epochs=2, steps_per_epoch=50)
-  lr = train_state.learning_rate(config)
+  lr = train_state.learning_rate(configs.read(config).opt)
   assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(config.learning_rate)
   assert float(lr(55)) == pytest.approx(config.learning_rate / 2, rel=1e-2)
   assert float(lr(100)) == pytest.approx(0.0, abs=1e-9)
-  assert train_state.learning_rate(digit.get_config()) == 1e-3  # the seed: constant
+  assert (
+    train_state.learning_rate(configs.read(digit.get_config()).opt) == 1e-3
+  )  # the seed: constant
 
 
 def test_stack_and_member_are_inverse():
   config = digit.get_config()
-  states = [train_state.create_train_state(jax.random.key(i), config) for i in range(3)]
+  states = [
+    train_state.create_train_state(jax.random.key(i), configs.read(config)) for i in range(3)
+  ]
   stacked = parallel.stack(states)
   assert stacked.params["Dense_0"]["kernel"].shape == (3, 3136, 128)
   for i, state in enumerate(states):

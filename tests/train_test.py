@@ -4,27 +4,27 @@ import threading
 
 import conftest
 import pytest
-from conftest import small_config
+from conftest import small_config, train_run
 
-from jaxloc import plots, train, workdir
+from jaxloc import plots, workdir
 from jaxloc.errors import UserError
 
 
 def test_same_seed_same_parameters(mnist_dir, tmp_path):
-  a = train.train_and_evaluate(small_config(mnist_dir), str(tmp_path / "a"))
-  b = train.train_and_evaluate(small_config(mnist_dir), str(tmp_path / "b"))
+  a = train_run(small_config(mnist_dir), str(tmp_path / "a"))
+  b = train_run(small_config(mnist_dir), str(tmp_path / "b"))
   pa = (tmp_path / "a" / workdir.PARAMS).read_bytes()
   pb = (tmp_path / "b" / workdir.PARAMS).read_bytes()
   assert pa == pb
   assert a["accuracy"] == b["accuracy"] and a["mean_iou"] == b["mean_iou"]
-  c = train.train_and_evaluate(small_config(mnist_dir, seed=1), str(tmp_path / "c"))
+  c = train_run(small_config(mnist_dir, seed=1), str(tmp_path / "c"))
   assert (tmp_path / "c" / workdir.PARAMS).read_bytes() != pa
   assert c["num_val"] == 40
 
 
 def test_end_to_end_run_writes_every_output(mnist_dir, tmp_path):
   run = tmp_path / "run"
-  final = train.train_and_evaluate(small_config(mnist_dir), str(run))
+  final = train_run(small_config(mnist_dir), str(run))
   for name in (
     "config.json",
     "metrics.jsonl",
@@ -60,7 +60,7 @@ def test_end_to_end_run_writes_every_output(mnist_dir, tmp_path):
   # With a moving average (the default) the raw weights are scored too, beside it.
   assert {f"val_raw/{k}" for k in on_disk["raw"]} == {k for k in evals[-1] if "val_raw/" in k}
   assert on_disk["raw"]["num_val"] == on_disk["num_val"] == 40
-  plain = train.train_and_evaluate(small_config(mnist_dir, ema_decay=0.0), str(tmp_path / "plain"))
+  plain = train_run(small_config(mnist_dir, ema_decay=0.0), str(tmp_path / "plain"))
   assert "raw" not in plain
   assert plain["accuracy"] == on_disk["raw"]["accuracy"]
   assert plain["mean_iou"] == pytest.approx(on_disk["raw"]["mean_iou"], rel=1e-6)
@@ -76,7 +76,7 @@ def test_predictions_are_drawn_off_the_training_thread(mnist_dir, tmp_path, monk
     return draw(*args, **kwargs)
 
   monkeypatch.setattr(plots, "plot_predictions", recorded)
-  train.train_and_evaluate(small_config(mnist_dir), str(tmp_path / "run"))
+  train_run(small_config(mnist_dir), str(tmp_path / "run"))
   assert len(threads) == 2 and all(t.startswith("jaxloc-draw") for t in threads), threads
   assert (tmp_path / "run" / "predictions.png").exists()
 
@@ -85,7 +85,7 @@ def test_predictions_are_drawn_off_the_training_thread(mnist_dir, tmp_path, monk
 
   monkeypatch.setattr(plots, "plot_predictions", full_disk)
   with pytest.raises(UserError, match=r"cannot write .*predictions.png \(No space left"):
-    train.train_and_evaluate(small_config(mnist_dir), str(tmp_path / "full"))
+    train_run(small_config(mnist_dir), str(tmp_path / "full"))
   assert os.listdir(tmp_path / "full" / "checkpoints") == ["6"]
 
 
@@ -104,20 +104,20 @@ def test_predictions_are_drawn_off_the_training_thread(mnist_dir, tmp_path, monk
 )
 def test_bad_config_is_rejected(field, value, match, tmp_path):
   with pytest.raises(UserError, match=match):
-    train.train_and_evaluate(small_config("", **{field: value}), str(tmp_path / "run"))
+    train_run(small_config("", **{field: value}), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 
 def test_cosine_run_refuses_more_epochs(mnist_dir, tmp_path):
   """Its schedule is laid out over the epochs: more of them would change the past."""
   config = small_config(mnist_dir, lr_schedule="cosine", warmup_steps=1, epochs=1)
-  train.train_and_evaluate(config, str(tmp_path / "run"))
+  train_run(config, str(tmp_path / "run"))
   config.epochs = 2
   with pytest.raises(UserError, match="epochs: 1 -> 2"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    train_run(config, str(tmp_path / "run"))
   config.epochs = 1
   with pytest.raises(UserError, match="its cosine learning-rate schedule has ended"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    train_run(config, str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,9 @@ import json
 import os
 
 import pytest
-from conftest import small_config
+from conftest import small_config, train_run
 
-from jaxloc import tasks, train, workdir
+from jaxloc import configs, train, workdir
 from jaxloc.errors import UserError
 
 
@@ -51,14 +51,7 @@ def test_move_aside_keeps_the_lock_and_never_reuses_a_name(tmp_path):
 
 
 def _resume(path, config, latest, fresh=False):
-  return workdir.resume_step(
-    str(path),
-    config,
-    latest,
-    fresh=fresh,
-    resumable=train.resumable_changes(config),
-    upgrade=tasks.upgrade_config,
-  )
+  return train.decide_resume(configs.read(config), str(path), latest, fresh=fresh)
 
 
 def test_resume_step_decides_new_resume_or_refusal(tmp_path):
@@ -83,7 +76,7 @@ def test_workdir_that_is_a_file(tmp_path):
   path = tmp_path / "file"
   path.write_text("keep me")
   with pytest.raises(UserError, match="is a file"):
-    train.train_and_evaluate(small_config(""), str(path))
+    train_run(small_config(""), str(path))
   assert path.read_text() == "keep me"
 
 
@@ -92,10 +85,10 @@ def test_finished_workdir_is_not_overwritten(mnist_dir, tmp_path):
   run.mkdir()
   (run / "metrics.json").write_text('{"accuracy": 0.99}')
   with pytest.raises(UserError, match="holds results of a run without config.json"):
-    train.train_and_evaluate(small_config(mnist_dir), str(run))
+    train_run(small_config(mnist_dir), str(run))
   workdir.write_json(str(run / "config.json"), small_config(mnist_dir).to_dict())
   with pytest.raises(UserError, match="holds a finished run of 6 steps"):
-    train.train_and_evaluate(small_config(mnist_dir), str(run))
+    train_run(small_config(mnist_dir), str(run))
   assert (run / "metrics.json").read_text() == '{"accuracy": 0.99}'
 
 
@@ -103,4 +96,4 @@ def test_workdir_that_cannot_be_created(tmp_path):
   parent = tmp_path / "a-file"
   parent.write_text("")
   with pytest.raises(UserError, match="cannot create workdir .*Not a directory"):
-    train.train_and_evaluate(small_config(""), str(parent / "run"))
+    train_run(small_config(""), str(parent / "run"))

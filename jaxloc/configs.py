@@ -1,0 +1,327 @@
+"""Reading a config: `read(config)` turns an `ml_collections` ConfigDict (or a workdir's
+config.json, as a dict) into a checked, frozen `spec.Spec`. It is the one place that reads a
+config's fields.
+
+It fills the fields an older config.json lacks (`upgrade`), rejects settings that cannot
+work with one line that says how to fix them (`errors.UserError`), resolves the
+per-backend defaults (steps per compiled call, how replica members share a program),
+computes the derived numbers once (total steps, validation scenes) and parses
+`config.vary` (the values replica members list) once.
+"""
+
+import copy
+import dataclasses
+
+import jax
+
+from jaxloc import canvas, dense, model, parallel
+from jaxloc.errors import UserError
+from jaxloc.spec import (
+  Data,
+  DenseHead,
+  DigitHead,
+  Optimizer,
+  Replicas,
+  Scene,
+  Schedule,
+  SlotHead,
+  Spec,
+  members,
+)
+
+HEADS = ("dense", "slots")
+BOX_TYPES = ("patch", "tight", "ink")
+SCHEDULES = ("constant", "cosine")
+REPLICA_MODES = ("vmap", "map")
+VARY_EXAMPLE = '--config.vary="learning_rate=1e-3,3e-3 ema_decay=0.99,0.999"'
+SCENE_VAL_DEFAULT = 10_000  # validation scenes when config.num_val <= 0
+
+# Steps per compiled call when config.steps_per_call = -1. The CPU runs a lax.scan of 10
+# steps faster than one step per call (docs/speed.md); on an accelerator every other chunk
+# length (the steps left before a log or an epoch end) is one more compilation, and one step
+# per call compiles once.
+STEPS_PER_CALL = {"cpu": 10}
+STEPS_PER_CALL_ACCELERATOR = 1
+# How replica members share one program when config.replica_mode = "auto" (docs/speed.md):
+# vmap batches the members' matrix products into one.
+REPLICA_MODE = {"cpu": "vmap"}
+REPLICA_MODE_ACCELERATOR = "vmap"
+
+# Fields added after runs were written, with the value that reproduces those runs.
+ADDED_FIELDS = {
+  "ema_decay": 0.0,
+  "lr_schedule": "constant",
+  "warmup_steps": 0,
+  "replicas": 1,
+  "replica_mode": "auto",
+  "vary": "",
+}
+ADDED_SCENE_FIELDS = {"head": "slots", "data": {}}  # scene runs: slots, no data on disk
+ADDED_NESTED_FIELDS = {
+  "scene": {"paste_mode": "max"},
+  "data": {"train_path": "", "val_path": ""},
+  "dense": {
+    "backbone": "single",
+    "pyramid_features": (128, 128),
+    "neck_features": 128,
+    "norm": "none",
+  },
+}
+
+
+def upgrade(config: dict) -> dict:
+  """A saved config.json as a dict of today's fields: what a workdir written before a
+  field existed ran with (scene runs then had only the slot detector and no datasets)."""
+  added = dict(ADDED_FIELDS, **(ADDED_SCENE_FIELDS if config.get("scene") else {}))
+  config = {**copy.deepcopy(added), **config}
+  for group, fields in ADDED_NESTED_FIELDS.items():
+    if group in config:
+      config[group] = {**fields, **config[group]}
+  return config
+
+
+def read(config) -> Spec:
+  """The checked spec of a ConfigDict or a config dict (config.json, upgraded here)."""
+  c = upgrade(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+  _check_run(c)
+  canvas.check_canvas_size(c["canvas_size"])
+  scene = _scene(c) if c.get("scene") else None
+  head = _head(c) if scene else _digit_head(c)
+  parallel.check_divisible(c["batch_size"])
+  parallel.check_divisible(c["eval_batch_size"], "eval_batch_size")
+  total = c["epochs"] * c["steps_per_epoch"]
+  num_val = c["num_val"]
+  if scene:
+    num_val = num_val if num_val > 0 else SCENE_VAL_DEFAULT
+  data = c.get("data") or {}
+  spec = Spec(
+    seed=c["seed"],
+    data=Data(
+      mnist_dir=c["mnist_dir"],
+      canvas_size=c["canvas_size"],
+      batch_size=c["batch_size"],
+      eval_batch_size=c["eval_batch_size"],
+      num_val=num_val,
+      val_seed=c["val_seed"],
+      num_plot=c["num_plot"],
+      train_path=data.get("train_path", ""),
+      val_path=data.get("val_path", ""),
+    ),
+    schedule=Schedule(
+      epochs=c["epochs"],
+      steps_per_epoch=c["steps_per_epoch"],
+      total_steps=total,
+      steps_per_call=_backend_default(c["steps_per_call"], -1, STEPS_PER_CALL, 1),
+      log_every=c["log_every"],
+      checkpoint_every=c["checkpoint_every"],
+      keep_checkpoints=c["keep_checkpoints"],
+    ),
+    opt=Optimizer(
+      learning_rate=c["learning_rate"],
+      lr_schedule=c["lr_schedule"],
+      warmup_steps=c["warmup_steps"],
+      total_steps=total,
+      ema_decay=c["ema_decay"],
+    ),
+    head=head,
+    scene=scene,
+    replicas=Replicas(
+      count=c["replicas"],
+      mode=_backend_default(c["replica_mode"], "auto", REPLICA_MODE, REPLICA_MODE_ACCELERATOR),
+    ),
+    fields=c,
+  )
+  spec = dataclasses.replace(
+    spec, replicas=dataclasses.replace(spec.replicas, varied=_vary(c, spec))
+  )
+  _check_members(spec)
+  return spec
+
+
+def _backend_default(value, auto, table: dict, accelerator):
+  return table.get(jax.default_backend(), accelerator) if value == auto else value
+
+
+def _positive_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_run(c: dict) -> None:
+  positive = (
+    "batch_size",
+    "epochs",
+    "steps_per_epoch",
+    "eval_batch_size",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "replicas",
+  )
+  for name in positive:
+    if not _positive_int(c[name]):
+      raise UserError(f"config.{name}={c[name]!r} must be a positive integer")
+  if c["steps_per_call"] != -1 and not c["steps_per_call"] >= 1:
+    raise UserError(
+      f"config.steps_per_call={c['steps_per_call']!r} must be -1 (per backend) or positive"
+    )
+  _check_hyperparameters(c["learning_rate"], c["ema_decay"])
+  if c["lr_schedule"] not in SCHEDULES:
+    raise UserError(f"config.lr_schedule={c['lr_schedule']!r}: use 'constant' or 'cosine'")
+  if not isinstance(c["warmup_steps"], int) or c["warmup_steps"] < 0:
+    raise UserError(f"config.warmup_steps={c['warmup_steps']!r} must be an integer >= 0")
+  if c["replica_mode"] not in ("auto", *REPLICA_MODES):
+    raise UserError(f"config.replica_mode={c['replica_mode']!r}: use 'auto', 'vmap' or 'map'")
+
+
+def _check_hyperparameters(learning_rate, ema_decay) -> None:
+  if not learning_rate > 0:
+    raise UserError(f"config.learning_rate={learning_rate!r} must be positive")
+  if not 0.0 <= ema_decay < 1.0:
+    raise UserError(f"config.ema_decay={ema_decay!r} must lie in [0, 1) (0 = no moving average)")
+
+
+def _digit_head(c: dict) -> DigitHead:
+  return DigitHead(
+    conv_features=tuple(c["conv_features"]),
+    dense_features=c["dense_features"],
+    class_loss_weight=c["class_loss_weight"],
+    box_loss_weight=c["box_loss_weight"],
+  )
+
+
+def _scene(c: dict) -> Scene:
+  sc = c["scene"]
+  k = sc["max_objects"]
+  if not isinstance(k, int) or k < 1:
+    raise UserError(f"config.scene.max_objects={k!r} must be a positive integer")
+  probs = tuple(sc["count_probs"])
+  if len(probs) != k + 1 or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+    raise UserError(
+      f"config.scene.count_probs={probs} must be {k + 1} probabilities (counts 0..{k}) "
+      "that sum to 1"
+    )
+  lo, hi = tuple(sc["size_range"])
+  if not 1 <= lo <= hi:
+    raise UserError(f"config.scene.size_range=({lo}, {hi}) must satisfy 1 <= min <= max")
+  if sc["box_type"] not in BOX_TYPES:
+    raise UserError(f"config.scene.box_type={sc['box_type']!r}: use one of {BOX_TYPES}")
+  if sc["paste_mode"] not in canvas.PASTE_MODES:
+    raise UserError(
+      f"config.scene.paste_mode={sc['paste_mode']!r}: use one of {canvas.PASTE_MODES}"
+    )
+  if not -1 <= sc["target_class"] <= 9:
+    raise UserError(f"config.scene.target_class={sc['target_class']}: use -1 (any) or 0..9")
+  if sc["target_class"] < 0 and sc["distractor_prob"] > 0:
+    raise UserError("config.scene.distractor_prob needs a config.scene.target_class >= 0")
+  canvas.check_scene(c["canvas_size"], k + (sc["distractor_prob"] > 0), hi, sc["max_overlap"])
+  if c["head"] not in HEADS:
+    raise UserError(f"config.head={c['head']!r}: use one of {', '.join(map(repr, HEADS))}")
+  return Scene(
+    max_objects=k,
+    count_probs=probs,
+    target_class=sc["target_class"],
+    distractor_prob=sc["distractor_prob"],
+    size_range=(lo, hi),
+    box_type=sc["box_type"],
+    paste_mode=sc["paste_mode"],
+    max_overlap=sc["max_overlap"],
+    classify=sc["classify"],
+  )
+
+
+def _head(c: dict) -> SlotHead | DenseHead:
+  if c["head"] == "slots":
+    return SlotHead(
+      conv_features=tuple(c["conv_features"]),
+      dense_features=c["dense_features"],
+      class_loss_weight=c["class_loss_weight"],
+      box_loss_weight=c["box_loss_weight"],
+      count_loss_weight=c["scene"]["count_loss_weight"],
+      objectness_loss_weight=c["scene"]["objectness_loss_weight"],
+    )
+  dn, k = c["dense"], c["scene"]["max_objects"]
+  if dn["backbone"] not in model.BACKBONES:
+    raise UserError(f"config.dense.backbone={dn['backbone']!r}: use one of {model.BACKBONES}")
+  if dn["norm"] not in model.NORMS:
+    raise UserError(f"config.dense.norm={dn['norm']!r}: use one of {model.NORMS}")
+  if not isinstance(dn["neck_features"], int) or dn["neck_features"] < 1:
+    raise UserError(
+      f"config.dense.neck_features={dn['neck_features']!r} must be a positive integer"
+    )
+  stages = len(c["conv_features"])
+  if dn["backbone"] == "fpn":
+    stages += len(dn["pyramid_features"])
+  strides = [2**i for i in range(1, stages + 1)]
+  if dn["stride"] not in strides:
+    raise UserError(
+      f"config.dense.stride={dn['stride']!r}: the output stride is 2 ** (pooled conv stages); "
+      f"with {stages} conv stages use one of {strides}"
+    )
+  classes = 10 if c["scene"]["classify"] else 1
+  cells = dense.grid_size(c["canvas_size"], dn["stride"]) ** 2 * classes
+  if not isinstance(dn["top_k"], int) or not k <= dn["top_k"] <= cells:
+    raise UserError(
+      f"config.dense.top_k={dn['top_k']!r} must be an integer from max_objects ({k}) to the "
+      f"number of heatmap cells x classes ({cells})"
+    )
+  if not 0.0 < dn["score_threshold"] < 1.0:
+    raise UserError(
+      f"config.dense.score_threshold={dn['score_threshold']!r} must lie strictly between 0 and 1"
+    )
+  if not 0.0 < dn["prior"] < 1.0:
+    raise UserError(f"config.dense.prior={dn['prior']!r} must lie strictly between 0 and 1")
+  return DenseHead(
+    conv_features=tuple(c["conv_features"]),
+    backbone=dn["backbone"],
+    pyramid_features=tuple(dn["pyramid_features"]),
+    neck_features=dn["neck_features"],
+    norm=dn["norm"],
+    stride=dn["stride"],
+    context_features=tuple(dn["context_features"]),
+    top_k=dn["top_k"],
+    score_threshold=dn["score_threshold"],
+    heatmap_loss_weight=dn["heatmap_loss_weight"],
+    box_loss_weight=dn["box_loss_weight"],
+    prior=dn["prior"],
+  )
+
+
+def _vary(c: dict, spec: Spec) -> tuple[tuple[str, tuple[float, ...]], ...]:
+  """`config.vary` parsed: "learning_rate=1e-3,3e-3 ema_decay=0.99,0.999" (entries apart by
+  spaces or `;`) -> ((field, one value per member), ...)."""
+  text, allowed = c.get("vary") or "", spec.hyperparameters()
+  out = {}
+  for entry in text.replace(";", " ").split():
+    name, _, values = entry.partition("=")
+    if name not in allowed:
+      raise UserError(
+        f"config.vary={text!r}: {entry!r} is not <field>=<value>,<value>,... of a field this "
+        f"config's members may vary ({', '.join(allowed)}); e.g. {VARY_EXAMPLE}"
+      )
+    if name in out:
+      raise UserError(f"config.vary={text!r} lists {name} twice")
+    try:
+      out[name] = tuple(float(v) for v in values.split(","))
+    except ValueError:
+      raise UserError(f"config.vary={text!r}: the values of {name} must be numbers") from None
+    if len(out[name]) != c["replicas"]:
+      raise UserError(
+        f"config.vary lists {len(out[name])} values of {name} for config.replicas="
+        f"{c['replicas']}: one value per member (--config.replicas={len(out[name])})"
+      )
+  return tuple(out.items())
+
+
+def _check_members(spec: Spec) -> None:
+  """Each replica member's listed values, as a UserError naming the member."""
+  specs = members(spec)
+  for i, m in enumerate(specs):
+    try:
+      _check_hyperparameters(m.opt.learning_rate, m.opt.ema_decay)
+    except UserError as e:
+      raise UserError(f"config.vary: member {i}: {e}") from None
+  if len({m.opt.ema_decay > 0 for m in specs}) > 1:
+    raise UserError(
+      "config.vary: ema_decay mixes 0 (no moving average) with averages; the members share "
+      "one train state layout, so list only values > 0, or only 0"
+    )
