@@ -47,12 +47,13 @@ def read_dataset(steps):
   del steps
   import tempfile
 
-  from jaxloc import datasets, tasks
+  from jaxloc import configs, datasets, loaders
 
   path = flags.FLAGS.data
   if not path:
     path = os.path.join(tempfile.mkdtemp(), "set")
-    datasets.write(path, tasks.export_scenes(_md_config("fpn", "none"), 1000, "test", 0))
+    spec = configs.read(_md_config("fpn", "none"))
+    datasets.write(path, loaders.export_scenes(spec, 1000, "test", 0))
   t = time.perf_counter()
   data = datasets.read(path)
   dt = time.perf_counter() - t
@@ -112,14 +113,15 @@ def _evaluate_two(steps, config):
   import jax
 
   from experiments.configs import digit
-  from jaxloc import parallel, tasks, train_state
+  from jaxloc import configs, loaders, parallel, tasks, train_state
 
   config = config or digit.get_config()
   config.mnist_dir = flags.FLAGS.mnist_dir or ""
-  task = tasks.build(config)
+  spec = configs.read(config)
+  task = tasks.build(spec)
   mesh = parallel.data_mesh()
-  val = parallel.replicate(tasks.load_data(config)[2], mesh)
-  models = [train_state.create_train_state(jax.random.key(i), config).params for i in (0, 1)]
+  val = parallel.replicate(loaders.load(spec)[2], mesh)
+  models = [train_state.create_train_state(jax.random.key(i), spec).params for i in (0, 1)]
   apply_fn = task.model.apply
   one, both = task.make_evaluator(apply_fn, mesh), task.make_evaluator(apply_fn, mesh, True)
   stacked = parallel.stack(models)
@@ -129,7 +131,7 @@ def _evaluate_two(steps, config):
   }
   best = _best_seconds(ways, max(2, steps // 100))
   result = dict(best, one_call_vs_apart=best["apart_s"] / best["one_call_s"])
-  num_val = len(val["labels"]) if config.num_val <= 0 else config.num_val
+  num_val = len(val["labels"]) if spec.data.num_val <= 0 else spec.data.num_val
   result.update(backend=jax.default_backend(), num_val=num_val)
   return result
 
@@ -141,17 +143,17 @@ def evaluate_batch(steps):
   import jax
 
   from experiments.configs import digit
-  from jaxloc import parallel, tasks, train_state
+  from jaxloc import configs, loaders, parallel, spec, tasks, train_state
 
   config = digit.get_config()
   config.mnist_dir = flags.FLAGS.mnist_dir or ""
+  seed_spec = configs.read(config)
   mesh = parallel.data_mesh()
-  val = parallel.replicate(tasks.load_data(config)[2], mesh)
-  params = train_state.create_train_state(jax.random.key(0), config).params
+  val = parallel.replicate(loaders.load(seed_spec)[2], mesh)
+  params = train_state.create_train_state(jax.random.key(0), seed_spec).params
   ways = {}
   for size in (500, 250, 100, 50):
-    config.eval_batch_size = size
-    task = tasks.build(config)
+    task = tasks.build(spec.replace(seed_spec, data={"eval_batch_size": size}))
     evaluate = task.make_evaluator(task.model.apply, mesh)
     ways[f"batch_{size}_s"] = lambda evaluate=evaluate: evaluate(params, val)
   return dict(_best_seconds(ways, max(2, steps // 100)), backend=jax.default_backend())

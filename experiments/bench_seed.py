@@ -50,7 +50,7 @@ def _seconds_per_call(fn, arg, reps: int) -> float:
 def canvas_jaxloc(steps):
   import jax
 
-  from jaxloc import canvas
+  from jaxloc import canvas, stream
 
   digits, labels = (jax.numpy.asarray(a) for a in _digits())
   key = jax.random.key(0)
@@ -83,7 +83,7 @@ def canvas_jaxloc(steps):
       "box": jnp.zeros((BATCH, 4)) + s,
     }
   )
-  order = jax.jit(lambda s: canvas.stream_index(key, s, BATCH, n))
+  order = jax.jit(lambda s: stream.stream_index(key, s, BATCH, n))
   xy = canvas.sample_offsets(key, BATCH, CANVAS)
   paste = jax.jit(lambda xy: canvas.render(digits[:BATCH], labels[:BATCH], xy, canvas_size=CANVAS))
   ten = jax.jit(
@@ -139,23 +139,24 @@ def compiled_steps(config=None, steps_per_call=None, members=1, mode=None):
   import jax
 
   from experiments.configs import digit
-  from jaxloc import parallel, tasks, train_state
+  from jaxloc import configs, parallel, tasks, train_state
 
-  config = config or digit.get_config()
+  spec = configs.read(config or digit.get_config())
   digits, labels = (jax.numpy.asarray(a) for a in _digits())
-  task = tasks.build(config)
+  task = tasks.build(spec)
   static = dict(sample_fn=task.sample_fn, loss_fn=task.loss_fn)
   keys = [jax.random.split(jax.random.key(i)) for i in range(members)]
-  states = [train_state.create_train_state(k[0], config, task.model) for k in keys]
+  states = [train_state.create_train_state(k[0], spec, task.model) for k in keys]
   zeros = [train_state.zero_metrics(s, digits, labels, **static) for s in states]
-  hp = train_state.hyperparameters(config)
+  hp = train_state.hyperparameters(spec)
   state, sums, data_key = states[0], zeros[0], keys[0][1]
   if mode:
     state, sums = parallel.stack(states), parallel.stack(zeros)
     data_key, hp = parallel.stack([k[1] for k in keys]), parallel.stack([hp] * members)
   data = (digits, labels, data_key, hp)
-  static["optimizer_fn"] = functools.partial(train_state.optimizer, config)
-  n = steps_per_call or tasks.resolve_steps_per_call(flags.FLAGS.steps_per_call)
+  static["optimizer_fn"] = functools.partial(train_state.optimizer, spec.opt)
+  n = steps_per_call or flags.FLAGS.steps_per_call
+  n = n if n > 0 else spec.schedule.steps_per_call
   t = time.perf_counter()
   fn = train_state.compile_train_steps(state, sums, *data, num_steps=n, replicas=mode, **static)
   return fn, (state, sums, *data), n, time.perf_counter() - t

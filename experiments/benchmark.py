@@ -23,14 +23,10 @@ own) on the same MNIST training digits, batch 64, canvas 75:
                   0-19 digits of 15-99 px, batch 16) with the single-scale network, the
                   feature pyramid, and the pyramid with GroupNorm
   profile         ms per batch: forward and gradient, jaxloc's conv vs XLA's native conv
-  conv_formulations
-                  the same for nine ways of writing the seed model's 3x3 convolutions
-  pools           training images/s of the seed model with three ways of writing its pools
-  conv_steps      training images/s of the seed model with three ways of writing its convs
   step_profile    ms per step of the seed model in each of XLA's compiled operations (a
                   jax.profiler trace): where the step's time goes on this CPU
-  conv_steps_multi, step_profile_multi
-                  the same two for case 4's dense detector (`multi`, 128x128)
+  step_profile_multi
+                  the same for case 4's dense detector (`multi`, 128x128)
   read_dataset    seconds to read a detection dataset from disk (`jaxloc.datasets.read`):
                   --data=PATH, or 1,000 scenes of the benchmark layout exported first
   replicas, replicas_multi
@@ -44,10 +40,11 @@ own) on the same MNIST training digits, batch 64, canvas 75:
                   eval_batch_size (500, 250, 100, 50)
 
 Rows that need TensorFlow are skipped (and the table says so) without the [tfds] extra.
-Prints a markdown table; --out writes all figures as JSON. With --rounds=N the parts run N
-times in turn (so a drift in this machine's speed reaches each alike): each figure is the
-median of the rounds, each round's figures are kept, and jaxloc's training speed is divided
-by Keras' round by round. The CPU (model, family, AVX flags) is printed and kept with them.
+Prints the figures as a markdown table (a row per part, then the ratios); --out writes
+all figures as JSON. With --rounds=N the parts run N times in turn (so a drift in this
+machine's speed reaches each alike): each figure is the median of the rounds, each round's
+figures are kept, and jaxloc's training speed is divided by Keras' round by round. The CPU
+(model, family, AVX flags) is printed and kept with them.
 """
 
 import json
@@ -59,7 +56,7 @@ import sys
 
 from absl import flags
 
-from experiments import bench_formulations, bench_scenes, bench_seed, cli
+from experiments import bench_profile, bench_scenes, bench_seed, cli
 from jaxloc.errors import UserError
 
 _PART = flags.DEFINE_string("part", None, "Internal: run one measurement and print JSON.")
@@ -83,11 +80,7 @@ PARTS = (
   "train_keras_onednn",
   "matmul",
   "profile",
-  "conv_formulations",
-  "pools",
-  "conv_steps",
   "step_profile",
-  "conv_steps_multi",
   "step_profile_multi",
   "train_multi_dense",
   "train_multi_slots",
@@ -108,7 +101,7 @@ def _peak_rss_mb() -> float:
 
 
 def _run_part(name: str, steps: int) -> dict:
-  module = next(m for m in (bench_seed, bench_scenes, bench_formulations) if hasattr(m, name))
+  module = next(m for m in (bench_seed, bench_scenes, bench_profile) if hasattr(m, name))
   result = getattr(module, name)(steps)
   result["peak_rss_mb"] = _peak_rss_mb()
   return result
@@ -136,137 +129,19 @@ def _subprocess(name: str) -> dict:
   return json.loads(lines[-1])
 
 
-def _table(r: dict) -> str:
-  def fig(part, key, fmt="{:,.0f}"):
-    v = r[part].get(key)
-    return fmt.format(v) if v is not None else f"skipped: {r[part].get('skipped', '')}"
-
-  def ratio(a, b, key):
-    x, y = r[a].get(key), r[b].get(key)
-    return f"{x / y:.2f}x" if x and y else "n/a"
-
-  c = r["machine"]["cpu"]
-  cpu_name = (
-    f"{c.get('model_name')}, family {c.get('family')} model {c.get('model')}, "
-    f"flags {', '.join(c.get('flags', []))}"
-  )
-  bound = r["matmul"].get("gflops", 0) * 1e9 / bench_seed.train_flops_per_image()
-  share = r["train_jaxloc"].get("images_per_s", 0) / bound if bound else 0
-  rows = [
-    "| measurement | jaxloc | seed (Keras / tf.data) | jaxloc / seed |",
-    "| --- | --- | --- | --- |",
-    f"| canvases/s, batch 64 | {fig('canvas_jaxloc', 'canvases_per_s')} | "
-    f"{fig('canvas_tfdata', 'canvases_per_s')} | "
-    f"{ratio('canvas_jaxloc', 'canvas_tfdata', 'canvases_per_s')} |",
-    f"| training images/s, batch 64 | {fig('train_jaxloc', 'images_per_s')} | "
-    f"{fig('train_keras', 'images_per_s')} | "
-    f"{ratio('train_jaxloc', 'train_keras', 'images_per_s')} |",
-    f"| training images/s, batch 64, Keras with oneDNN on (TensorFlow's default on AVX-512 "
-    f"CPUs) | {fig('train_jaxloc', 'images_per_s')} | "
-    f"{fig('train_keras_onednn', 'images_per_s')} | "
-    f"{ratio('train_jaxloc', 'train_keras_onednn', 'images_per_s')} |",
-    f"| peak RSS of training, MB | {fig('train_jaxloc', 'peak_rss_mb')} | "
-    f"{fig('train_keras', 'peak_rss_mb')} | "
-    f"{ratio('train_jaxloc', 'train_keras', 'peak_rss_mb')} |",
-    f"| peak RSS of canvas synthesis, MB | {fig('canvas_jaxloc', 'peak_rss_mb')} | "
-    f"{fig('canvas_tfdata', 'peak_rss_mb')} | "
-    f"{ratio('canvas_jaxloc', 'canvas_tfdata', 'peak_rss_mb')} |",
-    f"| jaxloc training images/s, 1 step per call (no scan) | "
-    f"{fig('train_jaxloc_1', 'images_per_s')} | | |",
-    f"| jaxloc compile time of the train step, s | {fig('train_jaxloc', 'compile_s', '{:.1f}')}"
-    " | | |",
-    f"| `multi` (128x128) training images/s: dense detector / slot detector | "
-    f"{fig('train_multi_dense', 'images_per_s')} / {fig('train_multi_slots', 'images_per_s')} "
-    "| | step time dense / slots: "
-    f"{ratio('train_multi_slots', 'train_multi_dense', 'images_per_s')} |",
-    "| MNIST detection layout (300x300, batch 16) training images/s: single-scale / fpn / "
-    f"fpn + GroupNorm | {fig('train_md_single', 'images_per_s', '{:,.1f}')} / "
-    f"{fig('train_md_fpn', 'images_per_s', '{:,.1f}')} / "
-    f"{fig('train_md_fpn_group', 'images_per_s', '{:,.1f}')} | | step time fpn / single: "
-    f"{ratio('train_md_single', 'train_md_fpn', 'images_per_s')}, fpn + GroupNorm / single: "
-    f"{ratio('train_md_single', 'train_md_fpn_group', 'images_per_s')} |",
-    f"| reading a detection dataset ({r['read_dataset'].get('images', '?')} PNGs of "
-    f"{r['read_dataset'].get('size', '?')}px), s | {fig('read_dataset', 'read_s', '{:.1f}')} "
-    f"({fig('read_dataset', 'images_per_s')} images/s) | | |",
-    *(
-      f"| {r[part].get('members', '?')} replicas of {what} in one program, training images/s "
-      f"of all members: vmap / lax.map (one run: {fig(part, 'one_images_per_s')}) | "
-      f"{fig(part, 'vmap_images_per_s')} / {fig(part, 'map_images_per_s')} | | vs one run: "
-      f"{fig(part, 'vmap_vs_one', '{:.2f}x')} / {fig(part, 'map_vs_one', '{:.2f}x')} |"
-      for part, what in (("replicas", "the seed model"), ("replicas_multi", "`multi` dense"))
-    ),
-    *(
-      f"| scoring two models on {r[part].get('num_val', '?')} {what}, s: apart / in one "
-      f"call | {fig(part, 'apart_s', '{:.2f}')} / {fig(part, 'one_call_s', '{:.2f}')} | | "
-      f"apart / one call: {fig(part, 'one_call_vs_apart', '{:.2f}x')} |"
-      for part, what in (
-        ("evaluate_two", "seed canvases"),
-        ("evaluate_two_multi", "`multi` scenes"),
-      )
-    ),
-    "| scoring one model on the seed's 10,000 canvases, s, eval_batch_size 500 / 250 / 100 / "
-    "50 | "
-    + " / ".join(fig("evaluate_batch", f"batch_{n}_s", "{:.2f}") for n in (500, 250, 100, 50))
-    + " | | |",
-    "",
-    f"float32 bound: {r['matmul'].get('gflops', 0):.0f} GFLOP/s (2048^2 matmul) / "
-    f"{bench_seed.train_flops_per_image() / 1e6:.1f} MFLOP per training image = "
-    f"{bound:,.0f} images/s; "
-    f"jaxloc reaches {share:.0%} of it "
-    f"({r['train_jaxloc'].get('backend', '?')}, steps_per_call="
-    f"{r['train_jaxloc'].get('steps_per_call', '?')}). CPU: {cpu_name}"
-    f"; Keras' default ran oneDNN: {r['train_keras'].get('onednn', '?')}.",
-    "",
-    "Profile, ms per batch of 64 (forward / forward+backward): "
-    + ", ".join(
-      f"{name} {r['profile'].get(f'{name}_forward_ms', 0):.1f} / "
-      f"{r['profile'].get(f'{name}_gradient_ms', 0):.1f}"
-      for name in ("jaxloc", "lax_conv")
-    )
-    + " (lax_conv: the same model with flax.linen.Conv).",
-    "",
-    "Convolution formulations, ms per batch of 64 (forward / forward+backward): "
-    + ", ".join(
-      f"{how} {r['conv_formulations'].get(f'{how}_forward_ms', 0):.1f} / "
-      f"{r['conv_formulations'].get(f'{how}_gradient_ms', 0):.1f}"
-      for how in bench_formulations.FORMULATIONS
-    )
-    + " (`python -m experiments.benchmark --parts=conv_formulations`).",
-    "",
-    "Pools, training images/s of the seed model (best of 2 alternating rounds): "
-    + ", ".join(
-      f"{how} {r['pools'].get(f'{how}_images_per_s', 0):,.0f}" for how in bench_formulations.POOLS
-    )
-    + " (`python -m experiments.benchmark --parts=pools`).",
-    "",
-    *(
-      f"Convolutions in the whole step, training images/s of {what} (best of 2 alternating "
-      "rounds): "
-      + ", ".join(
-        f"{how} {r[part].get(f'{how}_images_per_s', 0):,.1f}"
-        for how in bench_formulations.STEP_CONVS
-      )
-      + f" (`python -m experiments.benchmark --parts={part}`).\n"
-      for part, what in (("conv_steps", "the seed model"), ("conv_steps_multi", "`multi` dense"))
-    ),
-    *(
-      f"Step profile, {what}, {r[part].get('step_ms', 0):.1f} ms per step, the largest of "
-      f"XLA's operations in ms per step (`--parts={part}`): "
-      + "; ".join(
-        f"{ms:.1f} {name} {shape} ({source})"
-        for ms, name, shape, source in r[part].get("ops", [])[:8]
-      )
-      + ".\n"
-      for part, what in (("step_profile", "seed model"), ("step_profile_multi", "`multi` dense"))
-    ),
-    "Canvas synthesis, microseconds per call of 64 canvases: the whole batch "
-    f"{r['canvas_jaxloc'].get('whole_us', 0):.0f}; each part alone in its own call: an "
-    f"empty call returning zeros of the batch's shapes {r['canvas_jaxloc'].get('call_us', 0):.0f}"
-    f", the stream order {r['canvas_jaxloc'].get('order_us', 0):.0f}, the paste "
-    f"{r['canvas_jaxloc'].get('paste_us', 0):.0f}; "
-    f"10 batches per call: {r['canvas_jaxloc'].get('canvases_per_s_10_per_call', 0):,.0f} "
-    "canvases/s.",
-  ]
+def _report(results: dict) -> str:
+  """The figures as markdown: one row per part (its numbers, rounded), then the ratios."""
+  rows = ["| part | figures |", "| --- | --- |"]
+  for name in PARTS:
+    r = results[name]
+    if "skipped" in r:
+      rows.append(f"| {name} | skipped: {r['skipped']} |")
+      continue
+    numbers = {k: v for k, v in r.items() if isinstance(v, int | float) and k != "rounds"}
+    rows.append(f"| {name} | " + ", ".join(f"{k} {v:,.4g}" for k, v in numbers.items()) + " |")
+  for name, r in results["ratios"].items():
+    each = ", ".join(f"{x:.2f}x" for x in r["rounds"])
+    rows.append(f"| {name} | {each}; median {r['median']:.2f}x |")
   return "\n".join(rows)
 
 
@@ -351,15 +226,7 @@ def main(argv):
     "rounds": _ROUNDS.value,
   }
   print(f"cpu: {json.dumps(results['machine']['cpu'])}")
-  if _PARTS.value:  # a subset: its figures only (the table needs every part)
-    for name in _PARTS.value:
-      print(f"{name}: {json.dumps(results[name])}")
-    for name, r in results["ratios"].items():
-      print(
-        f"{name}: " + ", ".join(f"{x:.2f}x" for x in r["rounds"]) + f"; median {r['median']:.2f}x"
-      )
-  else:
-    print(_table(results))
+  print(_report(results))
   if _OUT.value:
     from jaxloc import workdir
 

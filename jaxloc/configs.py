@@ -14,7 +14,7 @@ import dataclasses
 
 import jax
 
-from jaxloc import canvas, dense, model, parallel
+from jaxloc import canvas, dense, model, parallel, scenes
 from jaxloc.errors import UserError
 from jaxloc.spec import (
   Data,
@@ -213,7 +213,7 @@ def _scene(c: dict) -> Scene:
     raise UserError(f"config.scene.target_class={sc['target_class']}: use -1 (any) or 0..9")
   if sc["target_class"] < 0 and sc["distractor_prob"] > 0:
     raise UserError("config.scene.distractor_prob needs a config.scene.target_class >= 0")
-  canvas.check_scene(c["canvas_size"], k + (sc["distractor_prob"] > 0), hi, sc["max_overlap"])
+  scenes.check_scene(c["canvas_size"], k + (sc["distractor_prob"] > 0), hi, sc["max_overlap"])
   if c["head"] not in HEADS:
     raise UserError(f"config.head={c['head']!r}: use one of {', '.join(map(repr, HEADS))}")
   return Scene(

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxloc import canvas, metrics, parallel, plots, workdir
+from jaxloc import canvas, metrics, parallel, plots, scenes, workdir
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "canvas_size", "mesh", "members"))
@@ -109,14 +109,14 @@ SCENE_VAL_CHUNK = 500  # scene validation canvases per key: chunk i uses fold_in
 def sampled_chunk(val: dict, i, *, sample_args: dict, val_seed: int):
   """Chunk i of the validation scenes drawn from the test digits (val: digits, labels)."""
   key = jax.random.fold_in(jax.random.key(val_seed), i)
-  return canvas.sample_scene(key, val["digits"], val["labels"], **sample_args)
+  return scenes.sample_scene(key, val["digits"], val["labels"], **sample_args)
 
 
 def stored_chunk(val: dict, i, *, chunk: int):
   """Chunk i of a stored set (val: `jaxloc.datasets` arrays), in order; the last chunk
   wraps around to the start (`evaluate_scenes` drops what lies past the set's end)."""
   index = (i * chunk + jnp.arange(chunk)) % val["images"].shape[0]
-  return canvas.stored_scene(val, index)
+  return scenes.stored_scene(val, index)
 
 
 def scene_eval_step(apply_fn, score_chunk, make_chunk, mesh=None, members=False):

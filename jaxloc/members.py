@@ -1,5 +1,6 @@
-"""The members of a run (`spec.members`): each one model with its spec, workdir,
-checkpoints and log, and the train states they start from (new, or restored from the newest
+"""The members of a run (`spec.members`) and where they start: each one model with its
+spec, workdir, checkpoints and log; whether the workdir holds a run to resume
+(`decide_resume`); and the train states they start from (new, or restored from the newest
 checkpoint every member can read).
 """
 
@@ -11,9 +12,51 @@ import time
 import jax
 from absl import logging
 
-from jaxloc import checkpoint, records, workdir
+from jaxloc import checkpoint, configs, records, workdir
 from jaxloc import train_state as ts
 from jaxloc.spec import Spec
+
+# Fields that may change when a run is resumed: they change neither the model, the data nor
+# the optimizer (more epochs continue training, under a constant step size).
+RESUMABLE_CHANGES = frozenset(
+  {
+    "epochs",
+    "log_every",
+    "num_plot",
+    "eval_batch_size",
+    "steps_per_call",
+    "mnist_dir",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "replica_mode",
+  }
+)
+
+
+def resumable_changes(spec: Spec) -> frozenset[str]:
+  """RESUMABLE_CHANGES, less `epochs` under a decaying schedule (laid out over all epochs,
+  so changing them would change the past)."""
+  return RESUMABLE_CHANGES - ({"epochs"} if spec.opt.lr_schedule != "constant" else set())
+
+
+def decide_resume(spec: Spec, work_dir: str, latest, *, fresh, finished_file=workdir.METRICS):
+  """`workdir.resume_step` for this spec: a new run (None), the step to resume from, or a
+  refusal; `latest` is the newest checkpoint's step (None: none)."""
+  if spec.opt.lr_schedule == "constant":
+    ended = "raise --config.epochs to train on"
+  else:
+    ended = f"its {spec.opt.lr_schedule} learning-rate schedule has ended"
+  return workdir.resume_step(
+    work_dir,
+    spec.fields,
+    latest,
+    spec.schedule.total_steps,
+    fresh=fresh,
+    resumable=resumable_changes(spec),
+    upgrade=configs.upgrade,
+    ended=ended,
+    finished_file=finished_file,
+  )
 
 
 class Member:

@@ -56,7 +56,7 @@ class Optimizer:
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
-  """The scene synthesis of `canvas.sample_scene` (a scene case; None for the seed's task)."""
+  """The scene synthesis of `scenes.sample_scene` (a scene case; None for the seed's task)."""
 
   max_objects: int
   count_probs: tuple[float, ...]
@@ -69,7 +69,7 @@ class Scene:
   classify: bool
 
   def sample_args(self, batch_size: int, canvas_size: int) -> dict:
-    """Keyword arguments of `canvas.sample_scene`."""
+    """Keyword arguments of `scenes.sample_scene`."""
     args = dataclasses.asdict(self)
     del args["classify"]
     return dict(args, batch_size=batch_size, canvas_size=canvas_size)

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 
-from jaxloc import answers, canvas, dense, evaluation, losses, metrics, model
+from jaxloc import answers, canvas, dense, evaluation, losses, metrics, model, scenes
 from jaxloc.spec import DenseHead, DigitHead, SlotHead, Spec
 
 
@@ -68,13 +68,13 @@ def _digit_task(spec: Spec) -> Task:
 def _scene_sampler(spec: Spec):
   """Training scenes: digits drawn with replacement, batch t with key fold_in(data_key, t);
   or, with a training set on disk, the stored set read in keyed passes
-  (`canvas.stored_training_batch`; `loaders.load` gives the set as `digits`, None as labels)."""
+  (`scenes.stored_training_batch`; `loaders.load` gives the set as `digits`, None as labels)."""
   data = spec.data
   if data.train_path:
-    stored = functools.partial(canvas.stored_training_batch, batch_size=data.batch_size)
+    stored = functools.partial(scenes.stored_training_batch, batch_size=data.batch_size)
     return lambda data_key, step, stored_set, _: stored(data_key, step, stored_set)
   scene = functools.partial(
-    canvas.sample_scene, **spec.scene.sample_args(data.batch_size, data.canvas_size)
+    scenes.sample_scene, **spec.scene.sample_args(data.batch_size, data.canvas_size)
   )
   return lambda data_key, step, *digits: scene(jax.random.fold_in(data_key, step), *digits)
 

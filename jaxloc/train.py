@@ -30,7 +30,6 @@ from flax import serialization
 
 from jaxloc import (
   checkpoint,
-  configs,
   console,
   evaluation,
   loaders,
@@ -41,34 +40,14 @@ from jaxloc import (
   tasks,
   workdir,
 )
+from jaxloc import members as members_lib
 from jaxloc import spec as specs
 from jaxloc import train_state as ts
 from jaxloc.errors import UserError
 from jaxloc.members import Member, initial_states, keys
 from jaxloc.spec import Spec
 
-# Fields that may change when a run is resumed: they change neither the model, the data nor
-# the optimizer (more epochs continue training, under a constant step size).
-RESUMABLE_CHANGES = frozenset(
-  {
-    "epochs",
-    "log_every",
-    "num_plot",
-    "eval_batch_size",
-    "steps_per_call",
-    "mnist_dir",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "replica_mode",
-  }
-)
 SUMMARY = "summary.json"
-
-
-def resumable_changes(spec: Spec) -> frozenset[str]:
-  """RESUMABLE_CHANGES, less `epochs` under a decaying schedule (laid out over all epochs,
-  so changing them would change the past)."""
-  return RESUMABLE_CHANGES - ({"epochs"} if spec.opt.lr_schedule != "constant" else set())
 
 
 class TrainingDiverged(UserError):
@@ -102,7 +81,9 @@ def train_and_evaluate(spec: Spec, work_dir: str, *, fresh=False, echo=console.e
     latest = [m.latest_step() for m in mngrs]  # resume where every member has a checkpoint
     latest = None if None in latest else min(latest)
     finished_file = SUMMARY if stacked else workdir.METRICS
-    resume_step = decide_resume(spec, work_dir, latest, fresh=fresh, finished_file=finished_file)
+    resume_step = members_lib.decide_resume(
+      spec, work_dir, latest, fresh=fresh, finished_file=finished_file
+    )
     for m in mngrs:
       m.reload()  # --fresh may have moved the old checkpoints aside
     members = [Member(*m) for m in zip(member_specs, dirs, mngrs, strict=True)]
@@ -119,26 +100,6 @@ def train_and_evaluate(spec: Spec, work_dir: str, *, fresh=False, echo=console.e
         "before are intact. Free disk space or fix the permissions, then run the same "
         "command to resume"
       ) from None
-
-
-def decide_resume(spec: Spec, work_dir: str, latest, *, fresh, finished_file=workdir.METRICS):
-  """`workdir.resume_step` for this spec: a new run (None), the step to resume from, or a
-  refusal; `latest` is the newest checkpoint's step (None: none)."""
-  if spec.opt.lr_schedule == "constant":
-    ended = "raise --config.epochs to train on"
-  else:
-    ended = f"its {spec.opt.lr_schedule} learning-rate schedule has ended"
-  return workdir.resume_step(
-    work_dir,
-    spec.fields,
-    latest,
-    spec.schedule.total_steps,
-    fresh=fresh,
-    resumable=resumable_changes(spec),
-    upgrade=configs.upgrade,
-    ended=ended,
-    finished_file=finished_file,
-  )
 
 
 def _silent(line: str) -> None:

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxloc import canvas
+from jaxloc import canvas, stream
 from jaxloc.errors import UserError
 
 
@@ -16,7 +16,7 @@ def digits():
 
 
 def test_shapes_dtypes_range(digits):
-  b = canvas.sample_batch(jax.random.key(0), *digits, batch_size=16, canvas_size=75)
+  b = canvas.training_batch(jax.random.key(0), 0, *digits, batch_size=16, canvas_size=75)
   assert b["image"].shape == (16, 75, 75, 1) and b["image"].dtype == jnp.float32
   assert b["label"].shape == (16,) and b["label"].dtype == jnp.int32
   assert b["box"].shape == (16, 4) and b["box"].dtype == jnp.float32
@@ -24,9 +24,9 @@ def test_shapes_dtypes_range(digits):
 
 
 def test_same_key_same_batch_different_key_different_batch(digits):
-  a = canvas.sample_batch(jax.random.key(1), *digits, batch_size=8)
-  b = canvas.sample_batch(jax.random.key(1), *digits, batch_size=8)
-  c = canvas.sample_batch(jax.random.key(2), *digits, batch_size=8)
+  a = canvas.training_batch(jax.random.key(1), 0, *digits, batch_size=8)
+  b = canvas.training_batch(jax.random.key(1), 0, *digits, batch_size=8)
+  c = canvas.training_batch(jax.random.key(2), 0, *digits, batch_size=8)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
   assert not np.array_equal(a["image"], c["image"])
@@ -38,7 +38,7 @@ def test_stream_reads_every_example_once_per_pass(batch_size, num):
   key = jax.random.key(4)
   steps = 3 * num // batch_size + 2  # crosses several pass ends, mid-batch
   idx = np.concatenate(
-    [canvas.stream_index(key, jnp.int32(t), batch_size, num) for t in range(steps)]
+    [stream.stream_index(key, jnp.int32(t), batch_size, num) for t in range(steps)]
   )
   for p in range(len(idx) // num):
     chunk = idx[p * num : (p + 1) * num]
@@ -49,7 +49,7 @@ def test_stream_reads_every_example_once_per_pass(batch_size, num):
 
 @pytest.mark.parametrize("num", [1, 2, 4096, 4097])
 def test_permute_index_is_a_permutation(num):
-  perm = lambda seed: jax.vmap(lambda i: canvas.permute_index(jax.random.key(seed), i, num))(
+  perm = lambda seed: jax.vmap(lambda i: stream.permute_index(jax.random.key(seed), i, num))(
     jnp.arange(num)
   )
   np.testing.assert_array_equal(np.sort(perm(0)), np.arange(num))
@@ -89,7 +89,7 @@ def test_offsets_cover_full_range():
 
 
 def test_canvas_equal_to_digit_size(digits):
-  b = canvas.sample_batch(jax.random.key(0), *digits, batch_size=4, canvas_size=28)
+  b = canvas.training_batch(jax.random.key(0), 0, *digits, batch_size=4, canvas_size=28)
   np.testing.assert_allclose(b["box"], np.tile([0, 0, 1, 1], (4, 1)))
 
 
@@ -100,9 +100,10 @@ def test_canvas_smaller_than_digit_is_rejected():
 
 def test_scaled_paste_stays_in_its_square():
   digit = jnp.full((1, 1, 28, 28), 255, jnp.uint8)
-  image = canvas.paste(
+  placed = canvas.place_digits(
     digit, jnp.array([[[5, 7]]]), jnp.array([[14]]), jnp.array([[True]]), canvas_size=40
-  )[0, :, :, 0]
+  )
+  image = canvas.combine(placed)[0, :, :, 0]
   ink = np.argwhere(np.asarray(image) > 0)
   assert ink.min(0).tolist() == [7, 5] and ink.max(0).tolist() == [20, 18]
 
@@ -115,7 +116,9 @@ def test_paste_unscaled_equals_matrix_paste(digits):
   valid = jnp.array([[True, True, False]] * 3 + [[False, False, False]] * 3)
   size = jnp.full((6, 3), 28)
   fast = canvas.paste_unscaled(chosen, xy, valid, canvas_size=40)
-  np.testing.assert_array_equal(fast, canvas.paste(chosen, xy, size, valid, canvas_size=40))
+  np.testing.assert_array_equal(
+    fast, canvas.combine(canvas.place_digits(chosen, xy, size, valid, canvas_size=40))
+  )
   assert float(fast[3:].max()) == 0.0  # no valid slot: an empty canvas
 
 

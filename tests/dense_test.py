@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxloc import canvas, configs, dense, metrics, model
+from jaxloc import configs, dense, metrics, model, scenes
 from jaxloc.errors import UserError
 
 STRIDE = 8
@@ -26,7 +26,7 @@ def digits(mnist_dir):
 def _scene(digits, **kw):
   args = dict(batch_size=64, canvas_size=128, max_objects=5, count_probs=(0.1,) + (0.18,) * 5)
   args.update(kw)
-  return canvas.sample_scene(jax.random.key(1), *digits, **args)
+  return scenes.sample_scene(jax.random.key(1), *digits, **args)
 
 
 def _encode(scene, canvas_size=128, num_classes=10):

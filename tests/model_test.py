@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxloc import model, parallel
+from jaxloc import conv, model, parallel
 
 
 def test_parameter_count_matches_keras_summary():
@@ -36,16 +36,16 @@ def _reference_conv(x, kernel, bias):
 
 
 @pytest.mark.parametrize("channels", [1, 3])  # 1: the multiply-adds path of "matmul"
-@pytest.mark.parametrize("impl", model.CONV_IMPLS)
+@pytest.mark.parametrize("impl", conv.CONV_IMPLS)
 def test_conv3x3_matches_lax_conv_and_its_gradient(impl, channels):
   key_x, key_p = jax.random.split(jax.random.key(0))
   x = jax.random.normal(key_x, (2, 11, 9, channels))
-  conv = model.Conv3x3(5, impl=impl)
-  params = conv.init(key_p, x)["params"]
+  layer = conv.Conv3x3(5, impl=impl)
+  params = layer.init(key_p, x)["params"]
   ref = nn.Conv(5, (3, 3), padding="VALID")
   ref_params = ref.init(key_p, x)["params"]
   assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(jnp.shape, ref_params)
-  ours = lambda p, x: conv.apply({"params": p}, x)
+  ours = lambda p, x: layer.apply({"params": p}, x)
   theirs = lambda p, x: _reference_conv(x, p["kernel"], p["bias"])
   np.testing.assert_allclose(ours(params, x), theirs(params, x), rtol=1e-5, atol=1e-5)
   g = jax.random.normal(jax.random.key(2), (2, 9, 7, 5))
@@ -67,11 +67,11 @@ def test_avg_pool_drops_odd_edge():
 
 def test_conv3x3_impls_agree_with_same_padding_and_the_same_parameters():
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
-  convs = {impl: model.Conv3x3(6, padding="SAME", impl=impl) for impl in model.CONV_IMPLS}
+  convs = {impl: conv.Conv3x3(6, padding="SAME", impl=impl) for impl in conv.CONV_IMPLS}
   params = convs["matmul"].init(jax.random.key(1), x)["params"]
   lax_params = convs["lax"].init(jax.random.key(1), x)["params"]
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, params, lax_params))
-  outs = {impl: conv.apply({"params": params}, x) for impl, conv in convs.items()}
+  outs = {impl: layer.apply({"params": params}, x) for impl, layer in convs.items()}
   assert outs["lax"].shape == (2, 8, 8, 6)
   np.testing.assert_allclose(outs["lax"], outs["matmul"], rtol=1e-5, atol=1e-5)
 
@@ -80,11 +80,11 @@ def test_conv3x3_impls_agree_with_same_padding_and_the_same_parameters():
 def test_conv3x3_gradient_under_vmap_matches_each_member(channels):
   """Replicas vmap the step over stacked parameters: the custom gradient's input convolution
   then has one kernel per member (its own batching rule); with shared parameters, one."""
-  conv = model.Conv3x3(4, impl="matmul")
+  layer = conv.Conv3x3(4, impl="matmul")
   x = jax.random.normal(jax.random.key(0), (3, 2, 7, 6, channels))  # [members, B, H, W, C]
   keys = jax.random.split(jax.random.key(1), 3)
-  params = jax.vmap(lambda k, x: conv.init(k, x)["params"])(keys, x)
-  loss = lambda p, x: jnp.sum(jnp.sin(conv.apply({"params": p}, x)))
+  params = jax.vmap(lambda k, x: layer.init(k, x)["params"])(keys, x)
+  loss = lambda p, x: jnp.sum(jnp.sin(layer.apply({"params": p}, x)))
   grad = jax.grad(loss, argnums=(0, 1))
   shared = parallel.member(params, 0)
   for stacked, per_member in (

@@ -10,7 +10,7 @@ import pytest
 from conftest import train_run
 from PIL import Image
 
-from jaxloc import boxes, canvas, configs, mnist
+from jaxloc import boxes, canvas, configs, mnist, scenes
 from jaxloc.errors import UserError
 
 
@@ -27,7 +27,7 @@ def digits(mnist_dir):
 def _scene(digits, **kw):
   args = dict(batch_size=256, canvas_size=128, max_objects=2, count_probs=(1 / 3, 1 / 3, 1 / 3))
   args.update(kw)
-  return jax.device_get(canvas.sample_scene(jax.random.key(0), *digits, **args))
+  return jax.device_get(scenes.sample_scene(jax.random.key(0), *digits, **args))
 
 
 def test_mask_and_count_consistent(digits):
@@ -67,8 +67,8 @@ def test_ink_boxes_are_the_resized_digits_pixels(digits):
   args = dict(batch_size=64, canvas_size=128, max_objects=2, count_probs=(0, 0, 1))
   args.update(size_range=(15, 60), box_type="ink", max_overlap=1.0)
   key = jax.random.key(4)
-  s = jax.device_get(canvas.sample_scene(key, *digits, **args))
-  alone = jax.device_get(canvas.sample_scene(key, *digits, **dict(args, count_probs=(0, 1, 0))))
+  s = jax.device_get(scenes.sample_scene(key, *digits, **args))
+  alone = jax.device_get(scenes.sample_scene(key, *digits, **dict(args, count_probs=(0, 1, 0))))
   for i in range(64):  # the first digit drawn alone: its own canvas
     if not alone["valid"][i, 0]:
       continue
@@ -83,12 +83,17 @@ def test_ink_boxes_are_the_resized_digits_pixels(digits):
 def test_additive_paste_sums_overlapping_digits_and_clips_at_one():
   digit = jnp.full((1, 2, 28, 28), 100, jnp.uint8)
   xy, size, valid = jnp.array([[[0, 0], [10, 10]]]), jnp.full((1, 2), 28), jnp.ones((1, 2), bool)
-  add = canvas.paste(digit, xy, size, valid, canvas_size=40, mode="add")[0, :, :, 0]
-  top = canvas.paste(digit, xy, size, valid, canvas_size=40, mode="max")[0, :, :, 0]
+  add = canvas.combine(canvas.place_digits(digit, xy, size, valid, canvas_size=40), "add")[
+    0, :, :, 0
+  ]
+  top = canvas.combine(canvas.place_digits(digit, xy, size, valid, canvas_size=40), "max")[
+    0, :, :, 0
+  ]
   np.testing.assert_allclose(add[15, 15], 200 / 255, rtol=1e-6)  # both digits: the sum
   np.testing.assert_allclose(add[5, 5], 100 / 255, rtol=1e-6)  # one digit: unchanged
   assert float(top[15, 15]) == pytest.approx(100 / 255)
-  bright = canvas.paste(digit * 2, xy, size, valid, canvas_size=40, mode="add")[0, :, :, 0]
+  placed = canvas.place_digits(digit * 2, xy, size, valid, canvas_size=40)
+  bright = canvas.combine(placed, "add")[0, :, :, 0]
   assert float(bright[15, 15]) == 1.0 and float(bright.max()) == 1.0  # 400 / 255 clipped
 
 
@@ -130,11 +135,11 @@ def test_same_key_same_scene(digits):
 
 def test_layout_that_cannot_fit_is_rejected():
   with pytest.raises(UserError, match="cannot be placed without overlap.*canvas_size >= 84"):
-    canvas.check_scene(75, 5, 28, 0.0)
+    scenes.check_scene(75, 5, 28, 0.0)
   with pytest.raises(UserError, match="do not fit"):
-    canvas.check_scene(64, 1, 80, 0.0)
-  canvas.check_scene(128, 5, 28, 0.0)
-  canvas.check_scene(75, 5, 28, 0.3)
+    scenes.check_scene(64, 1, 80, 0.0)
+  scenes.check_scene(128, 5, 28, 0.0)
+  scenes.check_scene(75, 5, 28, 0.3)
 
 
 def _case_config(mnist_dir, name, **scene):
@@ -216,7 +221,7 @@ def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head
   scored = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{") :])[0]
   for key in ("count_accuracy", "presence_accuracy", "mean_iou", "class_accuracy", "AP", "AP50"):
     assert scored[key] == final[key], key
-  scene = canvas.sample_scene(
+  scene = scenes.sample_scene(
     jax.random.key(3),
     *_digits(mnist_dir),
     **configs.read(config).scene.sample_args(1, config.canvas_size),

@@ -25,7 +25,7 @@ def _step_fn(config):
 def test_loss_falls_when_overfitting_one_batch():
   config = digit.get_config()
   state = train_state.create_train_state(jax.random.key(0), configs.read(config))
-  batch = canvas.sample_batch(jax.random.key(1), *random_digits(), batch_size=8)
+  batch = canvas.training_batch(jax.random.key(1), 0, *random_digits(), batch_size=8)
   step = jax.jit(_step_fn(config))
   losses = []
   for _ in range(40):
@@ -45,7 +45,7 @@ def test_train_step_traces_once():
 
   step = jax.jit(counted, donate_argnums=0)
   for i in range(3):
-    batch = canvas.sample_batch(jax.random.key(i), *random_digits(), batch_size=8)
+    batch = canvas.training_batch(jax.random.key(i), 0, *random_digits(), batch_size=8)
     state, _ = step(state, batch)
   assert len(traces) == 1
 

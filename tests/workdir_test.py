@@ -7,7 +7,7 @@ import os
 import pytest
 from conftest import small_config, train_run
 
-from jaxloc import configs, train, workdir
+from jaxloc import configs, members, workdir
 from jaxloc.errors import UserError
 
 
@@ -51,7 +51,7 @@ def test_move_aside_keeps_the_lock_and_never_reuses_a_name(tmp_path):
 
 
 def _resume(path, config, latest, fresh=False):
-  return train.decide_resume(configs.read(config), str(path), latest, fresh=fresh)
+  return members.decide_resume(configs.read(config), str(path), latest, fresh=fresh)
 
 
 def test_resume_step_decides_new_resume_or_refusal(tmp_path):

@@ -45,13 +45,9 @@ def get_config():
   sc.max_overlap = 0.25
   sc.box_type = "ink"
   sc.paste_mode = "add"
-  # The feature pyramid: at the CPU budget (1,000 steps of batch 16, 500 validation scenes) it
-  # reached AP 0.569 / AP50 0.883 / count 0.560, the single-scale network 0.480 / 0.795 /
-  # 0.354; with GroupNorm on every conv, after 500 steps, 0.426 / 0.801 / 0.450 against the
-  # pyramid's 0.478 / 0.830 / 0.480 without it (README, "The MNIST detection benchmark").
+  # The feature pyramid: it beat the single-scale network on this layout (docs/results.md)
   config.dense.backbone = "fpn"
-  # Chosen on 500 training scenes with that run (`python -m experiments.threshold
-  # --workdir=runs/md_fpn_none --thresholds=0.15,0.2,0.25,0.3,0.35`): count accuracy 0.576 /
-  # 0.586 / 0.608 / 0.576 / 0.494; the scene cases' 0.15 counts too many digits here.
+  # Chosen on 500 training scenes with `python -m experiments.threshold` (docs/results.md);
+  # the scene cases' 0.15 counts too many digits here
   config.dense.score_threshold = 0.25
   return config

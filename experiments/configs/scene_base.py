@@ -13,17 +13,11 @@ def get_config() -> ml_collections.ConfigDict:
   config = digit.get_config()
   config.canvas_size = 128  # the cases' larger canvas
   config.num_val = 10_000  # validation scenes, drawn from the MNIST test digits (fixed key)
-  # Slot heads only (head = "slots"): box MSE x10: with weight 1 the count and class losses
-  # drive the shared features and the boxes of `multi` stall at the mean (400 steps, 500 val
-  # scenes, before the matching fix: matched mean IoU 0.085 at weight 1, 0.163 at 10, 0.199
-  # at 30; class accuracy 0.30 / 0.15 / 0.16).
+  # Slot heads only (head = "slots"): box MSE x10; at weight 1 the count and class losses
+  # drive the shared features and the boxes stall at the mean (docs/results.md)
   config.box_loss_weight = 10.0
-  config.ema_decay = 0.0  # the README's cases table was measured without a moving average
-  # Dense detector: a cosine schedule from a 3x higher peak. In a first, throwaway
-  # comparison (multi, 1,000 steps, 64-wide context convs, 2,000 val scenes, not kept in the
-  # repository) AP was 0.746 with constant 1e-3 and 0.800 with this, and an average of the
-  # weights on top changed nothing (0.796). The slot rows of the README were measured with
-  # --config.lr_schedule=constant --config.learning_rate=1e-3 (README, cases section).
+  config.ema_decay = 0.0  # no moving average of the weights
+  # Dense detector: a cosine schedule from a 3x higher peak than the seed's constant 1e-3
   config.learning_rate = 3e-3
   config.lr_schedule = "cosine"
   config.warmup_steps = 50
@@ -38,13 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
   dn.neck_features = 128  # fpn: channels of the 1x1 laterals and the top-down sum
   dn.norm = "none"  # "group": GroupNorm after every 3x3 conv
   dn.stride = 8  # canvas pixels per heatmap cell (a power of two; 2 ** pooled conv stages)
-  # 3x3 convs at the output stride (receptive field 54 px). 128 wide, not 64: multi, 1,000
-  # steps, 2,000 val scenes: AP50 0.954 vs 0.904, class accuracy 0.928 vs 0.876 (README).
+  # 3x3 convs at the output stride (receptive field 54 px); 128 wide beat 64 (docs/results.md)
   dn.context_features = (128, 128)
   dn.top_k = 100  # detections decoded per canvas (COCO's maxDets); must be >= max_objects
-  # A detection with this score or more is an answer (count, presence). Chosen on training
-  # scenes: `python -m experiments.threshold --workdir=<multi run>` gave count accuracy 1.0 at
-  # 0.1, 0.15 and 0.2 (0.9975 at 0.25, 0.9935 at 0.3); 0.15 is the middle.
+  # A detection with this score or more is an answer (count, presence); chosen on training
+  # scenes with `python -m experiments.threshold` (docs/results.md)
   dn.score_threshold = 0.15
   dn.heatmap_loss_weight = 1.0  # weight of the focal heatmap loss
   dn.box_loss_weight = 1.0  # weight of the L1 box loss (offset and log size, cell units)
