@@ -3,6 +3,7 @@ small config, random digits, and running the experiment commands."""
 
 import atexit
 import gzip
+import importlib
 import os
 import re
 import shutil
@@ -140,3 +141,73 @@ def train_run(config, work_dir, **kwargs) -> dict:
   from jaxloc import configs, train
 
   return train.train_and_evaluate(configs.read(config), str(work_dir), **kwargs)
+
+
+TIMING = (
+  "train_images_per_s",
+  "train_s",
+  "compile_s",
+  "eval_s",
+  "save_s",
+  "wall_s",
+  "resumed_from_step",
+)
+
+
+def resume_config(mnist_dir, **overrides):
+  """The smoke config at 2 epochs of 6 steps, a checkpoint and a record every 2 steps."""
+  base = dict(steps_per_epoch=6, checkpoint_every=2, log_every=2, num_val=32)
+  base.update(overrides)
+  return small_config(mnist_dir, **base)
+
+
+def train_cli(config, run_dir) -> list[str]:
+  """The train command of `config` (every field as an override) into `run_dir`."""
+  args = [f"--config.{k}={v}" for k, v in config.to_dict().items() if k != "conv_features"]
+  return [
+    sys.executable,
+    "-m",
+    "experiments.train",
+    "--config=experiments/configs/digit.py",
+    f"--workdir={run_dir}",
+    *args,
+  ]
+
+
+def strip(metrics: dict) -> dict:
+  """metrics.json without the figures that differ between two runs of one config."""
+  return {k: v for k, v in metrics.items() if k not in TIMING}
+
+
+def case_config(mnist_dir, name, **scene):
+  """A scene case (experiments/configs/NAME.py) in seconds: 64x64, 3 steps of batch 8."""
+  config = importlib.import_module(f"experiments.configs.{name}").get_config()
+  config.update(
+    dict(
+      mnist_dir=mnist_dir,
+      epochs=1,
+      steps_per_epoch=3,
+      batch_size=8,
+      num_val=24,
+      log_every=3,
+      num_plot=4,
+      canvas_size=64,
+    )
+  )
+  config.scene.update(scene)
+  return config
+
+
+@pytest.fixture(scope="session")
+def smoke_run(mnist_dir, tmp_path_factory):
+  """(workdir, final figures) of the smoke config, trained once for every test that only
+  reads a finished run."""
+  path = tmp_path_factory.mktemp("smoke") / "run"
+  return path, train_run(small_config(mnist_dir), path)
+
+
+@pytest.fixture(scope="session")
+def dense_run(mnist_dir, tmp_path_factory):
+  """(workdir, final figures) of case 4 (`multi`) with the dense detector (`case_config`)."""
+  path = tmp_path_factory.mktemp("dense") / "run"
+  return path, train_run(case_config(mnist_dir, "multi"), path)

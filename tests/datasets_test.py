@@ -9,8 +9,7 @@ import sys
 import conftest
 import numpy as np
 import pytest
-from conftest import train_run
-from resume_test import TIMING
+from conftest import strip, train_run
 
 from jaxloc import configs, datasets, loaders, workdir
 from jaxloc.errors import UserError
@@ -205,7 +204,6 @@ def test_training_on_a_stored_set_resumes_exactly_after_sigkill(mnist_dir, expor
   resumed = train_run(config, str(run))
   assert resumed["resumed_from_step"] is not None and resumed["resumed_from_step"] < 12
   assert (run / workdir.PARAMS).read_bytes() == (tmp_path / "ref" / workdir.PARAMS).read_bytes()
-  strip = lambda m: {k: v for k, v in m.items() if k not in TIMING}
   assert strip(resumed) == strip(reference)
 
 

@@ -14,12 +14,14 @@ import pytest
 from conftest import (
   ROOT,
   newest_checkpoint,
+  resume_config,
   small_config,
   stopped_step,
+  strip,
+  train_cli,
   train_run,
   wait_for_first_record,
 )
-from resume_test import _cli, _config, _strip
 
 from jaxloc import checkpoint, preemption, workdir
 from jaxloc.errors import Stopped, UserError
@@ -48,7 +50,7 @@ def test_signal_at_a_random_moment_then_same_command(mnist_dir, tmp_path, long_r
   ref_dir, reference = long_reference
   config, run = _long_config(mnist_dir), tmp_path / "run"
   delay = random.uniform(0.0, 0.5)
-  proc = subprocess.Popen(_cli(config, run), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(train_cli(config, run), cwd=ROOT, stderr=subprocess.PIPE, text=True)
   wait_for_first_record(proc, run)
   time.sleep(delay)
   assert proc.poll() is None, f"the run ended before the signal ({delay:.3f} s after its first log)"
@@ -64,11 +66,11 @@ def test_signal_at_a_random_moment_then_same_command(mnist_dir, tmp_path, long_r
   logged = train_steps_logged(run)
   assert logged[-1][0] == step and sum(n for _, n in logged) == step, "a step was not logged"
 
-  again = subprocess.run(_cli(config, run), cwd=ROOT, capture_output=True, text=True)
+  again = subprocess.run(train_cli(config, run), cwd=ROOT, capture_output=True, text=True)
   assert again.returncode == 0, again.stderr[-2000:]
   assert f"resuming at step {step}" in again.stdout
   assert (run / workdir.PARAMS).read_bytes() == (ref_dir / workdir.PARAMS).read_bytes()
-  assert _strip(workdir.read_json(str(run / workdir.METRICS))) == _strip(reference)
+  assert strip(workdir.read_json(str(run / workdir.METRICS))) == strip(reference)
   logged = train_steps_logged(run)
   assert sum(n for _, n in logged) == 600 and len({s for s, _ in logged}) == len(logged)
 
@@ -105,7 +107,7 @@ def _damage(step_dir, how: str) -> None:
 
 
 def _short_config(mnist_dir, epochs):
-  return _config(mnist_dir, epochs=epochs, keep_checkpoints=3)
+  return resume_config(mnist_dir, epochs=epochs, keep_checkpoints=3)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,7 @@ def test_damaged_newest_checkpoint_falls_back(mnist_dir, tmp_path, short_referen
   assert len(said) == 1 and "checkpoint of step 6" in said[0] and "using step 4" in said[0]
   assert final["resumed_from_step"] == 4
   assert (run / workdir.PARAMS).read_bytes() == (ref_dir / workdir.PARAMS).read_bytes()
-  assert _strip(final) == _strip(reference)
+  assert strip(final) == strip(reference)
   moved = [p.name for p in (run / "checkpoints").iterdir() if ".damaged-" in p.name]
   assert len(moved) == 1 and moved[0].startswith("6.damaged-"), moved
   records = workdir.read_jsonl(str(run / workdir.METRICS_LOG))
@@ -158,7 +160,7 @@ def test_killed_after_the_last_checkpoint_finishes_on_resume(mnist_dir, tmp_path
   first = train_run(_short_config(mnist_dir, 1), str(run))
   os.remove(run / workdir.METRICS)  # as if killed while exporting
   again = train_run(_short_config(mnist_dir, 1), str(run))
-  assert again["resumed_from_step"] == 6 and _strip(again) == _strip(first)
+  assert again["resumed_from_step"] == 6 and strip(again) == strip(first)
 
 
 def _with_file_size_limit(cmd: list[str], limit: int) -> list[str]:
@@ -181,7 +183,7 @@ def test_failing_checkpoint_write_keeps_the_previous_one(mnist_dir, tmp_path, sh
   train_run(_short_config(mnist_dir, 1), str(run))
   config = _short_config(mnist_dir, 2)
   env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
-  cmd = _with_file_size_limit(_cli(config, run), 64 * 1024)
+  cmd = _with_file_size_limit(train_cli(config, run), 64 * 1024)
   failing = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
   assert failing.returncode == 2, failing.stderr[-2000:]
   errors = [line for line in failing.stderr.splitlines() if line.startswith("error:")]
@@ -189,10 +191,10 @@ def test_failing_checkpoint_write_keeps_the_previous_one(mnist_dir, tmp_path, sh
   assert "Traceback" not in failing.stderr
   assert newest_checkpoint(run) == 6
 
-  again = subprocess.run(_cli(config, run), cwd=ROOT, capture_output=True, text=True)
+  again = subprocess.run(train_cli(config, run), cwd=ROOT, capture_output=True, text=True)
   assert again.returncode == 0 and "resuming at step 6" in again.stdout, again.stderr[-2000:]
   assert (run / workdir.PARAMS).read_bytes() == (ref_dir / workdir.PARAMS).read_bytes()
-  assert _strip(workdir.read_json(str(run / workdir.METRICS))) == _strip(reference)
+  assert strip(workdir.read_json(str(run / workdir.METRICS))) == strip(reference)
 
 
 def test_a_failing_output_write_is_one_error_and_keeps_the_checkpoints(

@@ -7,10 +7,18 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import kill_after_first_checkpoint, run_train_command, small_config, train_run
+from conftest import (
+  TIMING,
+  case_config,
+  kill_after_first_checkpoint,
+  resume_config,
+  run_train_command,
+  small_config,
+  strip,
+  train_cli,
+  train_run,
+)
 from flax import serialization
-from resume_test import TIMING, _cli, _config, _strip
-from scene_test import _case_config
 
 from jaxloc import configs, inference, spec, train, workdir
 from jaxloc.errors import UserError
@@ -54,15 +62,15 @@ def test_each_member_equals_its_own_run(mnist_dir, tmp_path, mode):
 
 
 def test_replicas_resume_exactly_after_sigkill(mnist_dir, tmp_path):
-  config = _config(mnist_dir, replicas=2)
+  config = resume_config(mnist_dir, replicas=2)
   reference = train_run(config, str(tmp_path / "ref"))
   run = tmp_path / "killed"
-  kill_after_first_checkpoint(_cli(config, run), run / "member-1")
+  kill_after_first_checkpoint(train_cli(config, run), run / "member-1")
   resumed = train_run(config, str(run))
   for i in range(2):
     a, b = run / f"member-{i}", tmp_path / "ref" / f"member-{i}"
     assert (a / workdir.PARAMS).read_bytes() == (b / workdir.PARAMS).read_bytes()
-    assert _strip(workdir.read_json(str(a / workdir.METRICS))) == _strip(
+    assert strip(workdir.read_json(str(a / workdir.METRICS))) == strip(
       workdir.read_json(str(b / workdir.METRICS))
     )
   figures = {k: v for k, v in resumed["figures"].items() if k not in TIMING}
@@ -102,7 +110,7 @@ def test_members_with_listed_values_equal_their_own_runs(mnist_dir, tmp_path, mo
 
 def test_dense_members_vary_their_step_size_and_loss_weights(mnist_dir, tmp_path):
   """The dense detector's cosine schedule takes each member's peak; its loss, its weights."""
-  config = _case_config(mnist_dir, "multi")
+  config = case_config(mnist_dir, "multi")
   config.update(dict(replicas=2, vary="learning_rate=3e-3,1e-3 dense.box_loss_weight=1,2"))
   assert set(configs.read(config).hyperparameters()) == {
     "learning_rate",
@@ -165,12 +173,12 @@ def test_bad_replica_settings_are_one_error_line(tmp_path, overrides, match):
 
 def test_scene_members_are_scored_as_their_own_runs(mnist_dir, tmp_path):
   """The dense detector's members, scored in one call per chunk, get their own runs' AP."""
-  config = _case_config(mnist_dir, "multi")
+  config = case_config(mnist_dir, "multi")
   config.update(dict(seed=5, replicas=2))
   summary = train_run(config, str(tmp_path / "replicas"))
   aps = []
   for i in range(2):
-    single = _case_config(mnist_dir, "multi")
+    single = case_config(mnist_dir, "multi")
     single.seed = 5 + i
     own = train_run(single, str(tmp_path / f"seed{i}"))
     final = workdir.read_json(str(tmp_path / "replicas" / f"member-{i}" / workdir.METRICS))

@@ -1,59 +1,32 @@
 """Exact resume after SIGKILL, torn logs, config changes, locks, divergence."""
 
 import os
-import sys
 
 import pytest
-from conftest import kill_after_first_checkpoint, small_config, train_run
+from conftest import (
+  kill_after_first_checkpoint,
+  resume_config,
+  strip,
+  train_cli,
+  train_run,
+)
 
 from jaxloc import train, workdir
 from jaxloc.errors import UserError
 
-TIMING = (
-  "train_images_per_s",
-  "train_s",
-  "compile_s",
-  "eval_s",
-  "save_s",
-  "wall_s",
-  "resumed_from_step",
-)
-
-
-def _config(mnist_dir, **overrides):
-  base = dict(steps_per_epoch=6, checkpoint_every=2, log_every=2, num_val=32)
-  base.update(overrides)
-  return small_config(mnist_dir, **base)
-
-
-def _cli(config, run_dir):
-  args = [f"--config.{k}={v}" for k, v in config.to_dict().items() if k != "conv_features"]
-  return [
-    sys.executable,
-    "-m",
-    "experiments.train",
-    "--config=experiments/configs/digit.py",
-    f"--workdir={run_dir}",
-    *args,
-  ]
-
-
-def _strip(metrics):
-  return {k: v for k, v in metrics.items() if k not in TIMING}
-
 
 def test_sigkill_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path):
-  config = _config(mnist_dir)
+  config = resume_config(mnist_dir)
   reference = train_run(config, str(tmp_path / "ref"))
 
   run = tmp_path / "killed"
-  kill_after_first_checkpoint(_cli(config, run), run)
+  kill_after_first_checkpoint(train_cli(config, run), run)
   assert not (run / "metrics.json").exists()
 
   resumed = train_run(config, str(run))
   assert resumed["resumed_from_step"] is not None and resumed["resumed_from_step"] < 12
   assert (run / workdir.PARAMS).read_bytes() == (tmp_path / "ref" / workdir.PARAMS).read_bytes()
-  assert _strip(resumed) == _strip(reference)
+  assert strip(resumed) == strip(reference)
   steps = [
     r["step"] for r in workdir.read_jsonl(str(run / workdir.METRICS_LOG)) if "val/accuracy" not in r
   ]
@@ -62,7 +35,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path):
 
 def test_torn_log_line_is_dropped_on_resume(mnist_dir, tmp_path):
   run = tmp_path / "run"
-  config = _config(mnist_dir, epochs=1)
+  config = resume_config(mnist_dir, epochs=1)
   train_run(config, str(run))
   os.remove(run / workdir.METRICS)
   with open(run / workdir.METRICS_LOG, "a") as f:
@@ -77,14 +50,14 @@ def test_torn_log_line_is_dropped_on_resume(mnist_dir, tmp_path):
 
 def test_changed_config_is_refused_with_the_fields(mnist_dir, tmp_path):
   run = tmp_path / "run"
-  train_run(_config(mnist_dir, epochs=1), str(run))
+  train_run(resume_config(mnist_dir, epochs=1), str(run))
   before = (run / workdir.PARAMS).read_bytes()
-  changed = _config(mnist_dir, epochs=1, learning_rate=0.01, batch_size=4)
+  changed = resume_config(mnist_dir, epochs=1, learning_rate=0.01, batch_size=4)
   with pytest.raises(UserError, match=r"(?s)batch_size: 8 -> 4.*learning_rate: 0.001 -> 0.01"):
     train_run(changed, str(run))
   assert (run / workdir.PARAMS).read_bytes() == before
   with pytest.raises(UserError, match="finished run of 6 steps"):
-    train_run(_config(mnist_dir, epochs=1), str(run))
+    train_run(resume_config(mnist_dir, epochs=1), str(run))
 
   train_run(changed, str(run), fresh=True)
   backups = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
@@ -97,20 +70,20 @@ def test_second_run_on_a_locked_workdir_refuses(mnist_dir, tmp_path):
   run.mkdir()
   with workdir.lock(str(run)):
     with pytest.raises(UserError, match="in use by a running job"):
-      train_run(_config(mnist_dir, epochs=1), str(run))
+      train_run(resume_config(mnist_dir, epochs=1), str(run))
 
 
 def test_stale_lock_of_a_killed_run_does_not_block(mnist_dir, tmp_path):
   run = tmp_path / "run"
   run.mkdir()
   (run / ".lock").write_text("pid 999999 on a-killed-host")  # file left, no flock held
-  final = train_run(_config(mnist_dir, epochs=1), str(run))
+  final = train_run(resume_config(mnist_dir, epochs=1), str(run))
   assert final["steps"] == 6
 
 
 def test_non_finite_loss_stops_with_the_step(mnist_dir, tmp_path):
   run = tmp_path / "run"
-  config = _config(mnist_dir, epochs=1, learning_rate=1e30)
+  config = resume_config(mnist_dir, epochs=1, learning_rate=1e30)
   with pytest.raises(train.TrainingDiverged, match=r"steps \d+\.\.\d+.*last good checkpoint"):
     train_run(config, str(run))
   assert not (run / workdir.METRICS).exists()

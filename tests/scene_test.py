@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import train_run
+from conftest import case_config, train_run
 from PIL import Image
 
 from jaxloc import boxes, canvas, configs, mnist, scenes
@@ -142,32 +142,12 @@ def test_layout_that_cannot_fit_is_rejected():
   scenes.check_scene(75, 5, 28, 0.3)
 
 
-def _case_config(mnist_dir, name, **scene):
-  import importlib
-
-  config = importlib.import_module(f"experiments.configs.{name}").get_config()
-  config.update(
-    dict(
-      mnist_dir=mnist_dir,
-      epochs=1,
-      steps_per_epoch=3,
-      batch_size=8,
-      num_val=24,
-      log_every=3,
-      num_plot=4,
-      canvas_size=64,
-    )
-  )
-  config.scene.update(scene)
-  return config
-
-
 @pytest.mark.parametrize("head", ["dense", "slots"])
 def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head):
   from jaxloc import inference, metrics, workdir
 
   run = tmp_path / "multi"
-  config = _case_config(mnist_dir, "multi")
+  config = case_config(mnist_dir, "multi")
   config.head = head
   final = train_run(config, str(run))
   for name in (
@@ -263,5 +243,5 @@ def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head
 def test_bad_scene_configs_are_rejected_before_training(mnist_dir, tmp_path, case, scene, match):
 
   with pytest.raises(UserError, match=match):
-    train_run(_case_config(mnist_dir, case, **scene), str(tmp_path / "run"))
+    train_run(case_config(mnist_dir, case, **scene), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
