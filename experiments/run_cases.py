@@ -37,7 +37,9 @@ _HEAD = flags.DEFINE_enum(
 _SET = flags.DEFINE_multi_string("set", [], "Config override for every case: field=value.")
 
 
-def _override(config, assignments: list[str]) -> None:
+def override(config, assignments: list[str]) -> None:
+  """`--set field=value` items applied to `config`; a field that is not there, or a value of
+  the wrong type, is a UserError."""
   for item in assignments:
     name, sep, text = item.partition("=")
     try:
@@ -96,7 +98,7 @@ def main(argv):
     config.checkpoint_every = config.steps_per_epoch
     config.steps_per_call = _STEPS_PER_CALL.value
     config.head = _HEAD.value or config.head
-    _override(config, _SET.value)
+    override(config, _SET.value)
     t = time.perf_counter()
     final = train.train_and_evaluate(configs.read(config), os.path.join(_ROOT.value, name))
     wall = time.perf_counter() - t

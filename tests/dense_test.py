@@ -1,16 +1,12 @@
 """The dense detector: targets, loss and decoding round trip, shift equivariance, fixed shapes,
 the threshold answers, and its config errors."""
 
-import re
-
-import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxloc import configs, dense, metrics, model, scenes
-from jaxloc.errors import UserError
+from jaxloc import dense, metrics, model, scenes
 
 STRIDE = 8
 
@@ -267,39 +263,3 @@ def test_threshold_answers_on_hand_made_heatmaps():
   np.testing.assert_allclose(det["score"][0, :5], [0.9, 0.4, 0.35, 0.33, 0.2], rtol=1e-5)
   np.testing.assert_array_equal(det["primary"][0], [True, True, False, False, True])
   assert dense.answers(det, 0.3)["count"].tolist() == [2, 0]
-
-
-@pytest.mark.parametrize(
-  "override,match",
-  [
-    ("--config.dense.stride=6", "config.dense.stride=6: the output stride is 2 \\*\\* "),
-    ("--config.dense.stride=16", "with 3 conv stages use one of \\[2, 4, 8\\]"),
-    ("--config.dense.top_k=1", "config.dense.top_k=1 must be an integer from max_objects \\(2\\)"),
-    ("--config.dense.score_threshold=0", "score_threshold=0.0 must lie strictly between 0 and 1"),
-    ("--config.dense.score_threshold=1.5", "score_threshold=1.5 must lie strictly between"),
-    ("--config.dense.prior=1.0", "config.dense.prior=1.0 must lie strictly between 0 and 1"),
-    ("--config.head=grid", "config.head='grid': use one of 'dense', 'slots'"),
-    ("--config.dense.backbone=resnet", "config.dense.backbone='resnet': use one of"),
-    ("--config.dense.norm=batch", "config.dense.norm='batch': use one of \\('none', 'group'\\)"),
-    ("--config.dense.neck_features=0", "config.dense.neck_features=0 must be a positive integer"),
-    ("--config.scene.paste_mode=mean", "config.scene.paste_mode='mean': use one of"),
-    ("--config.scene.box_type=outline", "config.scene.box_type='outline': use one of"),
-  ],
-)
-def test_dense_config_errors_are_one_line_exit_2(override, match, tmp_path):
-  config = "--config=experiments/configs/multi.py"
-  proc = conftest.run_train_command(config, f"--workdir={tmp_path}/run", override)
-  assert proc.returncode == 2, proc.stderr
-  lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-  assert re.search(match, lines[0]), lines[0]
-  assert not (tmp_path / "run").exists()
-
-
-def test_dense_config_errors_raise_before_training():
-  from experiments.configs import multi
-
-  config = multi.get_config()
-  config.dense.top_k = 16 * 16 * 10 + 1
-  with pytest.raises(UserError, match="number of heatmap cells x classes \\(2560\\)"):
-    configs.read(config)

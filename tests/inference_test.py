@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, run_command, small_config, train_run
+from conftest import ROOT, run_command, small_config
 from flax import serialization
 from PIL import Image
 
@@ -17,11 +17,10 @@ from jaxloc import configs, images, inference, mnist, model, tasks, workdir
 from jaxloc.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def trained(mnist_dir, tmp_path_factory):
-  run = tmp_path_factory.mktemp("trained") / "run"
-  final = train_run(small_config(mnist_dir, epochs=1, steps_per_epoch=4), str(run))
-  return str(run), final
+@pytest.fixture
+def trained(smoke_run):
+  """The session's smoke run: (workdir, final figures)."""
+  return str(smoke_run[0]), smoke_run[1]
 
 
 def test_predictor_outputs(trained):

@@ -28,9 +28,10 @@ from jaxloc.errors import Stopped, UserError
 
 
 def _long_config(mnist_dir):
-  """Long enough (2 x 300 steps) that a signal soon after the first record lands in it."""
+  """Long enough (2 x 100 steps, one per call) that a signal soon after the first record
+  lands in it."""
   return small_config(
-    mnist_dir, steps_per_epoch=300, log_every=5, checkpoint_every=40, num_val=32, steps_per_call=1
+    mnist_dir, steps_per_epoch=100, log_every=5, checkpoint_every=40, num_val=32, steps_per_call=1
   )
 
 
@@ -60,7 +61,7 @@ def test_signal_at_a_random_moment_then_same_command(mnist_dir, tmp_path, long_r
     proc.send_signal(sig)  # a second signal, e.g. during the save, is ignored
   _, err = proc.communicate(timeout=240)
   assert proc.returncode == 128 + sig, err[-2000:]
-  step = stopped_step(err, sig.name, 600)
+  step = stopped_step(err, sig.name, 200)
   assert "Traceback" not in err
   assert newest_checkpoint(run) == step, f"signal {delay:.3f} s after the first log"
   logged = train_steps_logged(run)
@@ -72,7 +73,7 @@ def test_signal_at_a_random_moment_then_same_command(mnist_dir, tmp_path, long_r
   assert (run / workdir.PARAMS).read_bytes() == (ref_dir / workdir.PARAMS).read_bytes()
   assert strip(workdir.read_json(str(run / workdir.METRICS))) == strip(reference)
   logged = train_steps_logged(run)
-  assert sum(n for _, n in logged) == 600 and len({s for s, _ in logged}) == len(logged)
+  assert sum(n for _, n in logged) == 200 and len({s for s, _ in logged}) == len(logged)
 
 
 def test_signal_before_any_step_saves_nothing(mnist_dir, tmp_path, monkeypatch):

@@ -12,7 +12,6 @@ from conftest import (
   case_config,
   kill_after_first_checkpoint,
   resume_config,
-  run_train_command,
   small_config,
   strip,
   train_cli,
@@ -34,20 +33,42 @@ def _assert_close(a, b):
     np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
 
 
+@pytest.fixture(scope="module")
+def own_runs(mnist_dir, tmp_path_factory):
+  """Single runs of seeds 3 and 4: what replica members 0 and 1 of seed 3 must equal."""
+  root = tmp_path_factory.mktemp("own")
+  return {
+    seed: (
+      root / f"seed{seed}",
+      train_run(small_config(mnist_dir, seed=seed, num_val=32), root / f"seed{seed}"),
+    )
+    for seed in (3, 4)
+  }
+
+
+LISTED = dict(learning_rate=3e-3, ema_decay=0.9, box_loss_weight=5.0)  # member 1 of the sweep
+
+
+@pytest.fixture(scope="module")
+def listed_own(mnist_dir, tmp_path_factory):
+  """The single run that member 1 of the listed-values sweep must equal."""
+  run = tmp_path_factory.mktemp("listed") / "own"
+  return run, train_run(small_config(mnist_dir, seed=1, num_val=32, **LISTED), run)
+
+
 @pytest.mark.parametrize("mode", ["vmap", "map"])
-def test_each_member_equals_its_own_run(mnist_dir, tmp_path, mode):
+def test_each_member_equals_its_own_run(mnist_dir, tmp_path, mode, own_runs):
   config = small_config(mnist_dir, seed=3, replicas=2, replica_mode=mode, num_val=32)
   summary = train_run(config, str(tmp_path / "replicas"))
   assert summary["members"] == 2 and summary["replica_mode"] == mode
   finals = []
   for i in range(2):
-    single = small_config(mnist_dir, seed=3 + i, num_val=32)
-    own = train_run(single, str(tmp_path / f"seed{3 + i}"))
+    own_dir, own = own_runs[3 + i]
     member_dir = tmp_path / "replicas" / f"member-{i}"
     final = workdir.read_json(str(member_dir / workdir.METRICS))
     assert final["accuracy"] == own["accuracy"]
     assert final["mean_iou"] == pytest.approx(own["mean_iou"], rel=1e-4)
-    _assert_close(_params(member_dir), _params(tmp_path / f"seed{3 + i}"))
+    _assert_close(_params(member_dir), _params(own_dir))
     assert workdir.read_json(str(member_dir / workdir.CONFIG))["seed"] == 3 + i
     finals.append(final)
     # a member's workdir is a workdir: the inference API reads it unchanged
@@ -80,7 +101,7 @@ def test_replicas_resume_exactly_after_sigkill(mnist_dir, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["vmap", "map"])
-def test_members_with_listed_values_equal_their_own_runs(mnist_dir, tmp_path, mode):
+def test_members_with_listed_values_equal_their_own_runs(mnist_dir, tmp_path, mode, listed_own):
   """Step size, moving average and loss weight enter the one program as each member's own."""
   vary = "learning_rate=1e-3,3e-3 ema_decay=0.99,0.9;box_loss_weight=1,5"
   config = small_config(mnist_dir, replicas=2, replica_mode=mode, num_val=32, vary=vary)
@@ -96,93 +117,30 @@ def test_members_with_listed_values_equal_their_own_runs(mnist_dir, tmp_path, mo
     line.startswith("member 1 (learning_rate 0.003, ema_decay 0.9, box_loss_weight 5)")
     for line in lines
   ), lines
-  values = dict(learning_rate=3e-3, ema_decay=0.9, box_loss_weight=5.0)
-  own = train_run(small_config(mnist_dir, seed=1, num_val=32, **values), str(tmp_path / "own"))
+  own_dir, own = listed_own
   member = tmp_path / "sweep" / "member-1"
   final = workdir.read_json(str(member / workdir.METRICS))
   assert final["accuracy"] == own["accuracy"]
   assert final["mean_iou"] == pytest.approx(own["mean_iou"], rel=1e-4)
   assert final["raw"]["mean_iou"] == pytest.approx(own["raw"]["mean_iou"], rel=1e-4)
-  _assert_close(_params(member), _params(tmp_path / "own"))
+  _assert_close(_params(member), _params(own_dir))
   saved = workdir.read_json(str(member / workdir.CONFIG))
-  assert {k: saved[k] for k in values} == values and saved["vary"] == "" and saved["seed"] == 1
+  assert {k: saved[k] for k in LISTED} == LISTED and saved["vary"] == "" and saved["seed"] == 1
 
 
-def test_dense_members_vary_their_step_size_and_loss_weights(mnist_dir, tmp_path):
-  """The dense detector's cosine schedule takes each member's peak; its loss, its weights."""
+def test_dense_members_vary_their_values_and_are_scored_as_their_own_runs(mnist_dir, tmp_path):
+  """The dense detector's members: the cosine schedule takes each member's peak, its loss
+  each member's weights, and scored in one call per chunk they get their own runs' AP."""
   config = case_config(mnist_dir, "multi")
-  config.update(dict(replicas=2, vary="learning_rate=3e-3,1e-3 dense.box_loss_weight=1,2"))
-  assert set(configs.read(config).hyperparameters()) == {
-    "learning_rate",
-    "ema_decay",
-    "dense.heatmap_loss_weight",
-    "dense.box_loss_weight",
-  }
-  train_run(config, str(tmp_path / "sweep"))
-  single = spec.member(configs.read(config), 1)
-  assert (single.seed, single.opt.learning_rate, single.head.box_loss_weight) == (1, 1e-3, 2.0)
-  own = train.train_and_evaluate(single, str(tmp_path / "own"))
-  final = workdir.read_json(str(tmp_path / "sweep" / "member-1" / workdir.METRICS))
-  for key in ("AP", "count_accuracy", "heatmap_loss", "box_loss"):
-    assert final[key] == pytest.approx(own[key], rel=1e-3, abs=1e-4), key
-  _assert_close(_params(tmp_path / "sweep" / "member-1"), _params(tmp_path / "own"))
-
-
-@pytest.mark.parametrize(
-  "overrides, match",
-  [
-    (["--config.replicas=0"], "config.replicas=0 must be a positive integer"),
-    (["--config.replica_mode=pmap"], "config.replica_mode='pmap': use 'auto', 'vmap' or 'map'"),
-    (
-      ["--config.replicas=2", "--config.vary=learning_rate=1e-3,2e-3,3e-3"],
-      "config.vary lists 3 values of learning_rate for config.replicas=2: one value per "
-      "member (--config.replicas=3)",
-    ),
-    (
-      ["--config.replicas=2", "--config.vary=momentum=0.9,0.99"],
-      "config.vary='momentum=0.9,0.99': 'momentum=0.9,0.99' is not <field>=<value>,<value>,... "
-      "of a field this config's members may vary (learning_rate, ema_decay, class_loss_weight, "
-      'box_loss_weight); e.g. --config.vary="learning_rate=1e-3,3e-3 ema_decay=0.99,0.999"',
-    ),
-    (
-      ["--config.replicas=2", "--config.vary=learning_rate=1e-3,fast"],
-      "config.vary='learning_rate=1e-3,fast': the values of learning_rate must be numbers",
-    ),
-    (
-      ["--config.replicas=2", "--config.vary=ema_decay=0.1,0.2 ema_decay=0.3,0.4"],
-      "config.vary='ema_decay=0.1,0.2 ema_decay=0.3,0.4' lists ema_decay twice",
-    ),
-    (
-      ["--config.replicas=2", "--config.vary=learning_rate=1e-3,-1"],
-      "config.vary: member 1: config.learning_rate=-1.0 must be positive",
-    ),
-    (
-      ["--config.replicas=2", "--config.vary=ema_decay=0,0.99"],
-      "config.vary: ema_decay mixes 0 (no moving average) with averages; the members share one "
-      "train state layout, so list only values > 0, or only 0",
-    ),
-  ],
-)
-def test_bad_replica_settings_are_one_error_line(tmp_path, overrides, match):
-  proc = run_train_command(
-    "--config=experiments/configs/smoke.py", f"--workdir={tmp_path / 'run'}", *overrides
-  )
-  assert proc.returncode == 2 and proc.stderr.strip() == f"error: {match}", proc.stderr
-  assert not (tmp_path / "run").exists()
-
-
-def test_scene_members_are_scored_as_their_own_runs(mnist_dir, tmp_path):
-  """The dense detector's members, scored in one call per chunk, get their own runs' AP."""
-  config = case_config(mnist_dir, "multi")
-  config.update(dict(seed=5, replicas=2))
-  summary = train_run(config, str(tmp_path / "replicas"))
+  config.update(dict(seed=5, replicas=2, vary="learning_rate=3e-3,1e-3 dense.box_loss_weight=1,2"))
+  summary = train_run(config, str(tmp_path / "sweep"))
   aps = []
-  for i in range(2):
-    single = case_config(mnist_dir, "multi")
-    single.seed = 5 + i
-    own = train_run(single, str(tmp_path / f"seed{i}"))
-    final = workdir.read_json(str(tmp_path / "replicas" / f"member-{i}" / workdir.METRICS))
-    for key in ("AP", "AP50", "count_accuracy", "heatmap_loss"):
+  for i, member in enumerate(spec.members(configs.read(config))):
+    own = train.train_and_evaluate(member, str(tmp_path / f"own{i}"))
+    final = workdir.read_json(str(tmp_path / "sweep" / f"member-{i}" / workdir.METRICS))
+    for key in ("AP", "AP50", "count_accuracy", "heatmap_loss", "box_loss"):
       assert final[key] == pytest.approx(own[key], rel=1e-3, abs=1e-4), key
+    _assert_close(_params(tmp_path / "sweep" / f"member-{i}"), _params(tmp_path / f"own{i}"))
     aps.append(final["AP"])
   assert summary["figures"]["AP"]["mean"] == pytest.approx(np.mean(aps))
+  assert summary["varied"] == {"learning_rate": [3e-3, 1e-3], "dense.box_loss_weight": [1.0, 2.0]}

@@ -223,25 +223,3 @@ def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head
     assert bad.returncode == 2 and "--thresholds=['a']: give numbers" in bad.stderr
   else:
     assert proc.returncode == 2 and "is not a run of the dense detector" in proc.stderr
-
-
-@pytest.mark.parametrize(
-  "case,scene,match",
-  [
-    (
-      "multi",
-      {"max_objects": 5, "count_probs": (0.5, 0.5, 0, 0, 0, 0)},
-      "5 digits of up to 28px cannot be placed without overlap on a 64px canvas",
-    ),
-    ("multi", {"count_probs": (0.5, 0.5)}, "must be 3 probabilities"),
-    ("multi", {"box_type": "pixels"}, "use one of \\('patch', 'tight', 'ink'\\)"),
-    ("multi", {"size_range": (30, 20)}, "must satisfy 1 <= min <= max"),
-    ("single", {"target_class": 12}, "use -1 \\(any\\) or 0..9"),
-    ("presence", {"distractor_prob": 0.5}, "needs a config.scene.target_class"),
-  ],
-)
-def test_bad_scene_configs_are_rejected_before_training(mnist_dir, tmp_path, case, scene, match):
-
-  with pytest.raises(UserError, match=match):
-    train_run(case_config(mnist_dir, case, **scene), str(tmp_path / "run"))
-  assert not (tmp_path / "run").exists()

@@ -10,21 +10,19 @@ from jaxloc import plots, workdir
 from jaxloc.errors import UserError
 
 
-def test_same_seed_same_parameters(mnist_dir, tmp_path):
-  a = train_run(small_config(mnist_dir), str(tmp_path / "a"))
+def test_same_seed_same_parameters(mnist_dir, tmp_path, smoke_run):
+  a_dir, a = smoke_run
   b = train_run(small_config(mnist_dir), str(tmp_path / "b"))
-  pa = (tmp_path / "a" / workdir.PARAMS).read_bytes()
-  pb = (tmp_path / "b" / workdir.PARAMS).read_bytes()
-  assert pa == pb
+  pa = (a_dir / workdir.PARAMS).read_bytes()
+  assert (tmp_path / "b" / workdir.PARAMS).read_bytes() == pa
   assert a["accuracy"] == b["accuracy"] and a["mean_iou"] == b["mean_iou"]
   c = train_run(small_config(mnist_dir, seed=1), str(tmp_path / "c"))
   assert (tmp_path / "c" / workdir.PARAMS).read_bytes() != pa
   assert c["num_val"] == 40
 
 
-def test_end_to_end_run_writes_every_output(mnist_dir, tmp_path):
-  run = tmp_path / "run"
-  final = train_run(small_config(mnist_dir), str(run))
+def test_end_to_end_run_writes_every_output(mnist_dir, tmp_path, smoke_run):
+  run, final = smoke_run
   for name in (
     "config.json",
     "metrics.jsonl",
@@ -50,12 +48,8 @@ def test_end_to_end_run_writes_every_output(mnist_dir, tmp_path):
   records = workdir.read_jsonl(str(run / "metrics.jsonl"))
   evals = [r for r in records if "val/accuracy" in r]
   assert [r["epoch"] for r in evals] == [1, 2]
-  assert [r["step"] for r in records if "val/accuracy" not in r] == [
-    2,
-    3,
-    4,
-    6,
-  ]  # every 2nd step and each epoch end
+  # every 2nd step and each epoch end
+  assert [r["step"] for r in records if "val/accuracy" not in r] == [2, 3, 4, 6]
   assert workdir.read_json(str(run / "config.json"))["batch_size"] == 8
   # With a moving average (the default) the raw weights are scored too, beside it.
   assert {f"val_raw/{k}" for k in on_disk["raw"]} == {k for k in evals[-1] if "val_raw/" in k}
@@ -87,25 +81,6 @@ def test_predictions_are_drawn_off_the_training_thread(mnist_dir, tmp_path, monk
   with pytest.raises(UserError, match=r"cannot write .*predictions.png \(No space left"):
     train_run(small_config(mnist_dir), str(tmp_path / "full"))
   assert os.listdir(tmp_path / "full" / "checkpoints") == ["6"]
-
-
-@pytest.mark.parametrize(
-  "field,value,match",
-  [
-    ("batch_size", 0, "batch_size=0 must be a positive integer"),
-    ("epochs", -1, "epochs=-1 must be a positive integer"),
-    ("steps_per_epoch", 0, "steps_per_epoch=0 must be a positive integer"),
-    ("canvas_size", 20, "smaller than a 28x28 digit"),
-    ("learning_rate", 0.0, "learning_rate=0.0 must be positive"),
-    ("ema_decay", 1.0, r"ema_decay=1.0 must lie in \[0, 1\)"),
-    ("lr_schedule", "linear", "lr_schedule='linear': use 'constant' or 'cosine'"),
-    ("warmup_steps", -5, "warmup_steps=-5 must be an integer >= 0"),
-  ],
-)
-def test_bad_config_is_rejected(field, value, match, tmp_path):
-  with pytest.raises(UserError, match=match):
-    train_run(small_config("", **{field: value}), str(tmp_path / "run"))
-  assert not (tmp_path / "run").exists()
 
 
 def test_cosine_run_refuses_more_epochs(mnist_dir, tmp_path):
@@ -142,9 +117,6 @@ def test_command_line_flag_errors(override, match, tmp_path):
   "module,args,match",
   [
     ("experiments.run_cases", ["--cases=multi,nope"], "unknown cases ['nope']; choose from"),
-    ("experiments.run_cases", ["--set=dense.no_such=1"], "expected field=value with an existing"),
-    ("experiments.run_cases", ["--set=batch_size"], "expected field=value with an existing"),
-    ("experiments.run_cases", ["--set=dense.context_features=7"], "Could not override field"),
     ("experiments.benchmark", ["--parts=nope"], "unknown part 'nope'; choose from"),
     ("experiments.benchmark", ["--parts=matmul", "--rounds=0"], "--rounds=0: give 1 or more"),
   ],
@@ -155,3 +127,19 @@ def test_experiment_script_errors(module, args, match, tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert match in proc.stderr and "Traceback" not in proc.stderr
   assert not (tmp_path / "cases").exists()
+
+
+@pytest.mark.parametrize(
+  "item,match",
+  [
+    ("dense.no_such=1", "expected field=value with an existing"),
+    ("batch_size", "expected field=value with an existing"),
+    ("dense.context_features=7", "Could not override field"),
+  ],
+)
+def test_run_cases_set_errors(item, match):
+  from experiments import run_cases
+  from experiments.configs import multi
+
+  with pytest.raises(UserError, match=match):
+    run_cases.override(multi.get_config(), [item])
