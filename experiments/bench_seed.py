@@ -148,7 +148,7 @@ def compiled_steps(config=None, steps_per_call=None, members=1, mode=None):
   keys = [jax.random.split(jax.random.key(i)) for i in range(members)]
   states = [train_state.create_train_state(k[0], spec, task.model) for k in keys]
   zeros = [train_state.zero_metrics(s, digits, labels, **static) for s in states]
-  hp = train_state.hyperparameters(spec)
+  hp = train_state.step_hyperparameters(spec)
   state, sums, data_key = states[0], zeros[0], keys[0][1]
   if mode:
     state, sums = parallel.stack(states), parallel.stack(zeros)

@@ -9,6 +9,7 @@ value, a missing config file) and `jaxloc.errors.UserError` are printed as
 SIGINT, its checkpoint saved) prints its line and exits 143 or 130.
 """
 
+import ast
 import os
 import re
 import sys
@@ -81,3 +82,24 @@ def run(main) -> None:
   except Stopped as e:
     print(str(e), file=sys.stderr)
     sys.exit(e.exit_status)
+
+
+def override(config, assignments: list[str]) -> None:
+  """`--set field=value` items applied to `config`; a field that is not there, or a value of
+  the wrong type, is a UserError."""
+  for item in assignments:
+    name, sep, text = item.partition("=")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text  # a bare string
+    parent, _, field = name.rpartition(".")
+    node = config
+    for part in filter(None, parent.split(".")):
+      node = node.get(part)
+    if not sep or node is None or field not in node:
+      raise UserError(f"--set {item!r}: expected field=value with an existing config field")
+    try:
+      node[field] = value
+    except TypeError as e:
+      raise UserError(f"--set {item!r}: {e}") from None

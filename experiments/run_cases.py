@@ -12,7 +12,6 @@ is scored on `--num_val` fixed validation canvases, beside its trivial baselines
 Writes ROOT/<case>/ (a normal workdir each) and ROOT/results.md.
 """
 
-import ast
 import importlib
 import os
 import time
@@ -35,27 +34,6 @@ _HEAD = flags.DEFINE_enum(
   "head", None, list(configs.HEADS), "Detector of every case (default: own)."
 )
 _SET = flags.DEFINE_multi_string("set", [], "Config override for every case: field=value.")
-
-
-def override(config, assignments: list[str]) -> None:
-  """`--set field=value` items applied to `config`; a field that is not there, or a value of
-  the wrong type, is a UserError."""
-  for item in assignments:
-    name, sep, text = item.partition("=")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text  # a bare string
-    parent, _, field = name.rpartition(".")
-    node = config
-    for part in filter(None, parent.split(".")):
-      node = node.get(part)
-    if not sep or node is None or field not in node:
-      raise UserError(f"--set {item!r}: expected field=value with an existing config field")
-    try:
-      node[field] = value
-    except TypeError as e:
-      raise UserError(f"--set {item!r}: {e}") from None
 
 
 def _row(name: str, head: str, m: dict, wall: float) -> str:
@@ -98,7 +76,7 @@ def main(argv):
     config.checkpoint_every = config.steps_per_epoch
     config.steps_per_call = _STEPS_PER_CALL.value
     config.head = _HEAD.value or config.head
-    override(config, _SET.value)
+    cli.override(config, _SET.value)
     t = time.perf_counter()
     final = train.train_and_evaluate(configs.read(config), os.path.join(_ROOT.value, name))
     wall = time.perf_counter() - t

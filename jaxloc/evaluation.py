@@ -19,11 +19,11 @@ import numpy as np
 from jaxloc import canvas, metrics, parallel, plots, scenes, workdir
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "canvas_size", "mesh", "members"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "canvas_size", "mesh", "stacked"))
 def eval_step(
-  apply_fn, params, digits, labels, xy, mask, *, canvas_size: int, mesh=None, members=False
+  apply_fn, params, digits, labels, xy, mask, *, canvas_size: int, mesh=None, stacked=False
 ):
-  """Renders one validation batch and returns (sums, per-canvas results); with `members`,
+  """Renders one validation batch and returns (sums, per-canvas results); with `stacked`,
   `params` are several models' (leading axis M) scored on the same batch, results [M, ...]."""
   batch = parallel.shard_batch(canvas.render(digits, labels, xy, canvas_size=canvas_size), mesh)
 
@@ -31,15 +31,15 @@ def eval_step(
     outputs = apply_fn({"params": p}, batch["image"])
     return metrics.batch_sums(outputs, batch, mask), metrics.per_example(outputs, batch)
 
-  return jax.vmap(score)(params) if members else score(params)
+  return jax.vmap(score)(params) if stacked else score(params)
 
 
 def evaluate(
-  apply_fn, params, val: dict, *, canvas_size: int, batch_size: int, mesh=None, members=False
+  apply_fn, params, val: dict, *, canvas_size: int, batch_size: int, mesh=None, stacked=False
 ):
   """Scores the fixed validation set in batches of `batch_size` (the last one padded).
 
-  Returns (summary dict, per-canvas results as numpy arrays); with `members` (stacked
+  Returns (summary dict, per-canvas results as numpy arrays); with `stacked` (stacked
   `params` of M models, scored in one compiled call per batch), a list of M of them.
   """
   n = val["labels"].shape[0]
@@ -57,14 +57,14 @@ def evaluate(
       jnp.asarray(mask),
       canvas_size=canvas_size,
       mesh=mesh,
-      members=members,
+      stacked=stacked,
     )
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    keep = (lambda a, m=mask: a[:, m]) if members else (lambda a, m=mask: a[m])
+    keep = (lambda a, m=mask: a[:, m]) if stacked else (lambda a, m=mask: a[m])
     per.append(jax.tree_util.tree_map(keep, parallel.to_host(ex)))
-  per = {k: np.concatenate([p[k] for p in per], axis=int(members)) for k in per[0]}
+  per = {k: np.concatenate([p[k] for p in per], axis=int(stacked)) for k in per[0]}
   totals = parallel.to_host(totals)
-  if not members:
+  if not stacked:
     return metrics.summarize(totals, per["iou"]), per
   return [
     (metrics.summarize(parallel.member(totals, i), p["iou"]), p) for i, p in enumerate(_split(per))
@@ -79,24 +79,24 @@ def _split(per: dict) -> list[dict]:
 class RunEvaluation:
   """A run's scoring after each epoch: `self(exported, raw)` -> per model (replica member),
   (summary, per-canvas results, summary of the raw weights or None). `exported`: the
-  weights a run exports (with `members` > 1, stacked [N, ...]); `raw`: with a moving
+  weights a run exports (with `count` > 1, stacked [N, ...]); `raw`: with a moving
   average, the raw weights beside them, else None. All of them are scored in one compiled
-  call per batch (`make_evaluator(apply_fn, mesh, members=True)`). `seconds`: time spent."""
+  call per batch (`make_evaluator(apply_fn, mesh, stacked=True)`). `seconds`: time spent."""
 
-  def __init__(self, make_evaluator, apply_fn, mesh, val, members: int, averaged: bool):
-    self.stacked = members > 1 or averaged
+  def __init__(self, make_evaluator, apply_fn, mesh, val, count: int, averaged: bool):
+    self.stacked = count > 1 or averaged
     self.evaluator = make_evaluator(apply_fn, mesh, self.stacked)
-    self.val, self.members, self.seconds = val, members, 0.0
+    self.val, self.count, self.seconds = val, count, 0.0
 
   def __call__(self, exported, raw=None) -> list[tuple]:
     t = time.perf_counter()
     params = exported
     if raw is not None:  # the exported weights, then the raw ones
-      join = jnp.concatenate if self.members > 1 else jnp.stack  # members: [2N, ...]
+      join = jnp.concatenate if self.count > 1 else jnp.stack  # members: [2N, ...]
       params = jax.tree_util.tree_map(lambda *a: join(a), exported, raw)
     scored = self.evaluator(params, self.val)
     scored = scored if self.stacked else [scored]
-    exported_scores, raw_scores = scored[: self.members], scored[self.members :]
+    exported_scores, raw_scores = scored[: self.count], scored[self.count :]
     self.seconds += time.perf_counter() - t
     return [
       (s, p, raw_scores[i][0] if raw_scores else None) for i, (s, p) in enumerate(exported_scores)
@@ -119,25 +119,25 @@ def stored_chunk(val: dict, i, *, chunk: int):
   return scenes.stored_scene(val, index)
 
 
-def scene_eval_step(apply_fn, score_chunk, make_chunk, mesh=None, members=False):
+def scene_eval_step(apply_fn, score_chunk, make_chunk, mesh=None, stacked=False):
   """The jitted scoring of one chunk of validation scenes: makes chunk i with
   `make_chunk(val, i)` (`sampled_chunk` or `stored_chunk`), applies the model and returns
-  `score_chunk(outputs, scene)` = (per-canvas results, loss parts); with `members`, of
+  `score_chunk(outputs, scene)` = (per-canvas results, loss parts); with `stacked`, of
   several models' stacked `params` on the same chunk (results [M, ...])."""
 
   @jax.jit
   def step(params, i, val):
     scene = parallel.shard_batch(make_chunk(val, i), mesh)
     score = lambda p: score_chunk(apply_fn({"params": p}, scene["image"]), scene)
-    return jax.vmap(score)(params) if members else score(params)
+    return jax.vmap(score)(params) if stacked else score(params)
 
   return step
 
 
-def evaluate_scenes(step, params, val: dict, summarize, *, chunk: int, num_val: int, members=False):
+def evaluate_scenes(step, params, val: dict, summarize, *, chunk: int, num_val: int, stacked=False):
   """Scores the validation scenes with `step` (a `scene_eval_step`) in chunks: `num_val`
   of them, or all of a stored set if it holds fewer; returns (summary, per-canvas numpy
-  arrays), or with `members` a list of them, one per model."""
+  arrays), or with `stacked` a list of them, one per model."""
   if "images" in val:
     num_val = min(num_val, val["images"].shape[0])
   per, parts = [], []
@@ -145,10 +145,10 @@ def evaluate_scenes(step, params, val: dict, summarize, *, chunk: int, num_val: 
     ex, loss_parts = step(params, i, val)
     per.append(parallel.to_host(ex))
     parts.append(parallel.to_host(loss_parts))
-  axis = int(members)  # the canvases' axis
+  axis = int(stacked)  # the canvases' axis
   cut = (slice(None),) * axis + (slice(num_val),)
   per = {k: np.concatenate([p[k] for p in per], axis)[cut] for k in per[0]}
-  if not members:
+  if not stacked:
     return _scene_summary(summarize, per, parts), per
   return [
     (_scene_summary(summarize, p, [parallel.member(q, i) for q in parts]), p)

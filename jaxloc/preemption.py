@@ -61,11 +61,14 @@ class Signals:
 
   def agree(self) -> bool:
     """Stop at this logged step? With several processes, True on all when any got a signal."""
-    if jax.process_count() > 1:
-      gathered = multihost_utils.process_allgather(np.int32(self.received or 0))
-      if self.received is None and np.max(gathered) > 0:
-        self.received = int(np.max(gathered))
-    return self.received is not None
+    if jax.process_count() == 1:
+      return self.received is not None
+    # Decided on what was gathered only: a signal that lands during the gather (its handler
+    # runs after it) is sent at the next one, so every process answers alike.
+    top = int(np.max(multihost_utils.process_allgather(np.int32(self.received or 0))))
+    if top and self.received is None:
+      self.received = top
+    return top > 0
 
   def stopped(self, step: int, total: int) -> Stopped:
     """The exception that ends the run, once its checkpoint of `step` is saved."""

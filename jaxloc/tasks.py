@@ -23,7 +23,7 @@ class Task(NamedTuple):
   # (outputs, batch, hp=None) -> (loss, {name: scalar}); its weights are the spec's, or those
   # of `hp` (`Spec.hyperparameters`: a replica member's values, traced) when given
   loss_fn: Callable
-  # (apply_fn, mesh, members) -> evaluator(params, val) -> (summary, per); with members, of
+  # (apply_fn, mesh, stacked) -> evaluator(params, val) -> (summary, per); stacked: of
   # stacked params, a list of them (the models scored in one compiled call per batch)
   make_evaluator: Callable
   write_outputs: Callable  # (out_dir, val, per, history): the run's end: curves (scenes: COCO..)
@@ -49,12 +49,12 @@ def _digit_task(spec: Spec) -> Task:
     ),
     sample_fn=functools.partial(canvas.training_batch, batch_size=data.batch_size, **digit_args),
     loss_fn=_weighted(losses.total_loss, spec),
-    make_evaluator=lambda apply_fn, mesh=None, members=False: functools.partial(
+    make_evaluator=lambda apply_fn, mesh=None, stacked=False: functools.partial(
       evaluation.evaluate,
       apply_fn,
       batch_size=data.eval_batch_size,
       mesh=mesh,
-      members=members,
+      stacked=stacked,
       **digit_args,
     ),
     write_outputs=evaluation.write_digit_outputs,
@@ -102,11 +102,11 @@ def _scene_evaluation(spec: Spec, score_chunk):
   )
   chunk, make_chunk = scene_chunks(spec)
 
-  def make_evaluator(apply_fn, mesh=None, members=False):
+  def make_evaluator(apply_fn, mesh=None, stacked=False):
     mesh = mesh if chunk % jax.device_count() == 0 else None
-    step = evaluation.scene_eval_step(apply_fn, score_chunk, make_chunk, mesh, members)
+    step = evaluation.scene_eval_step(apply_fn, score_chunk, make_chunk, mesh, stacked)
     return lambda params, val: evaluation.evaluate_scenes(
-      step, params, val, summarize, chunk=chunk, num_val=data.num_val, members=members
+      step, params, val, summarize, chunk=chunk, num_val=data.num_val, stacked=stacked
     )
 
   write_outputs = functools.partial(

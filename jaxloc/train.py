@@ -40,11 +40,10 @@ from jaxloc import (
   tasks,
   workdir,
 )
-from jaxloc import members as members_lib
 from jaxloc import spec as specs
 from jaxloc import train_state as ts
 from jaxloc.errors import UserError
-from jaxloc.members import Member, initial_states, keys
+from jaxloc.members import Member, decide_resume, initial_states, keys
 from jaxloc.spec import Spec
 
 SUMMARY = "summary.json"
@@ -81,9 +80,7 @@ def train_and_evaluate(spec: Spec, work_dir: str, *, fresh=False, echo=console.e
     latest = [m.latest_step() for m in mngrs]  # resume where every member has a checkpoint
     latest = None if None in latest else min(latest)
     finished_file = SUMMARY if stacked else workdir.METRICS
-    resume_step = members_lib.decide_resume(
-      spec, work_dir, latest, fresh=fresh, finished_file=finished_file
-    )
+    resume_step = decide_resume(spec, work_dir, latest, fresh=fresh, finished_file=finished_file)
     for m in mngrs:
       m.reload()  # --fresh may have moved the old checkpoints aside
     members = [Member(*m) for m in zip(member_specs, dirs, mngrs, strict=True)]
@@ -120,7 +117,7 @@ class _Loop:
     self.stacked = len(members) > 1
     self.mesh = parallel.data_mesh()
     data_keys = [keys(m.spec)[1] for m in members]
-    hps = [ts.hyperparameters(m.spec) for m in members]  # the members' own values
+    hps = [ts.step_hyperparameters(m.spec) for m in members]  # the members' own values
     pick = parallel.stack if self.stacked else (lambda trees: trees[0])
     state, data_key, hp = pick(states), pick(data_keys), pick(hps)
     state, data_key, hp, data = parallel.replicate((state, data_key, hp, data), self.mesh)

@@ -79,7 +79,7 @@ def create_train_state(key: jax.Array, spec: Spec, net: nn.Module | None = None)
   return state.replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints restore it
 
 
-def hyperparameters(spec: Spec) -> dict[str, jax.Array]:
+def step_hyperparameters(spec: Spec) -> dict[str, jax.Array]:
   """The `hp` argument of the train step (`Spec.hyperparameters`, as float32)."""
   return {k: jnp.float32(v) for k, v in spec.hyperparameters().items()}
 
@@ -89,7 +89,7 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One Adam step on `loss_fn(outputs, batch, hp) -> (loss, parts)`; returns the parts.
 
-  `hp` (`hyperparameters`) are arguments, not constants: the step size goes to
+  `hp` (`step_hyperparameters`) are arguments, not constants: the step size goes to
   `optimizer_fn(peak)` (e.g. `functools.partial(optimizer, spec.opt)`), the loss weights to
   `loss_fn`, and when the state keeps a moving average, `hp["ema_decay"]` to `ema_update`.
   """

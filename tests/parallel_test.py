@@ -35,7 +35,7 @@ optimizer_fn = functools.partial(train_state.optimizer, configs.read(config).opt
 
 def run(mesh):
   state = train_state.create_train_state(init_key, configs.read(config))
-  data = (digits, labels, data_key, train_state.hyperparameters(configs.read(config)))
+  data = (digits, labels, data_key, train_state.step_hyperparameters(configs.read(config)))
   if mesh is not None:
     state, data = parallel.replicate((state, data), mesh)
   sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
@@ -104,7 +104,7 @@ def test_steps_per_call_does_not_change_the_result():
   for chunk in (1, 2, 4):
     state = train_state.create_train_state(init_key, configs.read(config))
     sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
-    data = (digits, labels, data_key, train_state.hyperparameters(configs.read(config)))
+    data = (digits, labels, data_key, train_state.step_hyperparameters(configs.read(config)))
     fn = train_state.compile_train_steps(
       state,
       sums,

@@ -143,13 +143,16 @@ def test_layout_that_cannot_fit_is_rejected():
 
 
 @pytest.mark.parametrize("head", ["dense", "slots"])
-def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head):
+def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head, dense_run):
   from jaxloc import inference, metrics, workdir
 
-  run = tmp_path / "multi"
-  config = case_config(mnist_dir, "multi")
-  config.head = head
-  final = train_run(config, str(run))
+  if head == "dense":
+    run, final = dense_run
+  else:
+    run = tmp_path / "multi"
+    config = case_config(mnist_dir, "multi")
+    config.head = head
+    final = train_run(config, str(run))
   for name in (
     "metrics.json",
     "predictions.png",

@@ -16,7 +16,7 @@ def _step_fn(config):
   """train_step(state, batch) of the config: its loss, optimizer and hyperparameters."""
   return functools.partial(
     train_state.train_step,
-    hp=train_state.hyperparameters(configs.read(config)),
+    hp=train_state.step_hyperparameters(configs.read(config)),
     loss_fn=tasks.build(configs.read(config)).loss_fn,
     optimizer_fn=functools.partial(train_state.optimizer, configs.read(config).opt),
   )
@@ -76,7 +76,7 @@ def test_moving_average_does_not_change_training():
       digits,
       labels,
       data_key,
-      train_state.hyperparameters(configs.read(config)),
+      train_state.step_hyperparameters(configs.read(config)),
       num_steps=4,
       sample_fn=sample,
       loss_fn=loss_fn,

@@ -138,8 +138,8 @@ def test_experiment_script_errors(module, args, match, tmp_path):
   ],
 )
 def test_run_cases_set_errors(item, match):
-  from experiments import run_cases
+  from experiments import cli
   from experiments.configs import multi
 
   with pytest.raises(UserError, match=match):
-    run_cases.override(multi.get_config(), [item])
+    cli.override(multi.get_config(), [item])
