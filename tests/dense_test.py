@@ -202,7 +202,7 @@ def test_decoding_has_fixed_shapes_and_traces_once():
 
 
 def test_loss_is_finite_and_box_part_zero_on_empty_canvases(digits):
-  scene = _scene(digits, count_probs=(1.0, 0, 0, 0, 0, 0))
+  scene = _scene(digits, count_probs=(1.0, 0, 0, 0, 0, 0), batch_size=4)
   assert int(scene["count"].sum()) == 0
   net = model.DenseDetector()
   params = model.init_params(jax.random.key(0), net, 128)

@@ -146,12 +146,12 @@ def test_layout_that_cannot_fit_is_rejected():
 def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head, dense_run):
   from jaxloc import inference, metrics, workdir
 
-  if head == "dense":
+  config = case_config(mnist_dir, "multi")
+  config.head = head
+  if head == "dense":  # the session's dense run is this config's
     run, final = dense_run
   else:
     run = tmp_path / "multi"
-    config = case_config(mnist_dir, "multi")
-    config.head = head
     final = train_run(config, str(run))
   for name in (
     "metrics.json",
