@@ -43,20 +43,35 @@ def _pair(work_dir, mnist_dir, *extra):
   return [_train(work_dir, mnist_dir, *flags, *extra, f"--process_id={i}") for i in (0, 1)]
 
 
-def test_two_processes_train_as_one(tmp_path, mnist_dir):
-  procs = _pair(tmp_path / "two", mnist_dir)
-  single = _train(tmp_path / "one", mnist_dir)
-  out0, _, _ = (_finish(p) for p in (*procs, single))
+# Long enough (100 steps, one per call) that a signal soon after the first record lands in it.
+LONG = [
+  "--config.steps_per_epoch=100",
+  "--config.log_every=5",
+  "--config.steps_per_call=1",
+  "--config.checkpoint_every=50",
+]
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory, mnist_dir):
+  """The workdir of an uninterrupted two-process run, and process 0's console."""
+  run = tmp_path_factory.mktemp("pair") / "run"
+  out0, _ = (_finish(p) for p in _pair(run, mnist_dir, *LONG))
+  return run, out0
+
+
+def test_two_processes_train_as_one(tmp_path, mnist_dir, pair_run):
+  two, out0 = pair_run
+  _finish(_train(tmp_path / "one", mnist_dir, *LONG))
   assert "backend cpu: 2 devices (cpu), 2 processes" in out0
 
-  def run(name):
-    path = tmp_path / name
+  def run(path):
     params = serialization.msgpack_restore((path / workdir.PARAMS).read_bytes())
     records = workdir.read_jsonl(str(path / workdir.METRICS_LOG))
     return params, records, workdir.read_json(str(path / workdir.METRICS))
 
-  params2, records2, final2 = run("two")
-  params1, records1, final1 = run("one")
+  params2, records2, final2 = run(two)
+  params1, records1, final1 = run(tmp_path / "one")
   assert final2["devices"] == 2 and final1["devices"] == 1
   assert [r["step"] for r in records2] == [r["step"] for r in records1]
   for r2, r1 in zip(records2, records1, strict=True):
@@ -67,14 +82,12 @@ def test_two_processes_train_as_one(tmp_path, mnist_dir):
   for a, b in leaves:
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   # Only process 0 wrote the workdir; process 1's outputs went to a throwaway directory.
-  assert (tmp_path / "two" / "tensorboard").is_dir()
+  assert (two / "tensorboard").is_dir()
 
 
-def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path, mnist_dir):
-  long = ["--config.steps_per_epoch=100", "--config.log_every=5", "--config.steps_per_call=1"]
-  long.append("--config.checkpoint_every=50")
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path, mnist_dir, pair_run):
   run, delay = tmp_path / "run", random.uniform(0.0, 0.5)
-  stopped = _pair(run, mnist_dir, *long)
+  stopped = _pair(run, mnist_dir, *LONG)
   wait_for_first_record(stopped[0], run)
   time.sleep(delay)
   assert stopped[1].poll() is None, f"the run ended before the signal ({delay:.3f} s)"
@@ -84,10 +97,6 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path, mnist_dir
   steps = [stopped_step(err, "SIGTERM", 100) for err in errs]
   assert steps[0] == steps[1] == newest_checkpoint(run), f"signal {delay:.3f} s after the first log"
 
-  resumed = [_finish(p) for p in _pair(run, mnist_dir, *long)]
+  resumed = [_finish(p) for p in _pair(run, mnist_dir, *LONG)]
   assert f"resuming at step {steps[0]}" in resumed[0]
-  for p in _pair(tmp_path / "reference", mnist_dir, *long):
-    _finish(p)
-  assert (run / workdir.PARAMS).read_bytes() == (
-    tmp_path / "reference" / workdir.PARAMS
-  ).read_bytes()
+  assert (run / workdir.PARAMS).read_bytes() == (pair_run[0] / workdir.PARAMS).read_bytes()
