@@ -8,7 +8,8 @@ training run's final evaluation.
 With --data (a scene run only), scores the run on a dataset on disk instead (`jaxloc.datasets`:
 an MNIST-detection folder, a COCO folder or .json file) and writes the same figures, COCO
 files and pictures to DIR/eval-<name>/ (name: the dataset's folder or file name); the run's
-own files are not touched. The images must be the run's canvas size.
+own files are not touched. The images must be the run's canvas size. A COCO file's images
+are looked for beside it, then in images/ beside it, or in --image_root.
 """
 
 import json
@@ -24,6 +25,9 @@ from jaxloc.errors import UserError
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
 _MNIST_DIR = flags.DEFINE_string("mnist_dir", None, "IDX directory, if not the run's own.")
 _DATA = flags.DEFINE_string("data", None, "Score on this dataset on disk (scene runs).")
+_IMAGE_ROOT = flags.DEFINE_string(
+  "image_root", None, "--data: the folder of a COCO file's images (default: beside it, images/)."
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -31,6 +35,8 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   work_dir = _WORKDIR.value
+  if _IMAGE_ROOT.value and not _DATA.value:
+    raise UserError("--image_root is where a dataset's images are: it needs --data")
   print(console.devices_line())
   predictor = inference.Predictor.from_workdir(work_dir)
   spec = predictor.spec
@@ -66,6 +72,8 @@ def _on_dataset(spec, data_path: str):
   validation set), through the checks of a run's config."""
   if spec.scene is None:
     raise UserError("--data needs a scene run (detections); the seed's digit task has no scenes")
+  if _IMAGE_ROOT.value:
+    spec = specs.replace(spec, data={"image_root": _IMAGE_ROOT.value})
   val = loaders.load_set(data_path, spec)
   spec = specs.replace(spec, data={"val_path": data_path, "num_val": len(val["images"])})
   spec = configs.read(spec.fields)

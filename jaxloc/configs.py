@@ -59,7 +59,7 @@ ADDED_FIELDS = {
 ADDED_SCENE_FIELDS = {"head": "slots", "data": {}}  # scene runs: slots, no data on disk
 ADDED_NESTED_FIELDS = {
   "scene": {"paste_mode": "max"},
-  "data": {"train_path": "", "val_path": ""},
+  "data": {"train_path": "", "val_path": "", "image_root": ""},
   "dense": {
     "backbone": "single",
     "pyramid_features": (128, 128),
@@ -106,6 +106,7 @@ def read(config) -> Spec:
       num_plot=c["num_plot"],
       train_path=data.get("train_path", ""),
       val_path=data.get("val_path", ""),
+      image_root=data.get("image_root", ""),
     ),
     schedule=Schedule(
       epochs=c["epochs"],

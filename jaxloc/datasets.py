@@ -6,8 +6,10 @@
   in integer pixels (xmax, ymax exclusive: jaxloc's convention).
 - `coco`: a COCO JSON file (`images` with `id`, `file_name`, `width`, `height`;
   `annotations` with `image_id`, `category_id` = the digit, `bbox` = [x, y, w, h] in
-  pixels), image paths relative to the JSON's folder. A folder holding `annotations.json`
-  (what `write` makes) or the JSON file itself may be given.
+  pixels). A folder holding `annotations.json` (what `write` makes) or the JSON file itself
+  may be given. Each `file_name` is looked for beside the JSON, then in `images/` beside it
+  (the layouts exporters write), or, given `image_root`, there only (COCO's own layout
+  keeps `annotations/instances_val2017.json` apart from `val2017/`).
 
 `read(path)` tells the two apart by what the folder holds (`labels/` first) or takes
 `format=`; `write(out_dir, ...)` writes both at once, over the same PNGs. A set in memory
@@ -60,15 +62,16 @@ def detect_format(path: str) -> str:
   )
 
 
-def read(path: str, format: str | None = None) -> Dataset:
-  """The dataset at `path` (a folder, or a COCO .json file) as arrays."""
+def read(path: str, format: str | None = None, image_root: str = "") -> Dataset:
+  """The dataset at `path` (a folder, or a COCO .json file) as arrays; `image_root`: the
+  folder of a COCO file's images, if not beside it or in its images/ folder."""
   format = format or detect_format(path)
   if format not in FORMATS:
     raise UserError(f"dataset format {format!r}: use one of {FORMATS}")
   if format == "mnist_detection":
     files, sources, objects = _read_mnist_detection(path)
   else:
-    files, sources, objects = _read_coco(path)
+    files, sources, objects = _read_coco(path, image_root)
   if not files:
     raise UserError(f"{path}: the dataset holds no images")
   return _assemble(sources, objects, _read_images(files))
@@ -120,7 +123,7 @@ def _parse_labels(path: str) -> list[tuple[int, float, float, float, float]]:
   return out
 
 
-def _read_coco(path: str):
+def _read_coco(path: str, image_root: str = ""):
   json_path = os.path.join(path, COCO_FILE) if os.path.isdir(path) else path
   try:
     data = workdir.read_json(json_path)
@@ -133,7 +136,8 @@ def _read_coco(path: str):
     raise UserError(f"{json_path}: not found") from None
   except (ValueError, KeyError, TypeError) as e:
     raise UserError(f"{json_path}: not a COCO detection file ({type(e).__name__}: {e})") from None
-  root = os.path.dirname(json_path)
+  here = os.path.dirname(json_path)
+  roots = [image_root] if image_root else [here, os.path.join(here, "images")]
   ids = sorted(images)
   row = {image_id: i for i, image_id in enumerate(ids)}
   objects = [[] for _ in ids]
@@ -142,7 +146,19 @@ def _read_coco(path: str):
       raise UserError(f"{json_path}: an annotation refers to image_id {image_id}, not in images")
     objects[row[image_id]].append((category, x, y, x + w, y + h))
   sources = [f"{json_path} (image {images[i]})" for i in ids]
-  return [os.path.join(root, images[i]) for i in ids], sources, objects
+  return [_find_image(images[i], roots, json_path) for i in ids], sources, objects
+
+
+def _find_image(file_name: str, roots: list[str], json_path: str) -> str:
+  """The first of `roots`/`file_name` that exists; a UserError naming each place looked."""
+  tried = [os.path.join(root, file_name) for root in roots]
+  for path in tried:
+    if os.path.isfile(path):
+      return path
+  raise UserError(
+    f"{json_path}: image {file_name!r} not found at {' or '.join(tried)}; give the folder "
+    "that holds the images (evaluate --image_root, config.data.image_root)"
+  )
 
 
 def _read_images(files: list[str]) -> np.ndarray:

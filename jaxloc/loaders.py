@@ -44,7 +44,8 @@ def load_set(path: str, spec: Spec, limit: int = -1) -> dict:
   """A dataset on disk (`jaxloc.datasets.read`) as a dict of numpy arrays for
   `scenes.stored_scene`: its first `limit` scenes (all if limit <= 0), with as many slots as
   the spec's detector needs. Canvases of another size than the spec's are refused."""
-  data, canvas_size = datasets.read(path), spec.data.canvas_size
+  data = datasets.read(path, image_root=spec.data.image_root)
+  canvas_size = spec.data.canvas_size
   if data.canvas_size != canvas_size:
     raise UserError(
       f"{path} holds {data.canvas_size}x{data.canvas_size} images but config.canvas_size="

@@ -28,6 +28,7 @@ class Data:
   num_plot: int
   train_path: str = ""  # scene datasets on disk ("" = synthetic)
   val_path: str = ""
+  image_root: str = ""  # a COCO file's image folder ("" = beside it, then images/)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +200,7 @@ def replace(spec: Spec, **groups) -> Spec:
 
 def _config_path(spec: Spec, group: str, name: str) -> str:
   """The config field behind `spec.<group>.<name>`."""
-  if group == "scene" or (group == "data" and name.endswith("_path")):
+  if group == "scene" or (group == "data" and name in ("train_path", "val_path", "image_root")):
     return f"{group}.{name}"
   if (
     group == "head"

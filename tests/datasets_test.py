@@ -4,6 +4,8 @@ set (exact resume after SIGKILL), evaluate --data."""
 import importlib
 import json
 import os
+import pathlib
+import shutil
 import sys
 
 import conftest
@@ -55,6 +57,55 @@ def test_export_reads_back_to_the_pixel_in_both_formats(exported):
     np.testing.assert_allclose(read.box, data.box[:, :k], atol=1e-6)  # ink boxes: whole pixels
   with open(os.path.join(out, "labels", "0.txt")) as f:
     assert f.readline().strip() == datasets.HEADER
+
+
+def _coco_with(out, tmp_path, json_rel: str, image_dir_rel: str, file_name) -> str:
+  """The exported set's COCO file at tmp_path/json_rel, its PNGs in tmp_path/image_dir_rel,
+  each image's `file_name` given by `file_name(i)`."""
+  coco = json.loads((pathlib.Path(out) / datasets.COCO_FILE).read_text())
+  json_path, image_dir = tmp_path / json_rel, tmp_path / image_dir_rel
+  json_path.parent.mkdir(parents=True, exist_ok=True)
+  image_dir.mkdir(parents=True, exist_ok=True)
+  for im in coco["images"]:
+    shutil.copy(pathlib.Path(out) / im["file_name"], image_dir / f"{im['id']}.png")
+    im["file_name"] = file_name(im["id"])
+  json_path.write_text(json.dumps(coco))
+  return str(json_path)
+
+
+def test_coco_images_are_found_as_people_keep_them(exported, tmp_path):
+  """Beside the JSON (`write`'s own layout, tested above), in images/ beside it, or in a
+  folder of their own given as the image root (COCO's annotations/ + val2017/)."""
+  out, _ = exported
+  folder = datasets.read(out)  # the generator's folder of the same scenes
+  in_images = _coco_with(out, tmp_path / "a", "annotations.json", "images", "{}.png".format)
+  apart = _coco_with(out, tmp_path / "b", "annotations/instances_val.json", "val", "{}.png".format)
+  for read in (
+    datasets.read(in_images),
+    datasets.read(apart, image_root=str(tmp_path / "b" / "val")),
+  ):
+    for a, b in zip(read, folder, strict=True):
+      np.testing.assert_array_equal(a, b)
+  with pytest.raises(UserError) as error:
+    datasets.read(apart)
+  beside, images = (
+    tmp_path / "b" / "annotations" / "0.png",
+    tmp_path / "b" / "annotations" / "images" / "0.png",
+  )
+  assert str(error.value) == (
+    f"{apart}: image '0.png' not found at {beside} or {images}; give the folder that holds the "
+    "images (evaluate --image_root, config.data.image_root)"
+  )
+
+
+def test_a_scene_config_reads_its_coco_images_from_its_image_root(exported, mnist_dir, tmp_path):
+  out, _ = exported
+  apart = _coco_with(out, tmp_path, "annotations/instances_val.json", "val", "{}.png".format)
+  spec = configs.read(
+    _config(mnist_dir, data={"val_path": apart, "image_root": str(tmp_path / "val")})
+  )
+  val = loaders.load(spec)[2]
+  np.testing.assert_array_equal(val["images"], datasets.read(out).images)
 
 
 def test_the_same_seed_gives_the_same_files(mnist_dir, tmp_path):
@@ -249,3 +300,5 @@ def test_evaluate_on_exported_validation_scenes_reproduces_the_run(mnist_dir, tm
   small = tmp_path / "small"
   proc = conftest.run_command("experiments.evaluate", f"--workdir={run}", f"--data={small}")
   assert proc.returncode == 2 and f"dataset {str(small)!r} not found" in proc.stderr
+  proc = conftest.run_command("experiments.evaluate", f"--workdir={run}", f"--image_root={small}")
+  assert proc.returncode == 2 and "--image_root is where a dataset's images are" in proc.stderr

@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.train_path = ""  # training set, read in keyed passes (each image once a pass)
   config.data.val_path = ""  # validation set (its first num_val images)
+  # A COCO file's images: "" = beside the JSON, then in images/ beside it; else this folder
+  config.data.image_root = ""
   config.scene = ml_collections.ConfigDict()
   sc = config.scene
   sc.max_objects = 2  # K: object slots per canvas
