@@ -78,9 +78,11 @@ def test_two_processes_train_as_one(tmp_path, mnist_dir, pair_run):
     assert r2["train/loss"] == pytest.approx(r1["train/loss"], rel=1e-5)
   assert final2["accuracy"] == final1["accuracy"]
   assert final2["mean_iou"] == pytest.approx(final1["mean_iou"], rel=1e-4)
+  # 100 Adam steps whose gradients are summed over two devices in another order: the
+  # parameters drift apart by float32 rounding (2.6e-5 at most, seen), not by a step
   leaves = zip(jax.tree_util.tree_leaves(params2), jax.tree_util.tree_leaves(params1), strict=True)
   for a, b in leaves:
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
   # Only process 0 wrote the workdir; process 1's outputs went to a throwaway directory.
   assert (two / "tensorboard").is_dir()
 
