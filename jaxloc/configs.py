@@ -191,42 +191,42 @@ def _digit_head(c: dict) -> DigitHead:
 
 
 def _scene(c: dict) -> Scene:
-  sc = c["scene"]
-  k = sc["max_objects"]
+  scene = c["scene"]
+  k = scene["max_objects"]
   if not isinstance(k, int) or k < 1:
     raise UserError(f"config.scene.max_objects={k!r} must be a positive integer")
-  probs = tuple(sc["count_probs"])
+  probs = tuple(scene["count_probs"])
   if len(probs) != k + 1 or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
     raise UserError(
       f"config.scene.count_probs={probs} must be {k + 1} probabilities (counts 0..{k}) "
       "that sum to 1"
     )
-  lo, hi = tuple(sc["size_range"])
+  lo, hi = tuple(scene["size_range"])
   if not 1 <= lo <= hi:
     raise UserError(f"config.scene.size_range=({lo}, {hi}) must satisfy 1 <= min <= max")
-  if sc["box_type"] not in BOX_TYPES:
-    raise UserError(f"config.scene.box_type={sc['box_type']!r}: use one of {BOX_TYPES}")
-  if sc["paste_mode"] not in canvas.PASTE_MODES:
+  if scene["box_type"] not in BOX_TYPES:
+    raise UserError(f"config.scene.box_type={scene['box_type']!r}: use one of {BOX_TYPES}")
+  if scene["paste_mode"] not in canvas.PASTE_MODES:
     raise UserError(
-      f"config.scene.paste_mode={sc['paste_mode']!r}: use one of {canvas.PASTE_MODES}"
+      f"config.scene.paste_mode={scene['paste_mode']!r}: use one of {canvas.PASTE_MODES}"
     )
-  if not -1 <= sc["target_class"] <= 9:
-    raise UserError(f"config.scene.target_class={sc['target_class']}: use -1 (any) or 0..9")
-  if sc["target_class"] < 0 and sc["distractor_prob"] > 0:
+  if not -1 <= scene["target_class"] <= 9:
+    raise UserError(f"config.scene.target_class={scene['target_class']}: use -1 (any) or 0..9")
+  if scene["target_class"] < 0 and scene["distractor_prob"] > 0:
     raise UserError("config.scene.distractor_prob needs a config.scene.target_class >= 0")
-  scenes.check_scene(c["canvas_size"], k + (sc["distractor_prob"] > 0), hi, sc["max_overlap"])
+  scenes.check_scene(c["canvas_size"], k + (scene["distractor_prob"] > 0), hi, scene["max_overlap"])
   if c["head"] not in HEADS:
     raise UserError(f"config.head={c['head']!r}: use one of {', '.join(map(repr, HEADS))}")
   return Scene(
     max_objects=k,
     count_probs=probs,
-    target_class=sc["target_class"],
-    distractor_prob=sc["distractor_prob"],
+    target_class=scene["target_class"],
+    distractor_prob=scene["distractor_prob"],
     size_range=(lo, hi),
-    box_type=sc["box_type"],
-    paste_mode=sc["paste_mode"],
-    max_overlap=sc["max_overlap"],
-    classify=sc["classify"],
+    box_type=scene["box_type"],
+    paste_mode=scene["paste_mode"],
+    max_overlap=scene["max_overlap"],
+    classify=scene["classify"],
   )
 
 
@@ -240,50 +240,55 @@ def _head(c: dict) -> SlotHead | DenseHead:
       count_loss_weight=c["scene"]["count_loss_weight"],
       objectness_loss_weight=c["scene"]["objectness_loss_weight"],
     )
-  dn, k = c["dense"], c["scene"]["max_objects"]
-  if dn["backbone"] not in model.BACKBONES:
-    raise UserError(f"config.dense.backbone={dn['backbone']!r}: use one of {model.BACKBONES}")
-  if dn["norm"] not in model.NORMS:
-    raise UserError(f"config.dense.norm={dn['norm']!r}: use one of {model.NORMS}")
-  if not isinstance(dn["neck_features"], int) or dn["neck_features"] < 1:
+  dense_fields, k = c["dense"], c["scene"]["max_objects"]
+  if dense_fields["backbone"] not in model.BACKBONES:
     raise UserError(
-      f"config.dense.neck_features={dn['neck_features']!r} must be a positive integer"
+      f"config.dense.backbone={dense_fields['backbone']!r}: use one of {model.BACKBONES}"
+    )
+  if dense_fields["norm"] not in model.NORMS:
+    raise UserError(f"config.dense.norm={dense_fields['norm']!r}: use one of {model.NORMS}")
+  if not isinstance(dense_fields["neck_features"], int) or dense_fields["neck_features"] < 1:
+    raise UserError(
+      f"config.dense.neck_features={dense_fields['neck_features']!r} must be a positive integer"
     )
   stages = len(c["conv_features"])
-  if dn["backbone"] == "fpn":
-    stages += len(dn["pyramid_features"])
+  if dense_fields["backbone"] == "fpn":
+    stages += len(dense_fields["pyramid_features"])
   strides = [2**i for i in range(1, stages + 1)]
-  if dn["stride"] not in strides:
+  if dense_fields["stride"] not in strides:
     raise UserError(
-      f"config.dense.stride={dn['stride']!r}: the output stride is 2 ** (pooled conv stages); "
-      f"with {stages} conv stages use one of {strides}"
+      f"config.dense.stride={dense_fields['stride']!r}: the output stride is 2 ** (pooled "
+      f"conv stages); with {stages} conv stages use one of {strides}"
     )
   classes = 10 if c["scene"]["classify"] else 1
-  cells = dense.grid_size(c["canvas_size"], dn["stride"]) ** 2 * classes
-  if not isinstance(dn["top_k"], int) or not k <= dn["top_k"] <= cells:
+  cells = dense.grid_size(c["canvas_size"], dense_fields["stride"]) ** 2 * classes
+  if not isinstance(dense_fields["top_k"], int) or not k <= dense_fields["top_k"] <= cells:
     raise UserError(
-      f"config.dense.top_k={dn['top_k']!r} must be an integer from max_objects ({k}) to the "
-      f"number of heatmap cells x classes ({cells})"
+      f"config.dense.top_k={dense_fields['top_k']!r} must be an integer from max_objects "
+      f"({k}) to the number of heatmap cells x classes ({cells})"
     )
-  if not 0.0 < dn["score_threshold"] < 1.0:
+  if not 0.0 < dense_fields["score_threshold"] < 1.0:
     raise UserError(
-      f"config.dense.score_threshold={dn['score_threshold']!r} must lie strictly between 0 and 1"
+      f"config.dense.score_threshold={dense_fields['score_threshold']!r} must lie strictly "
+      "between 0 and 1"
     )
-  if not 0.0 < dn["prior"] < 1.0:
-    raise UserError(f"config.dense.prior={dn['prior']!r} must lie strictly between 0 and 1")
+  if not 0.0 < dense_fields["prior"] < 1.0:
+    raise UserError(
+      f"config.dense.prior={dense_fields['prior']!r} must lie strictly between 0 and 1"
+    )
   return DenseHead(
     conv_features=tuple(c["conv_features"]),
-    backbone=dn["backbone"],
-    pyramid_features=tuple(dn["pyramid_features"]),
-    neck_features=dn["neck_features"],
-    norm=dn["norm"],
-    stride=dn["stride"],
-    context_features=tuple(dn["context_features"]),
-    top_k=dn["top_k"],
-    score_threshold=dn["score_threshold"],
-    heatmap_loss_weight=dn["heatmap_loss_weight"],
-    box_loss_weight=dn["box_loss_weight"],
-    prior=dn["prior"],
+    backbone=dense_fields["backbone"],
+    pyramid_features=tuple(dense_fields["pyramid_features"]),
+    neck_features=dense_fields["neck_features"],
+    norm=dense_fields["norm"],
+    stride=dense_fields["stride"],
+    context_features=tuple(dense_fields["context_features"]),
+    top_k=dense_fields["top_k"],
+    score_threshold=dense_fields["score_threshold"],
+    heatmap_loss_weight=dense_fields["heatmap_loss_weight"],
+    box_loss_weight=dense_fields["box_loss_weight"],
+    prior=dense_fields["prior"],
   )
 
 
