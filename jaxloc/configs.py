@@ -112,7 +112,9 @@ def read(config) -> Spec:
       epochs=c["epochs"],
       steps_per_epoch=c["steps_per_epoch"],
       total_steps=total,
-      steps_per_call=_backend_default(c["steps_per_call"], -1, STEPS_PER_CALL, 1),
+      steps_per_call=_backend_default(
+        c["steps_per_call"], -1, STEPS_PER_CALL, STEPS_PER_CALL_ACCELERATOR
+      ),
       log_every=c["log_every"],
       checkpoint_every=c["checkpoint_every"],
       keep_checkpoints=c["keep_checkpoints"],
