@@ -79,7 +79,7 @@ def _scene_sampler(spec: Spec):
   return lambda data_key, step, *digits: scene(jax.random.fold_in(data_key, step), *digits)
 
 
-def scene_chunks(spec: Spec) -> tuple[int, Callable]:
+def _scene_chunks(spec: Spec) -> tuple[int, Callable]:
   """(chunk, make_chunk(val, i)): how the validation scenes are made, `chunk` at a time:
   drawn from the test digits (`evaluation.sampled_chunk`) or read from a set on disk."""
   chunk = min(evaluation.SCENE_VAL_CHUNK, spec.data.num_val)
@@ -100,7 +100,7 @@ def _scene_evaluation(spec: Spec, score_chunk):
     classify=scene.classify,
     digit_size=sum(scene.size_range) / 2 / data.canvas_size,
   )
-  chunk, make_chunk = scene_chunks(spec)
+  chunk, make_chunk = _scene_chunks(spec)
 
   def make_evaluator(apply_fn, mesh=None, stacked=False):
     mesh = mesh if chunk % jax.device_count() == 0 else None
@@ -125,7 +125,7 @@ def _scene_evaluation(spec: Spec, score_chunk):
   return make_evaluator, write_outputs, plot_predictions
 
 
-def slot_loss_args(spec: Spec) -> dict:
+def _slot_loss_args(spec: Spec) -> dict:
   """Keyword arguments of `losses.scene_loss` (the slot detector's loss)."""
   head = spec.head
   return dict(
@@ -138,7 +138,7 @@ def slot_loss_args(spec: Spec) -> dict:
 
 
 def _slot_task(spec: Spec) -> Task:
-  head, loss_args = spec.head, slot_loss_args(spec)
+  head, loss_args = spec.head, _slot_loss_args(spec)
   score_chunk = functools.partial(answers.slot_chunk, **loss_args)
   make_evaluator, write_outputs, plot_predictions = _scene_evaluation(spec, score_chunk)
   return Task(
