@@ -75,8 +75,7 @@ def _on_dataset(spec, data_path: str):
   if _IMAGE_ROOT.value:
     spec = specs.replace(spec, data={"image_root": _IMAGE_ROOT.value})
   val = loaders.load_set(data_path, spec)
-  spec = specs.replace(spec, data={"val_path": data_path, "num_val": len(val["images"])})
-  spec = configs.read(spec.fields)
+  spec = configs.replace(spec, data={"val_path": data_path, "num_val": len(val["images"])})
   name = os.path.splitext(os.path.basename(os.path.normpath(data_path)))[0]
   return os.path.join(_WORKDIR.value, f"eval-{name}"), spec, val
 

@@ -42,9 +42,7 @@ def main(argv):
   train_scenes = {"digits": jax.numpy.asarray(digits), "labels": jax.numpy.asarray(labels)}
   rows = {}
   for threshold in thresholds:
-    task = tasks.build(
-      configs.read(specs.replace(spec, head={"score_threshold": threshold}).fields)
-    )
+    task = tasks.build(configs.replace(spec, head={"score_threshold": threshold}))
     summary, _ = task.make_evaluator(task.model.apply)(predictor.params, train_scenes)
     rows[threshold] = {k: summary[k] for k in ("count_accuracy", "presence_accuracy")}
     print(f"threshold {threshold}: {json.dumps(rows[threshold])}", flush=True)

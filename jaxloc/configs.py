@@ -15,6 +15,7 @@ import dataclasses
 import jax
 
 from jaxloc import canvas, dense, model, parallel, scenes
+from jaxloc import spec as spec_lib
 from jaxloc.errors import UserError
 from jaxloc.spec import (
   Data,
@@ -139,6 +140,11 @@ def read(config) -> Spec:
   )
   _check_members(spec)
   return spec
+
+
+def replace(spec: Spec, **groups) -> Spec:
+  """`spec.replace(spec, **groups)` read again: the changed run, through every check."""
+  return read(spec_lib.replace(spec, **groups).fields)
 
 
 def _backend_default(value, auto, table: dict, accelerator):

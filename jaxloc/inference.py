@@ -31,12 +31,14 @@ from jaxloc.errors import UserError
 from jaxloc.spec import Spec
 
 
-def load_params(work_dir: str, spec: Spec):
-  """The trained parameters of a workdir (params.msgpack), checked against its spec."""
+def load_params(work_dir: str, spec: Spec, net=None):
+  """The trained parameters of a workdir (params.msgpack), checked against its spec's model
+  (`net`, when the caller has built it)."""
   path = os.path.join(work_dir, workdir.PARAMS)
   if not os.path.exists(path):
     raise UserError(f"{path} not found: the run in {work_dir!r} has not finished training")
-  like = model.init_params(jax.random.key(0), tasks.build(spec).model, spec.data.canvas_size)
+  net = tasks.build(spec).model if net is None else net
+  like = model.init_params(jax.random.key(0), net, spec.data.canvas_size)
   with open(path, "rb") as f:
     data = f.read()
   try:
@@ -93,17 +95,18 @@ def to_canvas_batch(images, canvas_size: int) -> jax.Array:
 class Predictor:
   """A trained model: call it on a batch of canvases."""
 
-  def __init__(self, spec: Spec, params):
+  def __init__(self, spec: Spec, params, task: tasks.Task | None = None):
     self.spec, self.params = spec, params
     self.canvas_size = spec.data.canvas_size
-    task = tasks.build(spec)
+    task = tasks.build(spec) if task is None else task
     # model + answers, compiled once per batch shape
     self._predict = jax.jit(lambda p, x: task.answer(task.model.apply({"params": p}, x)))
 
   @classmethod
   def from_workdir(cls, work_dir: str) -> "Predictor":
     spec = load_spec(work_dir)
-    return cls(spec, load_params(work_dir, spec))
+    task = tasks.build(spec)
+    return cls(spec, load_params(work_dir, spec, task.model), task)
 
   def __call__(self, images) -> dict[str, np.ndarray]:
     out = jax.device_get(self._predict(self.params, to_canvas_batch(images, self.canvas_size)))

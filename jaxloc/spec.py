@@ -161,21 +161,14 @@ class Spec:
 
 def member(spec: Spec, i: int) -> Spec:
   """Member `i` of a replica run, a run of its own: seed `spec.seed + i`, its listed values."""
-  fields = copy.deepcopy(dict(spec.fields))
-  opt, head = {}, {}
+  changes = {"opt": {}, "head": {}}
   for field, values in spec.replicas.varied:
-    *groups, name = field.split(".")
-    functools.reduce(lambda d, g: d[g], groups, fields)[name] = values[i]
-    (opt if field in ("learning_rate", "ema_decay") else head)[name] = values[i]
-  fields.update(seed=spec.seed + i, replicas=1, vary="")
-  return dataclasses.replace(
-    spec,
-    seed=spec.seed + i,
-    opt=dataclasses.replace(spec.opt, **opt),
-    head=dataclasses.replace(spec.head, **head),
-    replicas=Replicas(count=1, mode=spec.replicas.mode),
-    fields=fields,
-  )
+    group = "opt" if field in ("learning_rate", "ema_decay") else "head"
+    changes[group][field.rpartition(".")[2]] = values[i]
+  out = replace(spec, **changes)
+  fields = dict(out.fields, seed=spec.seed + i, replicas=1, vary="")
+  replicas = Replicas(count=1, mode=spec.replicas.mode)
+  return dataclasses.replace(out, seed=spec.seed + i, replicas=replicas, fields=fields)
 
 
 def members(spec: Spec) -> list[Spec]:
