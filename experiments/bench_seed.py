@@ -258,6 +258,39 @@ def train_keras_onednn(steps):
   return train_keras(steps)
 
 
+def keras_protocol(steps):
+  """The seed's Keras model trained on the seed's protocol (10 epochs of `steps` batches of 64
+  through the seed's tf.data pipeline; the protocol is --steps=937, 60000 // 64) and scored on
+  jaxloc's validation canvases of the seed's task (one per MNIST test digit, the offsets of
+  experiments/configs/digit.py): accuracy, mean IoU and IoU >= 0.6, as jaxloc reports them."""
+  import keras
+  import numpy as np
+
+  from experiments.configs import digit
+  from jaxloc import boxes, canvas, configs, loaders, metrics
+
+  config = digit.get_config()
+  config.mnist_dir = flags.FLAGS.mnist_dir or ""
+  spec = configs.read(config)
+  _, _, val = loaders.load(spec)
+  canvases = canvas.render(val["digits"], val["labels"], val["xy"], canvas_size=CANVAS)
+  model = keras_model()
+  t = time.perf_counter()
+  model.fit(seed_pipeline(*_digits()), epochs=10, steps_per_epoch=steps, verbose=0)
+  train_s = time.perf_counter() - t
+  probs, box = model.predict(np.asarray(canvases["image"]), batch_size=500, verbose=0)
+  iou = np.asarray(boxes.iou(box.astype(np.float32), np.asarray(canvases["box"])))
+  return {
+    "accuracy": float(np.mean(probs.argmax(-1) == np.asarray(canvases["label"]))),
+    "mean_iou": float(iou.mean()),
+    "iou_at_0_6": float(np.mean(iou >= metrics.IOU_THRESHOLD)),
+    "num_val": len(iou),
+    "steps": 10 * steps,
+    "train_s": train_s,
+    "keras": keras.__version__,
+  }
+
+
 def matmul(steps):
   import jax
   import jax.numpy as jnp

@@ -14,6 +14,9 @@ own) on the same MNIST training digits, batch 64, canvas 75:
   train_keras     training images/s of the seed's Keras model under model.fit on that pipeline,
                   TensorFlow's default kernels for this CPU (oneDNN only where it has
                   AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX); train_keras_onednn: oneDNN on
+  keras_protocol  the seed's Keras model trained on the seed's protocol (10 epochs of --steps;
+                  the protocol: --steps=937), scored on jaxloc's validation canvases of the
+                  seed's task: accuracy, mean IoU, IoU >= 0.6 (the Keras rows of the tables)
   matmul          float32 GFLOP/s of a 2048x2048 matmul: the machine's FLOP bound
   train_multi_dense, train_multi_slots
                   training images/s of case 4 (`multi`, 128x128 scenes) with the dense
@@ -71,6 +74,7 @@ _ROUNDS = flags.DEFINE_integer(
   "rounds", 1, "Run the parts this many times in turn; figures: the median of the rounds."
 )
 
+NOT_RUN = "not run (--parts)"
 PARTS = (
   "canvas_jaxloc",
   "canvas_tfdata",
@@ -78,6 +82,7 @@ PARTS = (
   "train_jaxloc_1",
   "train_keras",
   "train_keras_onednn",
+  "keras_protocol",
   "matmul",
   "profile",
   "step_profile",
@@ -134,6 +139,8 @@ def _report(results: dict) -> str:
   rows = ["| part | figures |", "| --- | --- |"]
   for name in PARTS:
     r = results[name]
+    if r.get("skipped") == NOT_RUN:
+      continue
     if "skipped" in r:
       rows.append(f"| {name} | skipped: {r['skipped']} |")
       continue
@@ -215,7 +222,7 @@ def main(argv):
     for name in names:  # in turn, round by round
       runs[name].append(_subprocess(name))
       print(f"{name}: {runs[name][-1]}", file=sys.stderr, flush=True)
-  results = {name: {"skipped": "not run (--parts)"} for name in PARTS}
+  results = {name: {"skipped": NOT_RUN} for name in PARTS}
   results.update({name: _median_of(r) for name, r in runs.items()})
   results["ratios"] = _ratios(runs)
   results["machine"] = {

@@ -92,7 +92,7 @@ def end_lines(out_dir: str, final: dict) -> list[str]:
     "writing checkpoints",
     f"outputs in {out_dir}: metrics.json (final figures), metrics.jsonl, params.msgpack, "
     "predictions.png, curves.png, tensorboard/ (tensorboard --logdir "
-    f"{os.path.dirname(os.path.abspath(out_dir))})",
+    f"{os.path.dirname(os.path.normpath(out_dir)) or os.curdir})",
   ]
 
 

@@ -44,6 +44,7 @@ def test_console_of_a_run_is_a_few_readable_lines(run):
       line,
     ), line
   assert lines[6].startswith("done: 6 steps in ") and f"outputs in {path}" in lines[7]
+  assert lines[7].endswith(f"(tensorboard --logdir {path.parent})")  # the path as given
   assert proc.stderr == ""  # no library INFO logs, no progress bar off a terminal
 
 

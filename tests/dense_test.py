@@ -9,6 +9,11 @@ import pytest
 from jaxloc import dense, metrics, model, scenes
 
 STRIDE = 8
+# Jitted: run eagerly, each of their ops would be compiled on its own.
+decode = jax.jit(dense.decode, static_argnames=("k", "canvas_size", "stride"))
+encode_targets = jax.jit(
+  dense.encode_targets, static_argnames=("canvas_size", "stride", "num_classes")
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +31,7 @@ def _scene(digits, **kw):
 
 
 def _encode(scene, canvas_size=128, num_classes=10):
-  return dense.encode_targets(
+  return encode_targets(
     scene["box"],
     scene["label"],
     scene["valid"],
@@ -68,8 +73,9 @@ def test_decoding_the_encoded_truth_gives_back_the_truth(digits, kw):
   scene = _scene(digits, **kw)
   t = _encode(scene)
   assert float(t["heatmap"].max()) == 1.0 and int(t["centre"].sum()) == int(scene["count"].sum())
-  det = dense.decode(_as_outputs(t), k=100, canvas_size=128, stride=STRIDE)
+  det = decode(_as_outputs(t), k=100, canvas_size=128, stride=STRIDE)
   ans = dense.answers(det, 0.5)
+  scene, det = jax.device_get((scene, det))
   np.testing.assert_array_equal(ans["count"], scene["count"])
   np.testing.assert_array_equal(ans["presence"], scene["count"] > 0)
   for i in range(64):
@@ -90,7 +96,7 @@ def test_a_digit_of_every_size_has_one_centre_and_decodes_back_to_its_box():
   box = np.stack([x0, y0, x0 + w, y0 + sizes], -1)[:, None, :] / 300.0
   label = (sizes % 10)[:, None]
   valid = np.ones_like(label, bool)
-  t = dense.encode_targets(
+  t = encode_targets(
     jnp.asarray(box, jnp.float32),
     jnp.asarray(label),
     jnp.asarray(valid),
@@ -100,7 +106,7 @@ def test_a_digit_of_every_size_has_one_centre_and_decodes_back_to_its_box():
   )
   np.testing.assert_array_equal(t["centre"].sum(axis=(1, 2)), np.ones(len(sizes)))
   np.testing.assert_array_equal((t["heatmap"] == 1.0).sum(axis=(1, 2, 3)), np.ones(len(sizes)))
-  det = dense.decode(_as_outputs(t), k=100, canvas_size=300, stride=STRIDE)
+  det = decode(_as_outputs(t), k=100, canvas_size=300, stride=STRIDE)
   np.testing.assert_allclose(det["box"][:, 0], box[:, 0], atol=1e-5)
   np.testing.assert_array_equal(det["label"][:, 0], label[:, 0])
   assert np.all(np.asarray(dense.answers(det, 0.5)["count"]) == 1)
@@ -116,8 +122,8 @@ def test_class_agnostic_targets_use_one_channel(digits):
 def test_shifting_the_boxes_by_the_stride_shifts_every_decoded_box(digits):
   scene = _scene(digits, canvas_size=112)  # digits fit 16 px from the right and bottom edge
   shifted = dict(scene, box=jnp.where(scene["valid"][..., None], scene["box"] + 16 / 128, 0.0))
-  decode = lambda s: dense.decode(_as_outputs(_encode(s)), k=100, canvas_size=128, stride=STRIDE)
-  a, b = decode(scene), decode(shifted)
+  decode_truth = lambda s: decode(_as_outputs(_encode(s)), k=100, canvas_size=128, stride=STRIDE)
+  a, b = decode_truth(scene), decode_truth(shifted)
   keep = np.asarray(a["score"] > 0.5)
   np.testing.assert_allclose(b["box"][keep], a["box"][keep] + 16 / 128, atol=1e-5)
   np.testing.assert_array_equal(b["label"][keep], a["label"][keep])
@@ -130,8 +136,9 @@ def test_shifting_the_canvas_by_the_stride_shifts_the_model_outputs():
   image = jax.random.uniform(jax.random.key(0), (2, 128, 128, 1))
   image = image.at[:, -STRIDE:].set(0).at[:, :, -STRIDE:].set(0)
   params = model.init_params(jax.random.key(1), net, 128)
-  out = net.apply({"params": params}, image)
-  moved = net.apply({"params": params}, jnp.roll(image, (STRIDE, STRIDE), axis=(1, 2)))
+  apply = jax.jit(net.apply)
+  out = apply({"params": params}, image)
+  moved = apply({"params": params}, jnp.roll(image, (STRIDE, STRIDE), axis=(1, 2)))
   inner = slice(4, 11)  # cells whose 54-px receptive field stays off the border in both
   shifted = slice(5, 12)
   for name in ("heatmap", "box"):
@@ -158,8 +165,9 @@ def test_shifting_the_canvas_by_the_coarsest_stride_shifts_the_fpn_outputs(norm)
   keys = jax.random.split(jax.random.key(2), len(leaves))
   noise = [0.05 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)]
   params = jax.tree_util.tree_unflatten(tree, [p + n for p, n in zip(leaves, noise, strict=True)])
-  out = net.apply({"params": params}, image)
-  moved = net.apply({"params": params}, jnp.roll(image, (32, 32), axis=(1, 2)))
+  apply = jax.jit(net.apply)
+  out = apply({"params": params}, image)
+  moved = apply({"params": params}, jnp.roll(image, (32, 32), axis=(1, 2)))
   assert out["heatmap"].shape == (1, 48, 48, 10)
   inner, shifted = slice(10, 34), slice(14, 38)  # cells 80..272 px, then 112..304 px
   for name in ("heatmap", "box"):
@@ -167,7 +175,7 @@ def test_shifting_the_canvas_by_the_coarsest_stride_shifts_the_fpn_outputs(norm)
       moved[name][:, shifted, shifted], out[name][:, inner, inner], rtol=1e-4, atol=1e-4
     )
   # an 8 px shift moves the patch by one cell, but the outputs not exactly
-  nudged = net.apply({"params": params}, jnp.roll(image, (8, 8), axis=(1, 2)))
+  nudged = apply({"params": params}, jnp.roll(image, (8, 8), axis=(1, 2)))
   assert not np.allclose(nudged["heatmap"][:, 11:35, 11:35], out["heatmap"][:, inner, inner])
 
 
@@ -175,7 +183,7 @@ def test_fpn_grid_is_the_canvas_over_the_stride():
   for stride, canvas_size in ((8, 100), (4, 75)):  # not multiples of 32: padded, then cropped
     net = model.DenseDetector(backbone="fpn", stride=stride)
     params = model.init_params(jax.random.key(0), net, canvas_size)
-    out = net.apply({"params": params}, jnp.zeros((1, canvas_size, canvas_size, 1)))
+    out = jax.jit(net.apply)({"params": params}, jnp.zeros((1, canvas_size, canvas_size, 1)))
     g = dense.grid_size(canvas_size, stride)
     assert out["heatmap"].shape == (1, g, g, 10) and out["box"].shape == (1, g, g, 4)
 
@@ -215,7 +223,7 @@ def test_loss_is_finite_and_box_part_zero_on_empty_canvases(digits):
     heatmap_weight=1.0,
     box_weight=1.0,
   )
-  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  (loss, parts), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
   assert np.isfinite(float(loss)) and float(parts["box_loss"]) == 0.0
   assert float(parts["heatmap_loss"]) > 0.0
   assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
@@ -238,7 +246,7 @@ def test_threshold_answers_on_hand_made_heatmaps():
   prob[0, 0, 0, 3], prob[0, 2, 2, 7], prob[0, 3, 0, 1] = 0.9, 0.4, 0.2  # three separate peaks
   prob[1, 1, 1, 5] = 0.25  # one weak peak only
   outputs = {"heatmap": jnp.log(prob) - jnp.log1p(-prob), "box": jnp.zeros((2, 4, 4, 4))}
-  det = dense.decode(outputs, k=5, canvas_size=32, stride=STRIDE)
+  det = decode(outputs, k=5, canvas_size=32, stride=STRIDE)
   np.testing.assert_allclose(det["score"][0, :3], [0.9, 0.4, 0.2], rtol=1e-5)
   np.testing.assert_array_equal(det["label"][0, :3], [3, 7, 1])
   ans = dense.answers(det, 0.3)
@@ -246,7 +254,7 @@ def test_threshold_answers_on_hand_made_heatmaps():
   np.testing.assert_array_equal(ans["presence"], [True, False])
   np.testing.assert_array_equal(ans["keep"][0], [True, True, False, False, False])
   assert dense.answers(det, 0.2)["count"].tolist() == [3, 1]
-  decode = lambda prob: dense.decode(
+  decode_prob = lambda prob: decode(
     {"heatmap": jnp.log(prob) - jnp.log1p(-prob), "box": outputs["box"]},
     k=5,
     canvas_size=32,
@@ -254,12 +262,12 @@ def test_threshold_answers_on_hand_made_heatmaps():
   )
   # A cell next to a higher one of its class is not a peak: it scores 0.
   prob[0, 0, 1, 3] = 0.8
-  assert 0.8 not in np.round(np.asarray(decode(prob)["score"][0]), 5)
+  assert 0.8 not in np.round(np.asarray(decode_prob(prob)["score"][0]), 5)
   # A second class at the same cell, or next to it, is a detection (for AP) but not an
   # answer: one object is counted once.
   prob[0, 0, 1, 3] = 0.01
   prob[0, 2, 2, 4], prob[0, 2, 3, 9] = 0.35, 0.33
-  det = decode(prob)
+  det = decode_prob(prob)
   np.testing.assert_allclose(det["score"][0, :5], [0.9, 0.4, 0.35, 0.33, 0.2], rtol=1e-5)
   np.testing.assert_array_equal(det["primary"][0], [True, True, False, False, True])
   assert dense.answers(det, 0.3)["count"].tolist() == [2, 0]

@@ -10,14 +10,20 @@ import pytest
 
 from jaxloc import losses
 
-LOSS = functools.partial(
-  losses.scene_loss,
-  classify=True,
-  count_weight=1.0,
-  objectness_weight=1.0,
-  class_weight=1.0,
-  box_weight=1.0,
+# Jitted: run eagerly, each of its ops would be compiled on its own.
+LOSS = jax.jit(
+  functools.partial(
+    losses.scene_loss,
+    classify=True,
+    count_weight=1.0,
+    objectness_weight=1.0,
+    class_weight=1.0,
+    box_weight=1.0,
+  ),
+  static_argnames=("classify",),
 )
+match = jax.jit(losses.match)
+match_cost = jax.jit(losses.match_cost, static_argnames=("classify",))
 
 
 def _outputs(key, b=4, k=3, c=10):
@@ -52,7 +58,7 @@ def test_empty_canvases_give_finite_loss_and_zero_box_loss():
   loss, parts = LOSS(_outputs(jax.random.key(0)), scene)
   assert np.isfinite(float(loss))
   assert float(parts["box_loss"]) == 0.0 and float(parts["class_loss"]) == 0.0
-  grads = jax.grad(lambda o: LOSS(o, scene)[0])(_outputs(jax.random.key(0)))
+  grads = jax.jit(jax.grad(lambda o: LOSS(o, scene)[0]))(_outputs(jax.random.key(0)))
   assert float(jnp.abs(grads["box"]).max()) == 0.0
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
 
@@ -74,7 +80,8 @@ def test_hungarian_matches_exhaustive_search():
   k = 6
   cost = jax.random.uniform(jax.random.key(2), (5, k, k))
   valid = jnp.ones((5, k), bool)
-  assign = np.asarray(losses.match(cost, valid))  # K = 6 uses the Hungarian algorithm
+  assign = np.asarray(match(cost, valid))  # K = 6 uses the Hungarian algorithm
+  cost = np.asarray(cost)
   for b in range(5):
     assert sorted(assign[b]) == list(range(k))
     best = min(sum(cost[b, p[j], j] for j in range(k)) for p in itertools.permutations(range(k)))
@@ -85,7 +92,7 @@ def test_matching_follows_the_boxes():
   scene = _scene(np.ones((1, 2), bool))
   out = _outputs(jax.random.key(3), b=1, k=2)
   out["box"] = scene["box"][:, ::-1]  # predictions in the other order, otherwise exact
-  assign = losses.match(losses.match_cost(out, scene, classify=False), scene["valid"])
+  assign = match(match_cost(out, scene, classify=False), scene["valid"])
   assert assign.tolist() == [[1, 0]]
   assert float(LOSS(out, scene, classify=False)[1]["box_loss"]) == 0.0
 
@@ -97,5 +104,5 @@ def test_confident_wrong_classes_do_not_override_far_apart_boxes():
   out = _outputs(jax.random.key(4), b=1, k=2)
   out["box"] = scene["box"]  # slot i sits exactly on target i ...
   out["logits"] = 10.0 * jax.nn.one_hot(jnp.array([[5, 3]]), 10)  # ... but names the other class
-  cost = losses.match_cost(out, scene, classify=True, class_weight=1.0, box_weight=10.0)
-  assert losses.match(cost, scene["valid"]).tolist() == [[0, 1]]
+  cost = match_cost(out, scene, classify=True, class_weight=1.0, box_weight=10.0)
+  assert match(cost, scene["valid"]).tolist() == [[0, 1]]

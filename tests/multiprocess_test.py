@@ -43,9 +43,9 @@ def _pair(work_dir, mnist_dir, *extra):
   return [_train(work_dir, mnist_dir, *flags, *extra, f"--process_id={i}") for i in (0, 1)]
 
 
-# Long enough (100 steps, one per call) that a signal soon after the first record lands in it.
+# Long enough (60 steps, one per call) that a signal soon after the first record lands in it.
 LONG = [
-  "--config.steps_per_epoch=100",
+  "--config.steps_per_epoch=60",
   "--config.log_every=5",
   "--config.steps_per_call=1",
   "--config.checkpoint_every=50",
@@ -80,7 +80,7 @@ def test_two_processes_train_as_one(tmp_path, mnist_dir):
 
 
 def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path, mnist_dir):
-  run, delay = tmp_path / "run", random.uniform(0.0, 0.5)
+  run, delay = tmp_path / "run", random.uniform(0.0, 0.3)
   stopped = _pair(run, mnist_dir, *LONG)
   wait_for_first_record(stopped[0], run)
   time.sleep(delay)
@@ -88,7 +88,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path, mnist_dir
   stopped[1].send_signal(signal.SIGTERM)  # to process 1 only: it is enough
   errs = [p.communicate(timeout=300)[1].decode() for p in stopped]
   assert [p.returncode for p in stopped] == [143, 143], errs[1][-2000:]
-  steps = [stopped_step(err, "SIGTERM", 100) for err in errs]
+  steps = [stopped_step(err, "SIGTERM", 60) for err in errs]
   assert steps[0] == steps[1] == newest_checkpoint(run), f"signal {delay:.3f} s after the first log"
 
   resumed = [_finish(p) for p in _pair(run, mnist_dir, *LONG)]

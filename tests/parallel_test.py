@@ -23,55 +23,59 @@ assert jax.device_count() == 8, jax.devices()
 rng = np.random.default_rng(0)
 digits = jax.numpy.asarray(rng.integers(0, 256, (64, 28, 28)).astype(np.uint8))
 labels = jax.numpy.asarray(rng.integers(0, 10, 64), jax.numpy.int32)
-config = importlib.import_module("experiments.configs." + sys.argv[1]).get_config()
-init_key, data_key = jax.random.split(jax.random.key(0))
 
-config.batch_size, config.eval_batch_size = 16, 16
-if config.get("scene"):
-  config.canvas_size, config.num_val = 64, 48
-task = tasks.build(configs.read(config))
-sample_fn, loss_fn = task.sample_fn, task.loss_fn
-optimizer_fn = functools.partial(train_state.optimizer, configs.read(config).opt)
+def check(name):
+  config = importlib.import_module("experiments.configs." + name).get_config()
+  init_key, data_key = jax.random.split(jax.random.key(0))
+  config.batch_size, config.eval_batch_size = 16, 16
+  if config.get("scene"):
+    config.canvas_size, config.num_val = 64, 48
+  task = tasks.build(configs.read(config))
+  sample_fn, loss_fn = task.sample_fn, task.loss_fn
+  optimizer_fn = functools.partial(train_state.optimizer, configs.read(config).opt)
 
-def run(mesh):
-  state = train_state.create_train_state(init_key, configs.read(config))
-  data = (digits, labels, data_key, train_state.step_hyperparameters(configs.read(config)))
-  if mesh is not None:
-    state, data = parallel.replicate((state, data), mesh)
-  sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
-  fn = train_state.compile_train_steps(state, sums, *data, num_steps=3, sample_fn=sample_fn,
-                                       loss_fn=loss_fn, optimizer_fn=optimizer_fn, mesh=mesh)
-  state, sums = fn(state, sums, *data)
-  return state, jax.device_get(sums)
+  def run(mesh):
+    state = train_state.create_train_state(init_key, configs.read(config))
+    data = (digits, labels, data_key, train_state.step_hyperparameters(configs.read(config)))
+    if mesh is not None:
+      state, data = parallel.replicate((state, data), mesh)
+    sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
+    fn = train_state.compile_train_steps(state, sums, *data, num_steps=3, sample_fn=sample_fn,
+                                         loss_fn=loss_fn, optimizer_fn=optimizer_fn, mesh=mesh)
+    state, sums = fn(state, sums, *data)
+    return state, jax.device_get(sums)
 
-one, one_sums = run(None)
-mesh = parallel.data_mesh()
-eight, eight_sums = run(mesh)
-leaf = jax.tree_util.tree_leaves(eight.params)[0]
-assert len(leaf.sharding.device_set) == 8, leaf.sharding
-np.testing.assert_allclose(one_sums["loss"], eight_sums["loss"], rtol=1e-5)
-for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(eight.params)):
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
-if config.get("scene"):  # the evaluation gives the same figures on 8 devices as on 1
-  val = {"digits": digits, "labels": labels}
-  place = lambda m: val if m is None else parallel.replicate(val, m)
-  score = lambda m: task.make_evaluator(one.apply_fn, m)(one.params, place(m))
-  a, b = score(None)[0], score(mesh)[0]
-  for key in ("count_accuracy", "mean_iou", "AP", "AP50"):
-    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+  one, one_sums = run(None)
+  mesh = parallel.data_mesh()
+  eight, eight_sums = run(mesh)
+  leaf = jax.tree_util.tree_leaves(eight.params)[0]
+  assert len(leaf.sharding.device_set) == 8, leaf.sharding
+  np.testing.assert_allclose(one_sums["loss"], eight_sums["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(eight.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
+  if config.get("scene"):  # the evaluation gives the same figures on 8 devices as on 1
+    val = {"digits": digits, "labels": labels}
+    place = lambda m: val if m is None else parallel.replicate(val, m)
+    score = lambda m: task.make_evaluator(one.apply_fn, m)(one.params, place(m))
+    a, b = score(None)[0], score(mesh)[0]
+    for key in ("count_accuracy", "mean_iou", "AP", "AP50"):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+  print("OK", name, float(one_sums["loss"]), float(eight_sums["loss"]))
+
+for name in sys.argv[1:]:
+  check(name)
 try:
   parallel.check_divisible(12)
 except Exception as e:
   print("ERROR:", e)
-print("OK", float(one_sums["loss"]), float(eight_sums["loss"]))
 """
 
 
-@pytest.mark.parametrize("config", ["digit", "multi"])  # the seed's task; the dense detector
-def test_eight_devices_match_one_device(config):
+def test_eight_devices_match_one_device():
+  """The seed's task and the dense detector (`multi`), in one process of 8 CPU devices."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.run(
-    [sys.executable, "-c", _EIGHT_DEVICES, config],
+    [sys.executable, "-c", _EIGHT_DEVICES, "digit", "multi"],
     cwd=ROOT,
     env=env,
     capture_output=True,
@@ -79,7 +83,7 @@ def test_eight_devices_match_one_device(config):
     timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "OK" in proc.stdout
+  assert "OK digit" in proc.stdout and "OK multi" in proc.stdout
   assert "ERROR: config.batch_size=12 does not divide by the 8 devices" in proc.stdout
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import case_config, train_run
 from PIL import Image
 
-from jaxloc import boxes, canvas, configs, mnist, scenes
+from jaxloc import boxes, canvas, configs, inference, loaders, mnist, scenes, tasks
 from jaxloc.errors import UserError
 
 
@@ -144,7 +144,7 @@ def test_layout_that_cannot_fit_is_rejected():
 
 @pytest.mark.parametrize("head", ["dense", "slots"])
 def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head, dense_run):
-  from jaxloc import inference, metrics, workdir
+  from jaxloc import metrics, workdir
 
   config = case_config(mnist_dir, "multi")
   config.head = head
@@ -198,6 +198,16 @@ def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head
   np.testing.assert_array_equal(out["count"], out["keep"].sum(1))
   assert out["presence"].dtype == bool and out["label"].shape == (2, t)
   assert (run / "heatmap.png").exists() == (head == "dense")
+  if head == "slots":  # the commands once, on the dense run; here what evaluate computes
+    spec = inference.load_spec(str(run))
+    task = tasks.build(spec)
+    params = inference.load_params(str(run), spec, task.model)
+    scored, _ = task.make_evaluator(task.model.apply)(params, loaders.load(spec)[2])
+    for key in ("count_accuracy", "presence_accuracy", "mean_iou", "class_accuracy", "AP"):
+      assert scored[key] == final[key], key
+    proc = conftest.run_command("experiments.threshold", f"--workdir={run}")
+    assert proc.returncode == 2 and "is not a run of the dense detector" in proc.stderr
+    return
   # evaluate reproduces the run's figures; predict draws the detections of a scene file.
   proc = conftest.run_command("experiments.evaluate", f"--workdir={run}")
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -219,10 +229,7 @@ def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head
   assert "scene.png: " in proc.stdout and " digit(s)" in proc.stdout and out_png.exists()
   # The threshold sweep on training scenes: dense runs only, numbers only.
   proc = conftest.run_command("experiments.threshold", f"--workdir={run}", "--thresholds=0.2,0.4")
-  if head == "dense":
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "threshold 0.2: " in proc.stdout and "the middle one: " in proc.stdout
-    bad = conftest.run_command("experiments.threshold", f"--workdir={run}", "--thresholds=a")
-    assert bad.returncode == 2 and "--thresholds=['a']: give numbers" in bad.stderr
-  else:
-    assert proc.returncode == 2 and "is not a run of the dense detector" in proc.stderr
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "threshold 0.2: " in proc.stdout and "the middle one: " in proc.stdout
+  bad = conftest.run_command("experiments.threshold", f"--workdir={run}", "--thresholds=a")
+  assert bad.returncode == 2 and "--thresholds=['a']: give numbers" in bad.stderr

@@ -43,10 +43,14 @@ def test_build_gives_a_consistent_task(config, model_type, answer_keys):
   assert type(task.model) is model_type
   batch = task.sample_fn(jax.random.key(0), jnp.zeros((), jnp.int32), *random_digits())
   params = model.init_params(jax.random.key(1), task.model, config.canvas_size)
-  outputs = task.model.apply({"params": params}, batch["image"])
-  loss, parts = task.loss_fn(outputs, batch)
+
+  @jax.jit
+  def loss_and_answers(params, batch):
+    outputs = task.model.apply({"params": params}, batch["image"])
+    return task.loss_fn(outputs, batch), task.answer(outputs)
+
+  (loss, parts), answers = loss_and_answers(params, batch)
   assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in parts.values())
-  answers = task.answer(outputs)
   assert answer_keys <= set(answers)
   assert all(a.shape[0] == batch["image"].shape[0] for a in answers.values())
 
@@ -57,6 +61,8 @@ def test_single_class_cases_answer_presence():
   task = tasks.build(configs.read(config))
   batch = task.sample_fn(jax.random.key(0), jnp.zeros((), jnp.int32), *random_digits())
   params = model.init_params(jax.random.key(1), task.model, config.canvas_size)
-  answers = task.answer(task.model.apply({"params": params}, batch["image"]))
+  answers = jax.jit(lambda p, x: task.answer(task.model.apply({"params": p}, x)))(
+    params, batch["image"]
+  )
   assert answers["presence"].dtype == bool and answers["presence"].shape == (4,)
   np.testing.assert_array_equal(answers["presence"], answers["count"] > 0)
