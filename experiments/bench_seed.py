@@ -272,11 +272,11 @@ def keras_protocol(steps):
   config = digit.get_config()
   config.mnist_dir = flags.FLAGS.mnist_dir or ""
   spec = configs.read(config)
-  _, _, val = loaders.load(spec)
+  digits, labels, val = loaders.load(spec)
   canvases = canvas.render(val["digits"], val["labels"], val["xy"], canvas_size=CANVAS)
   model = keras_model()
   t = time.perf_counter()
-  model.fit(seed_pipeline(*_digits()), epochs=10, steps_per_epoch=steps, verbose=0)
+  model.fit(seed_pipeline(digits, labels), epochs=10, steps_per_epoch=steps, verbose=0)
   train_s = time.perf_counter() - t
   probs, box = model.predict(np.asarray(canvases["image"]), batch_size=500, verbose=0)
   iou = np.asarray(boxes.iou(box.astype(np.float32), np.asarray(canvases["box"])))

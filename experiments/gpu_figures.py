@@ -29,7 +29,7 @@ import time
 
 from absl import flags
 
-from experiments import cli
+from experiments import cli, coco_eval
 from jaxloc.errors import UserError
 
 _OUT = flags.DEFINE_string("out", None, "A new or empty folder for the figures and runs.")
@@ -45,13 +45,14 @@ DETECTION_KEYS += ("class_accuracy", "train_images_per_s", "wall_s")
 
 # Per part: (estimated seconds on one H100 / H200, at --tiny on a 2-core CPU) and sizes.
 FULL = {
-  "estimate_s": {"benchmark_fresh": 90, "benchmark_fixed": 170, "one_run": 75, "replicas": 120},
+  "estimate_s": dict(
+    benchmark_fresh=90, benchmark_fixed=170, one_run=75, replicas=120, conv_impl=40
+  ),
   "detection": dict(steps=10_000, batch_size=32, num_val=1000, num_train=10_000),
   "seed_config": "experiments/configs/digit.py",
   "members": 16,
   "conv_steps": 2000,
 }
-FULL["estimate_s"]["conv_impl"] = 40
 TINY = {
   "estimate_s": dict(benchmark_fresh=40, benchmark_fixed=45, one_run=40, replicas=20, conv_impl=20),
   "detection": dict(steps=4, batch_size=4, num_val=8, num_train=16, canvas_size=64),
@@ -59,7 +60,6 @@ TINY = {
   "members": 2,
   "conv_steps": 20,
 }
-PARTS = ("benchmark_fresh", "benchmark_fixed", "one_run", "replicas", "conv_impl")
 
 
 def _detection_spec(sizes: dict, **data):
@@ -101,29 +101,19 @@ def _detection_figures(spec, run_dir: str) -> dict:
 
 def _coco_areas(run_dir: str) -> dict:
   """AP over COCO's small and medium digits (pycocotools on the run's COCO files)."""
-  try:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-  except ImportError:
-    return {"AP_small": None, "AP_medium": None, "note": "pycocotools not installed"}
-  gt = COCO(os.path.join(run_dir, "ground_truth.json"))
-  with open(os.path.join(run_dir, "detections.json")) as f:
-    detections = json.load(f)
-  if not detections:  # nothing detected: no AP anywhere
-    return {"AP_small": 0.0, "AP_medium": 0.0}
-  ev = COCOeval(gt, gt.loadRes(detections), "bbox")
-  ev.evaluate()
-  ev.accumulate()
-  ev.summarize()
-  area = lambda ap: float(ap) if ap >= 0 else None  # -1: no digit of that size
-  return {"AP_small": area(ev.stats[3]), "AP_medium": area(ev.stats[4])}
+  from jaxloc import workdir
+
+  read = lambda name: workdir.read_json(os.path.join(run_dir, name))
+  figures = coco_eval.stats(read("ground_truth.json"), read("detections.json"))
+  area = lambda ap: ap if ap >= 0 else None  # -1: no digit of that size
+  return {"AP_small": area(figures["AP_small"]), "AP_medium": area(figures["AP_medium"])}
 
 
-def benchmark_fresh(sizes, run_dir):
+def benchmark_fresh(sizes, run_dir, figures):
   return _detection_figures(_detection_spec(sizes["detection"]), run_dir)
 
 
-def benchmark_fixed(sizes, run_dir):
+def benchmark_fixed(sizes, run_dir, figures):
   from jaxloc import datasets, loaders
 
   d = sizes["detection"]
@@ -139,8 +129,8 @@ def benchmark_fixed(sizes, run_dir):
 
 
 def _train_process(run_dir: str, config: str, cache: str, *extra: str) -> dict:
-  """One experiments.train process: its wall (process start to exit) and metrics.json (a
-  replica run: summary.json)."""
+  """One experiments.train process: its wall (process start to exit) and its final figures
+  (metrics.json; summary.json for a replica run)."""
   from jaxloc import train, workdir
 
   cmd = [sys.executable, "-m", "experiments.train", f"--config={config}", f"--workdir={run_dir}"]
@@ -153,13 +143,12 @@ def _train_process(run_dir: str, config: str, cache: str, *extra: str) -> dict:
   wall = time.perf_counter() - t
   if proc.returncode != 0:
     raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
-  final = (
-    train.SUMMARY if any(a.startswith("--config.replicas=") for a in extra) else workdir.METRICS
-  )
-  return {"process_wall_s": wall, **workdir.read_json(os.path.join(run_dir, final))}
+  summary = os.path.join(run_dir, train.SUMMARY)
+  final = summary if os.path.exists(summary) else os.path.join(run_dir, workdir.METRICS)
+  return {"process_wall_s": wall, **workdir.read_json(final)}
 
 
-def one_run(sizes, run_dir):
+def one_run(sizes, run_dir, figures):
   cache = run_dir + "-xla-cache"  # empty: the cold run fills it
   parts = ("wall_s", "train_s", "compile_s", "eval_s", "save_s", "train_images_per_s")
   out = {}
@@ -186,14 +175,16 @@ def replicas(sizes, run_dir, figures):
   }
 
 
-def conv_impl(sizes, run_dir):
+def conv_impl(sizes, run_dir, figures):
+  import jax
+
   from experiments import bench_seed
   from experiments.configs import digit, smoke
   from jaxloc import conv
 
   config = (smoke if _TINY.value else digit).get_config()
   config.mnist_dir = _MNIST_DIR.value or ""
-  backend = __import__("jax").default_backend()
+  backend = jax.default_backend()
   chosen = conv.CONV_IMPL.get(backend, "matmul")
   out = {"chosen_for_backend": chosen}
   try:
@@ -204,6 +195,17 @@ def conv_impl(sizes, run_dir):
   finally:
     conv.CONV_IMPL[backend] = chosen
   return out
+
+
+# Each part: (sizes, its run folder, the figures so far) -> its figures.
+MEASURE = dict(
+  benchmark_fresh=benchmark_fresh,
+  benchmark_fixed=benchmark_fixed,
+  one_run=one_run,
+  replicas=replicas,
+  conv_impl=conv_impl,
+)
+PARTS = tuple(MEASURE)  # in this order: the most important first
 
 
 def _machine() -> dict:
@@ -229,7 +231,7 @@ def render(figures: dict) -> str:
   cell = lambda v: "" if v is None else (f"{v:,.3f}" if isinstance(v, float) else str(v))
   for part, label in (
     ("benchmark_fresh", "fresh scenes"),
-    ("benchmark_fixed", "10,000 fixed images"),
+    ("benchmark_fixed", "a fixed training set"),
   ):
     r = figures["parts"].get(part, {})
     if "skipped" in r or "error" in r:
@@ -278,9 +280,9 @@ def main(argv):
     else:
       t = time.perf_counter()
       run_dir = os.path.join(out, "runs", part)
-      args = (sizes, run_dir, figures["parts"]) if part == "replicas" else (sizes, run_dir)
       try:
-        figures["parts"][part] = {**globals()[part](*args), "part_s": time.perf_counter() - t}
+        measured = MEASURE[part](sizes, run_dir, figures["parts"])
+        figures["parts"][part] = {**measured, "part_s": time.perf_counter() - t}
       except Exception as e:  # one part failing keeps the others' figures
         figures["parts"][part] = {"error": f"{type(e).__name__}: {e}"[:500]}
     print(f"{part}: {json.dumps(figures['parts'][part])}", flush=True)

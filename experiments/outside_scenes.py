@@ -15,14 +15,12 @@ ones give the count accuracy.
 Needs pycocotools (the `dev` extra).
 """
 
-import contextlib
-import io
 import json
 
 import numpy as np
 from absl import flags
 
-from experiments import cli, generator
+from experiments import cli, coco_eval, generator
 from jaxloc import inference, metrics, mnist
 from jaxloc.errors import UserError
 
@@ -39,11 +37,6 @@ BATCH = 50  # canvases per Predictor call
 
 def score(predictor, images, targets) -> dict:
   """COCO figures by pycocotools over every detection, and the count accuracy."""
-  try:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-  except ImportError:
-    raise UserError("pycocotools is not installed: pip install -e '.[dev]'") from None
   dets, gts, right = [], [], 0
   for start in range(0, len(images), BATCH):
     out = predictor(images[start : start + BATCH])
@@ -57,16 +50,7 @@ def score(predictor, images, targets) -> dict:
     for label, *px in objects:
       gts.append({"image_id": n, "category_id": label, "box": np.array(px) / generator.CANVAS})
   gt, det_json = metrics.coco_json(dets, gts, generator.CANVAS, len(images), range(10))
-  with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-    coco = COCO()
-    coco.dataset = gt
-    coco.createIndex()
-    result = COCOeval(coco, coco.loadRes(det_json) if det_json else COCO(), "bbox")
-    result.evaluate()
-    result.accumulate()
-    result.summarize()
-  names = ("AP", "AP50", "AP75", "AP_small", "AP_medium")  # no digit is "large" (> 96^2 px)
-  figures = {k: float(v) for k, v in zip(names, result.stats[:5], strict=True)}
+  figures = coco_eval.stats(gt, det_json)
   figures["count_accuracy"] = right / len(images)
   figures["num_scenes"] = len(images)
   figures["num_digits"] = len(gts)
