@@ -157,8 +157,14 @@ def compiled_steps(config=None, steps_per_call=None, members=1, mode=None):
   static["optimizer_fn"] = functools.partial(train_state.optimizer, spec.opt)
   n = steps_per_call or flags.FLAGS.steps_per_call
   n = n if n > 0 else spec.schedule.steps_per_call
+  mesh = None
+  if jax.device_count() > 1 and not mode:  # as a run does: the batch split over the devices
+    mesh = parallel.data_mesh()
+    state, sums, data = parallel.replicate((state, sums, data), mesh)
   t = time.perf_counter()
-  fn = train_state.compile_train_steps(state, sums, *data, num_steps=n, replicas=mode, **static)
+  fn = train_state.compile_train_steps(
+    state, sums, *data, num_steps=n, replicas=mode, mesh=mesh, **static
+  )
   return fn, (state, sums, *data), n, time.perf_counter() - t
 
 

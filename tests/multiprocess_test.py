@@ -52,20 +52,37 @@ LONG = [
 ]
 
 
-def test_two_processes_train_as_one(tmp_path, mnist_dir):
-  procs = _pair(tmp_path / "two", mnist_dir)
-  single = _train(tmp_path / "one", mnist_dir)
-  out0, _, _ = (_finish(p) for p in (*procs, single))
-  assert "backend cpu: 2 devices (cpu), 2 processes" in out0
+def _outputs(path):
+  params = serialization.msgpack_restore((path / workdir.PARAMS).read_bytes())
+  records = workdir.read_jsonl(str(path / workdir.METRICS_LOG))
+  return params, records, workdir.read_json(str(path / workdir.METRICS))
 
-  def run(name):
-    path = tmp_path / name
-    params = serialization.msgpack_restore((path / workdir.PARAMS).read_bytes())
-    records = workdir.read_jsonl(str(path / workdir.METRICS_LOG))
-    return params, records, workdir.read_json(str(path / workdir.METRICS))
 
-  params2, records2, final2 = run("two")
-  params1, records1, final1 = run("one")
+def test_two_processes_train_as_one_and_a_signal_to_one_stops_both(tmp_path, mnist_dir):
+  # A signal to process 1 only stops both at one step, with one checkpoint there.
+  run, delay = tmp_path / "run", random.uniform(0.0, 0.3)
+  stopped = _pair(run, mnist_dir, *LONG)
+  wait_for_first_record(stopped[0], run)
+  time.sleep(delay)
+  assert stopped[1].poll() is None, f"the run ended before the signal ({delay:.3f} s)"
+  stopped[1].send_signal(signal.SIGTERM)
+  errs = [p.communicate(timeout=300)[1].decode() for p in stopped]
+  assert [p.returncode for p in stopped] == [143, 143], errs[1][-2000:]
+  steps = [stopped_step(err, "SIGTERM", 60) for err in errs]
+  assert steps[0] == steps[1] == newest_checkpoint(run), f"signal {delay:.3f} s after the first log"
+
+  # The same command resumes the pair; beside it, the pair uninterrupted and one process.
+  resumed = _pair(run, mnist_dir, *LONG)
+  reference = _pair(tmp_path / "two", mnist_dir, *LONG)
+  single = _train(tmp_path / "one", mnist_dir, *LONG)
+  out_resumed, _, out_two, _, _ = (_finish(p) for p in (*resumed, *reference, single))
+  assert f"resuming at step {steps[0]}" in out_resumed
+  assert "backend cpu: 2 devices (cpu), 2 processes" in out_two
+  assert (run / workdir.PARAMS).read_bytes() == (tmp_path / "two" / workdir.PARAMS).read_bytes()
+
+  # Two processes train as one: the same records, figures and parameters, to float tolerance.
+  params2, records2, final2 = _outputs(tmp_path / "two")
+  params1, records1, final1 = _outputs(tmp_path / "one")
   assert final2["devices"] == 2 and final1["devices"] == 1
   assert [r["step"] for r in records2] == [r["step"] for r in records1]
   for r2, r1 in zip(records2, records1, strict=True):
@@ -77,23 +94,3 @@ def test_two_processes_train_as_one(tmp_path, mnist_dir):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   # Only process 0 wrote the workdir; process 1's outputs went to a throwaway directory.
   assert (tmp_path / "two" / "tensorboard").is_dir()
-
-
-def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path, mnist_dir):
-  run, delay = tmp_path / "run", random.uniform(0.0, 0.3)
-  stopped = _pair(run, mnist_dir, *LONG)
-  wait_for_first_record(stopped[0], run)
-  time.sleep(delay)
-  assert stopped[1].poll() is None, f"the run ended before the signal ({delay:.3f} s)"
-  stopped[1].send_signal(signal.SIGTERM)  # to process 1 only: it is enough
-  errs = [p.communicate(timeout=300)[1].decode() for p in stopped]
-  assert [p.returncode for p in stopped] == [143, 143], errs[1][-2000:]
-  steps = [stopped_step(err, "SIGTERM", 60) for err in errs]
-  assert steps[0] == steps[1] == newest_checkpoint(run), f"signal {delay:.3f} s after the first log"
-
-  resumed = [_finish(p) for p in _pair(run, mnist_dir, *LONG)]
-  assert f"resuming at step {steps[0]}" in resumed[0]
-  reference = tmp_path / "reference"
-  for p in _pair(reference, mnist_dir, *LONG):
-    _finish(p)
-  assert (run / workdir.PARAMS).read_bytes() == (reference / workdir.PARAMS).read_bytes()
