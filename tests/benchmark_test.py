@@ -1,5 +1,7 @@
 """experiments/benchmark.py's bookkeeping: the CPU it names and the figures of several rounds."""
 
+import json
+
 import pytest
 
 from experiments import benchmark
@@ -44,3 +46,9 @@ def test_ratios_divide_jaxloc_by_keras_round_by_round():
   assert r["jaxloc_vs_train_keras"]["rounds"] == pytest.approx([1.5, 1.0])  # skipped round out
   assert r["jaxloc_vs_train_keras"]["median"] == pytest.approx(1.25)
   assert "jaxloc_vs_train_keras_onednn" not in r
+
+
+def test_out_in_a_missing_folder_is_written(tmp_path):
+  path = tmp_path / "runs" / "speed.json"
+  benchmark.write(str(path), {"train_jaxloc": {"images_per_s": 1.0}})
+  assert json.loads(path.read_text()) == {"train_jaxloc": {"images_per_s": 1.0}}

@@ -298,7 +298,7 @@ def test_evaluate_on_exported_validation_scenes_reproduces_the_run(mnist_dir, tm
   coco.summarize()
   assert abs(coco.stats[1] - scored["AP50"]) < 1e-6 and abs(coco.stats[0] - scored["AP"]) < 1e-6
   small = tmp_path / "small"
-  proc = conftest.run_command("experiments.evaluate", f"--workdir={run}", f"--data={small}")
-  assert proc.returncode == 2 and f"dataset {str(small)!r} not found" in proc.stderr
+  with pytest.raises(UserError, match=f"dataset {str(small)!r} not found"):
+    loaders.load_set(str(small), configs.read(config))  # what evaluate --data reads
   proc = conftest.run_command("experiments.evaluate", f"--workdir={run}", f"--image_root={small}")
   assert proc.returncode == 2 and "--image_root is where a dataset's images are" in proc.stderr
