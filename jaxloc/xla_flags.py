@@ -3,8 +3,8 @@ backend, which is when XLA reads them).
 
 `--xla_cpu_prefer_vector_width=512`: XLA:CPU's fused loops vectorised with 512-bit registers
 where the CPU has AVX-512 (XLA prefers 256 bits); LLVM keeps to the widest the CPU has
-otherwise. The seed model trains 1.12-1.15x faster on the AVX-512 machines measured, with
-bit-identical parameters (docs/speed.md gives the figures and commands).
+otherwise. The seed model trains faster on the AVX-512 machines measured, with bit-identical
+parameters (docs/speed.md has the figures and their commands).
 
 A flag already in the user's `XLA_FLAGS` wins: `XLA_FLAGS=--xla_cpu_prefer_vector_width=256`
 turns this one off. Where JAX's backends already started (code that ran a JAX computation
