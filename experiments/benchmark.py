@@ -235,15 +235,7 @@ def main(argv):
   print(f"cpu: {json.dumps(results['machine']['cpu'])}")
   print(_report(results))
   if _OUT.value:
-    write(_OUT.value, results)
-
-
-def write(path: str, results: dict) -> None:
-  """The figures as JSON at `path`, its folder made if it is missing."""
-  from jaxloc import workdir
-
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  workdir.write_json(path, results)
+    cli.write_json(_OUT.value, results)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,14 @@ def use_compilation_cache(path: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def write_json(path: str, figures) -> None:
+  """A script's figures as JSON at `path` (its --out), the folder made if it is missing."""
+  from jaxloc import workdir
+
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  workdir.write_json(path, figures)
+
+
 def _fail(message: str) -> None:
   """Prints the error line and exits 2. What libraries print to stderr while the interpreter
   shuts down after it is dropped (Orbax reports the tasks of a failed write, with their

@@ -15,8 +15,6 @@ ones give the count accuracy.
 Needs pycocotools (the `dev` extra).
 """
 
-import json
-
 import numpy as np
 from absl import flags
 
@@ -81,8 +79,7 @@ def main(argv):
     " | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
   )
   if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(figures, f, indent=1)
+    cli.write_json(_OUT.value, figures)
 
 
 if __name__ == "__main__":

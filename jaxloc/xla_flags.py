@@ -18,8 +18,9 @@ CPU_FLAGS = ("--xla_cpu_prefer_vector_width=512",)
 
 def with_cpu_flags(xla_flags: str) -> str:
   """`xla_flags` (the value of XLA_FLAGS) with each of CPU_FLAGS it does not set."""
-  given = {flag.split("=", 1)[0] for flag in xla_flags.split()}
-  added = [flag for flag in CPU_FLAGS if flag.split("=", 1)[0] not in given]
+  name = lambda flag: flag.split("=", 1)[0]
+  given = {name(flag) for flag in xla_flags.split()}
+  added = [flag for flag in CPU_FLAGS if name(flag) not in given]
   return " ".join([xla_flags.strip(), *added]).strip()
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from experiments import benchmark
+from experiments import benchmark, cli
 
 
 def test_cpu_names_the_model_and_only_known_vector_flags():
@@ -48,7 +48,7 @@ def test_ratios_divide_jaxloc_by_keras_round_by_round():
   assert "jaxloc_vs_train_keras_onednn" not in r
 
 
-def test_out_in_a_missing_folder_is_written(tmp_path):
+def test_an_out_file_in_a_missing_folder_is_written(tmp_path):
   path = tmp_path / "runs" / "speed.json"
-  benchmark.write(str(path), {"train_jaxloc": {"images_per_s": 1.0}})
+  cli.write_json(str(path), {"train_jaxloc": {"images_per_s": 1.0}})
   assert json.loads(path.read_text()) == {"train_jaxloc": {"images_per_s": 1.0}}
