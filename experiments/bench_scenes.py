@@ -121,7 +121,10 @@ def _evaluate_two(steps, config):
   task = tasks.build(spec)
   mesh = parallel.data_mesh()
   val = parallel.replicate(loaders.load(spec)[2], mesh)
-  models = [train_state.create_train_state(jax.random.key(i), spec).params for i in (0, 1)]
+  models = [
+    train_state.raw_variables(train_state.create_train_state(jax.random.key(i), spec))
+    for i in (0, 1)
+  ]
   apply_fn = task.model.apply
   one, both = task.make_evaluator(apply_fn, mesh), task.make_evaluator(apply_fn, mesh, True)
   stacked = parallel.stack(models)
@@ -150,7 +153,7 @@ def evaluate_batch(steps):
   seed_spec = configs.read(config)
   mesh = parallel.data_mesh()
   val = parallel.replicate(loaders.load(seed_spec)[2], mesh)
-  params = train_state.create_train_state(jax.random.key(0), seed_spec).params
+  params = train_state.raw_variables(train_state.create_train_state(jax.random.key(0), seed_spec))
   ways = {}
   for size in (500, 250, 100, 50):
     task = tasks.build(spec.replace(seed_spec, data={"eval_batch_size": size}))

@@ -49,7 +49,7 @@ def main(argv):
     out_dir, val = work_dir, loaders.load(spec)[2]
   val = parallel.replicate(val, mesh)
   task = tasks.build(spec)
-  summary, per = task.make_evaluator(task.model.apply, mesh)(predictor.params, val)
+  summary, per = task.make_evaluator(task.model.apply, mesh)(predictor.variables, val)
   path = lambda name: os.path.join(work_dir, name)
   with workdir.lock(work_dir):
     previous = (

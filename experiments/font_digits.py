@@ -38,7 +38,7 @@ def main(argv):
   }
   net = tasks.build(spec).model
   summary, per = evaluation.evaluate(
-    net.apply, predictor.params, val, canvas_size=spec.data.canvas_size, batch_size=len(labels)
+    net.apply, predictor.variables, val, canvas_size=spec.data.canvas_size, batch_size=len(labels)
   )
   summary["num_font_digits"] = len(labels) // _PER_DIGIT.value
   workdir.write_json(os.path.join(_WORKDIR.value, "font_digits.json"), summary)

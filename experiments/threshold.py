@@ -43,7 +43,7 @@ def main(argv):
   rows = {}
   for threshold in thresholds:
     task = tasks.build(configs.replace(spec, head={"score_threshold": threshold}))
-    summary, _ = task.make_evaluator(task.model.apply)(predictor.params, train_scenes)
+    summary, _ = task.make_evaluator(task.model.apply)(predictor.variables, train_scenes)
     rows[threshold] = {k: summary[k] for k in ("count_accuracy", "presence_accuracy")}
     print(f"threshold {threshold}: {json.dumps(rows[threshold])}", flush=True)
   top = max(r["count_accuracy"] for r in rows.values())

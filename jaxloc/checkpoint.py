@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state in `workdir/checkpoints/`, for exact resume.
 
-A checkpoint holds the whole `TrainState` pytree: parameters, Adam state, step and
-the moving average of the parameters (when `config.ema_decay` > 0). Because batch t
+A checkpoint holds the whole `TrainState` pytree: parameters, Adam state, step, the
+moving average of the parameters (when `config.ema_decay` > 0) and the BatchNorm running
+statistics (a model with BatchNorm). Because batch t
 is a function of (seed, t) alone, restoring the state of step t and continuing gives
 bit-for-bit the run that was never interrupted. Saving is synchronous, so a checkpoint
 on disk is always complete (Orbax commits it by renaming a temporary directory); a save

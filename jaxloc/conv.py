@@ -119,11 +119,13 @@ CONV_IMPLS = ("matmul", "lax")
 class Conv3x3(nn.Module):
   """3x3 convolution, stride 1 (VALID, or SAME: the input is zero-padded by one pixel on
   each side, so the output keeps its size), with `conv3x3_valid` or XLA's convolution
-  (`impl`: "matmul", "lax", or "auto": `CONV_IMPL` of the backend)."""
+  (`impl`: "matmul", "lax", or "auto": `CONV_IMPL` of the backend). `use_bias` False: no
+  bias (before a BatchNorm, whose shift takes its place)."""
 
   features: int
   padding: str = "VALID"
   impl: str = "auto"
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
@@ -131,7 +133,10 @@ class Conv3x3(nn.Module):
       x_BxHxWxC = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
     c = x_BxHxWxC.shape[-1]
     kernel = self.param("kernel", KERAS_INIT, (3, 3, c, self.features))
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    else:
+      bias = jnp.zeros((self.features,), x_BxHxWxC.dtype)
     impl = CONV_IMPL.get(jax.default_backend(), "matmul") if self.impl == "auto" else self.impl
     if impl == "lax":
       dims = ("NHWC", "HWIO", "NHWC")

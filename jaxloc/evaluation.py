@@ -6,6 +6,8 @@ cases score `num_val` scenes drawn from the test digits in chunks of
 scenes of a dataset on disk in order (`stored_chunk`). Either way
 the validation set is the same in every run with the same config. Which of these a
 config uses is decided by `jaxloc.tasks.build`; the functions here take explicit arguments.
+A model's weights here are its flax `variables` (`model.variables`: the parameters, and
+the running BatchNorm statistics when it has them).
 """
 
 import functools
@@ -21,26 +23,26 @@ from jaxloc import canvas, metrics, parallel, plots, scenes, workdir
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "canvas_size", "mesh", "stacked"))
 def eval_step(
-  apply_fn, params, digits, labels, xy, mask, *, canvas_size: int, mesh=None, stacked=False
+  apply_fn, variables, digits, labels, xy, mask, *, canvas_size: int, mesh=None, stacked=False
 ):
   """Renders one validation batch and returns (sums, per-canvas results); with `stacked`,
-  `params` are several models' (leading axis M) scored on the same batch, results [M, ...]."""
+  `variables` are several models' (leading axis M) scored on the same batch, results [M, ...]."""
   batch = parallel.shard_batch(canvas.render(digits, labels, xy, canvas_size=canvas_size), mesh)
 
   def score(p):
-    outputs = apply_fn({"params": p}, batch["image"])
+    outputs = apply_fn(p, batch["image"])
     return metrics.batch_sums(outputs, batch, mask), metrics.per_example(outputs, batch)
 
-  return jax.vmap(score)(params) if stacked else score(params)
+  return jax.vmap(score)(variables) if stacked else score(variables)
 
 
 def evaluate(
-  apply_fn, params, val: dict, *, canvas_size: int, batch_size: int, mesh=None, stacked=False
+  apply_fn, variables, val: dict, *, canvas_size: int, batch_size: int, mesh=None, stacked=False
 ):
   """Scores the fixed validation set in batches of `batch_size` (the last one padded).
 
   Returns (summary dict, per-canvas results as numpy arrays); with `stacked` (stacked
-  `params` of M models, scored in one compiled call per batch), a list of M of them.
+  `variables` of M models, scored in one compiled call per batch), a list of M of them.
   """
   n = val["labels"].shape[0]
   totals, per = None, []
@@ -50,7 +52,7 @@ def evaluate(
     idx = np.minimum(idx, n - 1)
     sums, ex = eval_step(
       apply_fn,
-      params,
+      variables,
       val["digits"][idx],
       val["labels"][idx],
       val["xy"][idx],
@@ -90,11 +92,11 @@ class RunEvaluation:
 
   def __call__(self, exported, raw=None) -> list[tuple]:
     t = time.perf_counter()
-    params = exported
+    variables = exported
     if raw is not None:  # the exported weights, then the raw ones
       join = jnp.concatenate if self.count > 1 else jnp.stack  # members: [2N, ...]
-      params = jax.tree_util.tree_map(lambda *a: join(a), exported, raw)
-    scored = self.evaluator(params, self.val)
+      variables = jax.tree_util.tree_map(lambda *a: join(a), exported, raw)
+    scored = self.evaluator(variables, self.val)
     scored = scored if self.stacked else [scored]
     exported_scores, raw_scores = scored[: self.count], scored[self.count :]
     self.seconds += time.perf_counter() - t
@@ -123,18 +125,20 @@ def scene_eval_step(apply_fn, score_chunk, make_chunk, mesh=None, stacked=False)
   """The jitted scoring of one chunk of validation scenes: makes chunk i with
   `make_chunk(val, i)` (`sampled_chunk` or `stored_chunk`), applies the model and returns
   `score_chunk(outputs, scene)` = (per-canvas results, loss parts); with `stacked`, of
-  several models' stacked `params` on the same chunk (results [M, ...])."""
+  several models' stacked `variables` on the same chunk (results [M, ...])."""
 
   @jax.jit
-  def step(params, i, val):
+  def step(variables, i, val):
     scene = parallel.shard_batch(make_chunk(val, i), mesh)
-    score = lambda p: score_chunk(apply_fn({"params": p}, scene["image"]), scene)
-    return jax.vmap(score)(params) if stacked else score(params)
+    score = lambda p: score_chunk(apply_fn(p, scene["image"]), scene)
+    return jax.vmap(score)(variables) if stacked else score(variables)
 
   return step
 
 
-def evaluate_scenes(step, params, val: dict, summarize, *, chunk: int, num_val: int, stacked=False):
+def evaluate_scenes(
+  step, variables, val: dict, summarize, *, chunk: int, num_val: int, stacked=False
+):
   """Scores the validation scenes with `step` (a `scene_eval_step`) in chunks: `num_val`
   of them, or all of a stored set if it holds fewer; returns (summary, per-canvas numpy
   arrays), or with `stacked` a list of them, one per model."""
@@ -142,7 +146,7 @@ def evaluate_scenes(step, params, val: dict, summarize, *, chunk: int, num_val: 
     num_val = min(num_val, val["images"].shape[0])
   per, parts = [], []
   for i in range(-(-num_val // chunk)):
-    ex, loss_parts = step(params, i, val)
+    ex, loss_parts = step(variables, i, val)
     per.append(parallel.to_host(ex))
     parts.append(parallel.to_host(loss_parts))
   axis = int(stacked)  # the canvases' axis

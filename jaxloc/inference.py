@@ -31,29 +31,36 @@ from jaxloc.errors import UserError
 from jaxloc.spec import Spec
 
 
-def load_params(work_dir: str, spec: Spec, net=None):
-  """The trained parameters of a workdir (params.msgpack), checked against its spec's model
-  (`net`, when the caller has built it)."""
-  path = os.path.join(work_dir, workdir.PARAMS)
+def load_variables(work_dir: str, spec: Spec, net=None) -> dict:
+  """The trained variables of a workdir (`model.variables`: params.msgpack, and
+  batch_stats.msgpack for a model with BatchNorm), checked against its spec's model (`net`,
+  when the caller has built it)."""
+  net = tasks.build(spec).model if net is None else net
+  like = model.init_variables(jax.random.key(0), net, spec.data.canvas_size)
+  files = {"params": workdir.PARAMS, "batch_stats": workdir.BATCH_STATS}
+  return {name: _load(work_dir, files[name], tree) for name, tree in like.items()}
+
+
+def _load(work_dir: str, name: str, like):
+  """One msgpack file of a workdir, read into the structure of `like` and checked."""
+  path = os.path.join(work_dir, name)
   if not os.path.exists(path):
     raise UserError(f"{path} not found: the run in {work_dir!r} has not finished training")
-  net = tasks.build(spec).model if net is None else net
-  like = model.init_params(jax.random.key(0), net, spec.data.canvas_size)
   with open(path, "rb") as f:
     data = f.read()
   try:
-    params = serialization.from_bytes(like, data)
+    tree = serialization.from_bytes(like, data)
   except Exception as e:  # msgpack raises several types on a damaged file
     raise UserError(f"{path}: cannot be read as this config's parameters ({e})") from None
   for (where, want), got in zip(
-    jax.tree_util.tree_leaves_with_path(like), jax.tree_util.tree_leaves(params), strict=True
+    jax.tree_util.tree_leaves_with_path(like), jax.tree_util.tree_leaves(tree), strict=True
   ):
     if np.shape(got) != want.shape:
       raise UserError(
         f"{path}: parameter {jax.tree_util.keystr(where)} has shape {np.shape(got)} where "
         f"the config in {work_dir!r} makes {want.shape}; the file is another model's"
       )
-  return params
+  return tree
 
 
 def load_spec(work_dir: str) -> Spec:
@@ -95,21 +102,23 @@ def to_canvas_batch(images, canvas_size: int) -> jax.Array:
 class Predictor:
   """A trained model: call it on a batch of canvases."""
 
-  def __init__(self, spec: Spec, params, task: tasks.Task | None = None):
-    self.spec, self.params = spec, params
+  def __init__(self, spec: Spec, variables: dict, task: tasks.Task | None = None):
+    """`variables`: the model's (`model.variables(params, batch_stats)`)."""
+    self.spec, self.variables = spec, variables
     self.canvas_size = spec.data.canvas_size
     task = tasks.build(spec) if task is None else task
     # model + answers, compiled once per batch shape
-    self._predict = jax.jit(lambda p, x: task.answer(task.model.apply({"params": p}, x)))
+    self._predict = jax.jit(lambda v, x: task.answer(task.model.apply(v, x)))
 
   @classmethod
   def from_workdir(cls, work_dir: str) -> "Predictor":
     spec = load_spec(work_dir)
     task = tasks.build(spec)
-    return cls(spec, load_params(work_dir, spec, task.model), task)
+    return cls(spec, load_variables(work_dir, spec, task.model), task)
 
   def __call__(self, images) -> dict[str, np.ndarray]:
-    out = jax.device_get(self._predict(self.params, to_canvas_batch(images, self.canvas_size)))
+    batch = to_canvas_batch(images, self.canvas_size)
+    out = jax.device_get(self._predict(self.variables, batch))
     out = {k: np.asarray(v) for k, v in out.items()}
     out["box_px"] = np.asarray(boxes.to_pixels(out["box"], self.canvas_size))
     return out

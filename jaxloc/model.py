@@ -77,18 +77,23 @@ class Detector(nn.Module):
 
 
 BACKBONES = ("single", "fpn")
-NORMS = ("none", "group")
+NORMS = ("none", "group", "batch")
 
 
 GROUPS = 8  # GroupNorm groups (fewer when a layer has fewer channels)
+BATCH_NORM_MOMENTUM = 0.9  # running statistics <- 0.9 * running + 0.1 * batch (PyTorch's 0.1)
 
 
-def _conv_block(x, features: int, norm: str) -> jax.Array:
-  """3x3 SAME convolution (`Conv3x3`), GroupNorm when `norm` is "group", relu. Called inside a
-  compact method, so its layers are named in the calling module (Conv3x3_i, GroupNorm_i)."""
-  x = Conv3x3(features, padding="SAME")(x)
+def _conv_block(x, features: int, norm: str, train: bool) -> jax.Array:
+  """3x3 SAME convolution (`Conv3x3`), then GroupNorm (`norm` "group") or BatchNorm
+  ("batch": the batch's statistics when `train`, else the running ones; the convolution has
+  no bias, whose gradient would be rounding noise that Adam scales up), then relu. Called
+  inside a compact method, so its layers are named in the calling module (Conv3x3_i, ...)."""
+  x = Conv3x3(features, padding="SAME", use_bias=norm != "batch")(x)
   if norm == "group":
     x = nn.GroupNorm(num_groups=min(GROUPS, features))(x)
+  elif norm == "batch":
+    x = nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM)(x)
   return nn.relu(x)
 
 
@@ -118,8 +123,9 @@ class DenseDetector(nn.Module):
         -> context convs and the heads as above; the grid is cropped to G x G.
 
   At stride 8 with stages up to stride 32 the receptive field is about 126 px, so a 99 px
-  digit is seen whole. `norm` = "group" puts GroupNorm (8 groups) after every 3x3 conv
-  (no batch statistics: nothing to carry in the train state). G = ceil(H / stride). The
+  digit is seen whole. `norm` = "group" puts GroupNorm (8 groups) after every 3x3 conv,
+  "batch" BatchNorm (its running statistics are the `batch_stats` collection, updated by
+  `__call__(image, train=True)` with `mutable=["batch_stats"]`). G = ceil(H / stride). The
   heatmap bias starts at -log((1 - prior) / prior), so every cell starts out predicting
   "no object" with probability 1 - prior (CenterNet, RetinaNet).
   """
@@ -135,21 +141,21 @@ class DenseDetector(nn.Module):
   norm: str = "none"
 
   @nn.compact
-  def __call__(self, image_BxHxWx1: jax.Array) -> dict[str, jax.Array]:
+  def __call__(self, image_BxHxWx1: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     _, h, w, _ = image_BxHxWx1.shape
     s = self.stride
     if self.backbone == "fpn":
-      x = _pyramid(image_BxHxWx1, self)
+      x = _pyramid(image_BxHxWx1, self, train)
     else:
       pad = ((0, 0), (0, -h % s), (0, -w % s), (0, 0))
       x = jnp.pad(image_BxHxWx1, pad)
       pools = s.bit_length() - 1  # stride = 2 ** pools (checked with the config)
       for i, features in enumerate(self.conv_features):
-        x = _conv_block(x, features, self.norm)
+        x = _conv_block(x, features, self.norm, train)
         if i < pools:
           x = avg_pool_2x2(x)
     for features in self.context_features:
-      x = _conv_block(x, features, self.norm)
+      x = _conv_block(x, features, self.norm, train)
     bias = -np.log((1.0 - self.prior) / self.prior)
     heatmap = nn.Dense(
       self.num_classes,
@@ -161,7 +167,7 @@ class DenseDetector(nn.Module):
     return {"heatmap": heatmap, "box": box}
 
 
-def _pyramid(image_BxHxWx1: jax.Array, net: DenseDetector) -> jax.Array:
+def _pyramid(image_BxHxWx1: jax.Array, net: DenseDetector, train: bool) -> jax.Array:
   """The fpn backbone and neck of `net` (called inside its compact `__call__`): features
   [B, G, G, neck_features] at the output stride."""
   _, h, w, _ = image_BxHxWx1.shape
@@ -170,7 +176,7 @@ def _pyramid(image_BxHxWx1: jax.Array, net: DenseDetector) -> jax.Array:
   x = jnp.pad(image_BxHxWx1, ((0, 0), (0, -h % top), (0, -w % top), (0, 0)))
   levels = []  # levels[i]: the output of stage i, stride 2 ** (i + 1)
   for features in stages:
-    x = avg_pool_2x2(_conv_block(x, features, net.norm))
+    x = avg_pool_2x2(_conv_block(x, features, net.norm, train))
     levels.append(x)
   lateral = lambda y, i: nn.Dense(net.neck_features, kernel_init=KERAS_INIT, name=f"lateral_{i}")(y)
   out_level = net.stride.bit_length() - 2  # the stage whose output has the output stride
@@ -184,9 +190,23 @@ def num_params(params) -> int:
   return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
 
-def init_params(key: jax.Array, model: nn.Module, canvas_size: int):
-  """The model's initial parameters for canvases of `canvas_size`. Jitted: run eagerly, every
-  initializer op is compiled on its own (9 s on a GPU for the seed's model, against well under
-  1 s); the values are the same bit for bit (checked on CPU for every model)."""
+def init_variables(key: jax.Array, model: nn.Module, canvas_size: int) -> dict:
+  """The model's initial variables for canvases of `canvas_size`: {"params": ...} and, with
+  BatchNorm, {"batch_stats": ...}. Jitted: run eagerly, every initializer op is compiled on
+  its own (9 s on a GPU for the seed's model, against well under 1 s); the values are the
+  same bit for bit (checked on CPU for every model)."""
   x = jnp.zeros((1, canvas_size, canvas_size, 1), jnp.float32)
-  return jax.jit(model.init)(key, x)["params"]
+  return dict(jax.jit(model.init)(key, x))
+
+
+def init_params(key: jax.Array, model: nn.Module, canvas_size: int):
+  """The model's initial parameters (`init_variables`' "params")."""
+  return init_variables(key, model, canvas_size)["params"]
+
+
+def variables(params, batch_stats=None) -> dict:
+  """What `Module.apply` takes: the parameters, and the BatchNorm statistics when the model
+  has them (None otherwise)."""
+  if batch_stats is None:
+    return {"params": params}
+  return {"params": params, "batch_stats": batch_stats}

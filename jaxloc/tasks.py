@@ -23,8 +23,8 @@ class Task(NamedTuple):
   # (outputs, batch, hp=None) -> (loss, {name: scalar}); its weights are the spec's, or those
   # of `hp` (`Spec.hyperparameters`: a replica member's values, traced) when given
   loss_fn: Callable
-  # (apply_fn, mesh, stacked) -> evaluator(params, val) -> (summary, per); stacked: of
-  # stacked params, a list of them (the models scored in one compiled call per batch)
+  # (apply_fn, mesh, stacked) -> evaluator(variables, val) -> (summary, per); stacked: of
+  # stacked variables (`model.variables`), a list of them (scored in one compiled call a batch)
   make_evaluator: Callable
   write_outputs: Callable  # (out_dir, val, per, history): the run's end: curves (scenes: COCO..)
   plot_predictions: Callable  # (out_dir, val, per): predictions.png (after every evaluation)

@@ -138,7 +138,7 @@ class _Loop:
       task.make_evaluator, states[0].apply_fn, self.mesh, self.val, len(members), averaged
     )
     self.evaluate = lambda state: self.scorer(
-      ts.exported_params(state), state.params if averaged else None
+      ts.exported_variables(state), ts.raw_variables(state) if averaged else None
     )
 
   def member_state(self, i: int):
@@ -265,11 +265,14 @@ def _log_steps(member, epoch, step, since_log, fetched, bar) -> None:
 
 
 def _export(out_dir, task, state, val, result, history) -> dict:
-  """params.msgpack (the exported weights), the task's end-of-run plots and files (the
-  loop drew predictions.png); the final figures."""
+  """params.msgpack (the exported weights; batch_stats.msgpack beside it with BatchNorm), the
+  task's end-of-run plots and files (the loop drew predictions.png); the final figures."""
   summary, per, raw = result
   params_bytes = serialization.to_bytes(ts.exported_params(state))
   workdir.write_bytes_atomic(os.path.join(out_dir, workdir.PARAMS), params_bytes)
+  if state.batch_stats is not None:
+    stats_bytes = serialization.to_bytes(state.batch_stats)
+    workdir.write_bytes_atomic(os.path.join(out_dir, workdir.BATCH_STATS), stats_bytes)
   task.write_outputs(out_dir, val, per, history)
   final = dict(summary)
   if raw is not None:

@@ -20,9 +20,11 @@ from jaxloc.spec import Optimizer, Spec
 
 
 class TrainState(flax_train_state.TrainState):
-  """Flax's TrainState plus `ema_params`, a moving average of `params` (None when off)."""
+  """Flax's TrainState plus `ema_params`, a moving average of `params` (None when off), and
+  `batch_stats`, the BatchNorm running statistics (None when the model has no BatchNorm)."""
 
   ema_params: Any = None
+  batch_stats: Any = None
 
 
 def ema_update(ema_params, params, decay: float, step: jax.Array):
@@ -40,6 +42,16 @@ def ema_update(ema_params, params, decay: float, step: jax.Array):
 def exported_params(state: TrainState):
   """The weights a run evaluates and writes to params.msgpack: the average when kept."""
   return state.params if state.ema_params is None else state.ema_params
+
+
+def exported_variables(state: TrainState) -> dict:
+  """What a run evaluates: `exported_params` with the running BatchNorm statistics."""
+  return model.variables(exported_params(state), state.batch_stats)
+
+
+def raw_variables(state: TrainState) -> dict:
+  """The raw (not averaged) weights with the running BatchNorm statistics."""
+  return model.variables(state.params, state.batch_stats)
 
 
 def learning_rate(opt: Optimizer, peak=None) -> optax.ScalarOrSchedule:
@@ -72,10 +84,13 @@ def optimizer(opt: Optimizer, peak=None) -> optax.GradientTransformation:
 def create_train_state(key: jax.Array, spec: Spec, net: nn.Module | None = None) -> TrainState:
   """The state before step 1: `net` (default: the spec's model) initialised from `key`."""
   net = tasks.build(spec).model if net is None else net
-  params = model.init_params(key, net, spec.data.canvas_size)
+  variables = model.init_variables(key, net, spec.data.canvas_size)
+  params, stats = variables["params"], variables.get("batch_stats")
   ema = jax.tree_util.tree_map(jnp.copy, params) if spec.opt.ema_decay > 0 else None
   tx = optimizer(spec.opt)
-  state = TrainState.create(apply_fn=net.apply, params=params, tx=tx, ema_params=ema)
+  state = TrainState.create(
+    apply_fn=net.apply, params=params, tx=tx, ema_params=ema, batch_stats=stats
+  )
   return state.replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints restore it
 
 
@@ -92,17 +107,26 @@ def train_step(
   `hp` (`step_hyperparameters`) are arguments, not constants: the step size goes to
   `optimizer_fn(peak)` (e.g. `functools.partial(optimizer, spec.opt)`), the loss weights to
   `loss_fn`, and when the state keeps a moving average, `hp["ema_decay"]` to `ema_update`.
+  A model with BatchNorm normalises by the batch's statistics (over the whole global batch
+  when it is sharded) and the step updates the running ones.
   """
 
-  def objective(params):
-    return loss_fn(state.apply_fn({"params": params}, batch["image"]), batch, hp)
+  def objective(params):  # -> (loss, (parts, the updated running statistics or None))
+    image = batch["image"]
+    if state.batch_stats is None:
+      loss, parts = loss_fn(state.apply_fn({"params": params}, image), batch, hp)
+      return loss, (parts, None)
+    variables = model.variables(params, state.batch_stats)
+    outputs, updated = state.apply_fn(variables, image, train=True, mutable=["batch_stats"])
+    loss, parts = loss_fn(outputs, batch, hp)
+    return loss, (parts, updated["batch_stats"])
 
-  grads, step_metrics = jax.grad(objective, has_aux=True)(state.params)
+  grads, (step_metrics, stats) = jax.grad(objective, has_aux=True)(state.params)
   updates, opt_state = optimizer_fn(hp["learning_rate"]).update(
     grads, state.opt_state, state.params
   )
   params = optax.apply_updates(state.params, updates)
-  state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=stats)
   if state.ema_params is not None:
     state = state.replace(
       ema_params=ema_update(state.ema_params, state.params, hp["ema_decay"], state.step)
@@ -115,7 +139,7 @@ def zero_metrics(state, digits, labels, *, sample_fn, loss_fn) -> dict[str, jax.
 
   def metrics():
     batch = sample_fn(jax.random.key(0), state.step, digits, labels)
-    return loss_fn(state.apply_fn({"params": state.params}, batch["image"]), batch)[1]
+    return loss_fn(state.apply_fn(raw_variables(state), batch["image"]), batch)[1]
 
   shapes = jax.eval_shape(metrics)
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

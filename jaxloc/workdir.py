@@ -3,6 +3,7 @@
 config.json      the run's config, at start
 metrics.jsonl    one JSON object per logged training step and per evaluation
 params.msgpack   the trained parameters (flax.serialization; the moving average when kept)
+batch_stats.msgpack  the BatchNorm running statistics (models with BatchNorm only)
 metrics.json     the final validation metrics and run statistics
 curves.png       train / validation losses per epoch
 predictions.png  validation canvases, true boxes green, predicted boxes red
@@ -10,8 +11,9 @@ pr.png, detections.json, ground_truth.json
                  scene cases: precision-recall at IoU 0.5, COCO files of the validation set
 heatmap.png      dense detector: validation scenes beside its heatmap
 tensorboard/     TensorBoard events: the metrics.jsonl figures, predictions.png per epoch
-checkpoints/     Orbax checkpoints of the train state (params, moving average, Adam state,
-                 step); `<step>.damaged-<time>`: one that could not be read, moved aside
+checkpoints/     Orbax checkpoints of the train state (params, moving average, BatchNorm
+                 statistics, Adam state, step); `<step>.damaged-<time>`: one that could not
+                 be read, moved aside
 .lock            held (flock) while a run uses the workdir
 
 JSON, plots and parameters are written to a temporary file and renamed into place.
@@ -31,10 +33,11 @@ from absl import logging
 
 from jaxloc.errors import UserError
 
-CONFIG, METRICS_LOG, PARAMS, METRICS = (
+CONFIG, METRICS_LOG, PARAMS, BATCH_STATS, METRICS = (
   "config.json",
   "metrics.jsonl",
   "params.msgpack",
+  "batch_stats.msgpack",
   "metrics.json",
 )
 

@@ -63,7 +63,11 @@ def test_every_config_file_reads():
     ("multi", {"dense.prior": 1.0}, "config.dense.prior=1.0 must lie strictly between 0 and 1"),
     ("multi", {"head": "grid"}, "config.head='grid': use one of 'dense', 'slots'"),
     ("multi", {"dense.backbone": "resnet"}, "config.dense.backbone='resnet': use one of"),
-    ("multi", {"dense.norm": "batch"}, "config.dense.norm='batch': use one of \\('none', 'group'"),
+    (
+      "multi",
+      {"dense.norm": "layer"},
+      "config.dense.norm='layer': use one of \\('none', 'group', 'batch'",
+    ),
     ("multi", {"dense.neck_features": 0}, "config.dense.neck_features=0 must be a positive"),
     ("multi", {"scene.paste_mode": "mean"}, "config.scene.paste_mode='mean': use one of"),
     ("multi", {"scene.box_type": "pixels"}, "use one of \\('patch', 'tight', 'ink'\\)"),

@@ -17,7 +17,7 @@ def test_evaluation_ignores_padding_of_last_batch(mnist_dir, tmp_path):
   _, _, val = loaders.load(configs.read(config))
   state = train_state.create_train_state(jax.random.key(0), configs.read(config))
   eval_fn = functools.partial(
-    evaluation.evaluate, state.apply_fn, state.params, val, canvas_size=75
+    evaluation.evaluate, state.apply_fn, train_state.raw_variables(state), val, canvas_size=75
   )
   a, per_a = eval_fn(batch_size=40)
   b, per_b = eval_fn(batch_size=16)  # 16 + 16 + 8 real canvases, 8 padded
@@ -39,14 +39,15 @@ def test_scene_validation_set_is_fixed_and_cut_to_num_val(mnist_dir, monkeypatch
   _, _, val = loaders.load(configs.read(config))
   state = train_state.create_train_state(jax.random.key(0), configs.read(config))
   evaluate = task.make_evaluator(state.apply_fn)
-  (a, per_a), (b, per_b) = evaluate(state.params, val), evaluate(state.params, val)
+  weights = train_state.raw_variables(state)
+  (a, per_a), (b, per_b) = evaluate(weights, val), evaluate(weights, val)
   assert a["num_val"] == 30 and len(per_a["count"]) == 30
   assert a == b
   for key in per_a:
     np.testing.assert_array_equal(per_a[key], per_b[key])
   other = tasks.build(configs.read(_scene_config(mnist_dir, val_seed=1)))
   other = other.make_evaluator(state.apply_fn)
-  assert not np.array_equal(other(state.params, val)[1]["box"], per_a["box"])
+  assert not np.array_equal(other(weights, val)[1]["box"], per_a["box"])
 
 
 @pytest.mark.parametrize("scene", [False, True])
@@ -57,7 +58,10 @@ def test_models_scored_in_one_call_get_their_own_figures(mnist_dir, scene):
   task = tasks.build(configs.read(config))
   _, _, val = loaders.load(configs.read(config))
   models = [
-    train_state.create_train_state(jax.random.key(i), configs.read(config)).params for i in (0, 1)
+    train_state.raw_variables(
+      train_state.create_train_state(jax.random.key(i), configs.read(config))
+    )
+    for i in (0, 1)
   ]
   together = task.make_evaluator(task.model.apply, None, True)(parallel.stack(models), val)
   assert len(together) == 2
@@ -77,7 +81,7 @@ def test_plot_predictions_draws_the_first_validation_canvases(mnist_dir, tmp_pat
   task = tasks.build(configs.read(config))
   _, _, val = loaders.load(configs.read(config))
   state = train_state.create_train_state(jax.random.key(0), configs.read(config))
-  _, per = task.make_evaluator(state.apply_fn)(state.params, val)
+  _, per = task.make_evaluator(state.apply_fn)(train_state.raw_variables(state), val)
   task.plot_predictions(str(tmp_path), val, per)
   assert (tmp_path / "predictions.png").read_bytes().startswith(b"\x89PNG")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.png"]

@@ -24,8 +24,11 @@ rng = np.random.default_rng(0)
 digits = jax.numpy.asarray(rng.integers(0, 256, (64, 28, 28)).astype(np.uint8))
 labels = jax.numpy.asarray(rng.integers(0, 10, 64), jax.numpy.int32)
 
-def check(name):
-  config = importlib.import_module("experiments.configs." + name).get_config()
+def check(name):  # a config, or "config:norm" for the dense detector with that norm
+  module, _, norm = name.partition(":")
+  config = importlib.import_module("experiments.configs." + module).get_config()
+  if norm:
+    config.dense.norm = norm
   init_key, data_key = jax.random.split(jax.random.key(0))
   config.batch_size, config.eval_batch_size = 16, 16
   if config.get("scene"):
@@ -51,12 +54,14 @@ def check(name):
   leaf = jax.tree_util.tree_leaves(eight.params)[0]
   assert len(leaf.sharding.device_set) == 8, leaf.sharding
   np.testing.assert_allclose(one_sums["loss"], eight_sums["loss"], rtol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(eight.params)):
+  # with BatchNorm: the statistics of the whole batch, not of each device's share
+  weights = lambda s: jax.tree_util.tree_leaves((s.params, s.batch_stats))
+  for a, b in zip(weights(one), weights(eight), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
   if config.get("scene"):  # the evaluation gives the same figures on 8 devices as on 1
     val = {"digits": digits, "labels": labels}
     place = lambda m: val if m is None else parallel.replicate(val, m)
-    score = lambda m: task.make_evaluator(one.apply_fn, m)(one.params, place(m))
+    score = lambda m: task.make_evaluator(one.apply_fn, m)(train_state.raw_variables(one), place(m))
     a, b = score(None)[0], score(mesh)[0]
     for key in ("count_accuracy", "mean_iou", "AP", "AP50"):
       np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
@@ -72,10 +77,11 @@ except Exception as e:
 
 
 def test_eight_devices_match_one_device():
-  """The seed's task and the dense detector (`multi`), in one process of 8 CPU devices."""
+  """The seed's task and the dense detector (`multi`, also with BatchNorm), in one process of
+  8 CPU devices."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.run(
-    [sys.executable, "-c", _EIGHT_DEVICES, "digit", "multi"],
+    [sys.executable, "-c", _EIGHT_DEVICES, "digit", "multi", "multi:batch"],
     cwd=ROOT,
     env=env,
     capture_output=True,
@@ -83,7 +89,8 @@ def test_eight_devices_match_one_device():
     timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "OK digit" in proc.stdout and "OK multi" in proc.stdout
+  for name in ("digit", "multi", "multi:batch"):
+    assert f"OK {name} " in proc.stdout, proc.stdout
   assert "ERROR: config.batch_size=12 does not divide by the 8 devices" in proc.stdout
 
 

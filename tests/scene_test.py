@@ -201,8 +201,8 @@ def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head
   if head == "slots":  # the commands once, on the dense run; here what evaluate computes
     spec = inference.load_spec(str(run))
     task = tasks.build(spec)
-    params = inference.load_params(str(run), spec, task.model)
-    scored, _ = task.make_evaluator(task.model.apply)(params, loaders.load(spec)[2])
+    weights = inference.load_variables(str(run), spec, task.model)
+    scored, _ = task.make_evaluator(task.model.apply)(weights, loaders.load(spec)[2])
     for key in ("count_accuracy", "presence_accuracy", "mean_iou", "class_accuracy", "AP"):
       assert scored[key] == final[key], key
     proc = conftest.run_command("experiments.threshold", f"--workdir={run}")

@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   dn.backbone = "single"
   dn.pyramid_features = (128, 128)  # fpn: conv + pool stages past conv_features (stride 16, 32)
   dn.neck_features = 128  # fpn: channels of the 1x1 laterals and the top-down sum
-  dn.norm = "none"  # "group": GroupNorm after every 3x3 conv
+  dn.norm = "none"  # "group": GroupNorm after every 3x3 conv; "batch": BatchNorm
   dn.stride = 8  # canvas pixels per heatmap cell (a power of two; 2 ** pooled conv stages)
   # 3x3 convs at the output stride (receptive field 54 px); 128 wide beat 64 (docs/results.md)
   dn.context_features = (128, 128)
