@@ -121,16 +121,25 @@ def stored_chunk(val: dict, i, *, chunk: int):
   return scenes.stored_scene(val, index)
 
 
-def scene_eval_step(apply_fn, score_chunk, make_chunk, mesh=None, stacked=False):
+def scene_eval_step(apply_fn, score_chunk, make_chunk, mesh=None, stacked=False, batch=None):
   """The jitted scoring of one chunk of validation scenes: makes chunk i with
-  `make_chunk(val, i)` (`sampled_chunk` or `stored_chunk`), applies the model and returns
-  `score_chunk(outputs, scene)` = (per-canvas results, loss parts); with `stacked`, of
-  several models' stacked `variables` on the same chunk (results [M, ...])."""
+  `make_chunk(val, i)` (`sampled_chunk` or `stored_chunk`), applies the model `batch`
+  scenes at a time (a divisor of the chunk; None: the whole chunk at once), which bounds the
+  memory, and returns `score_chunk(outputs, scene)` = (per-canvas results, loss parts);
+  with `stacked`, of several models' stacked `variables` on the same chunk (results [M, ...])."""
+
+  def outputs(v, image):
+    n = image.shape[0]
+    if batch is None or batch >= n:
+      return apply_fn(v, image)
+    split = image.reshape(n // batch, batch, *image.shape[1:])
+    out = jax.lax.map(lambda x: apply_fn(v, x), split)
+    return jax.tree_util.tree_map(lambda a: a.reshape(n, *a.shape[2:]), out)
 
   @jax.jit
   def step(variables, i, val):
     scene = parallel.shard_batch(make_chunk(val, i), mesh)
-    score = lambda p: score_chunk(apply_fn(p, scene["image"]), scene)
+    score = lambda p: score_chunk(outputs(p, scene["image"]), scene)
     return jax.vmap(score)(variables) if stacked else score(variables)
 
   return step

@@ -5,6 +5,7 @@ train loop, the evaluator, the Predictor and the scripts call them instead of br
 """
 
 import functools
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -104,7 +105,8 @@ def _scene_evaluation(spec: Spec, score_chunk):
 
   def make_evaluator(apply_fn, mesh=None, stacked=False):
     mesh = mesh if chunk % jax.device_count() == 0 else None
-    step = evaluation.scene_eval_step(apply_fn, score_chunk, make_chunk, mesh, stacked)
+    batch = math.gcd(chunk, data.eval_batch_size)  # scenes per model application
+    step = evaluation.scene_eval_step(apply_fn, score_chunk, make_chunk, mesh, stacked, batch)
     return lambda params, val: evaluation.evaluate_scenes(
       step, params, val, summarize, chunk=chunk, num_val=data.num_val, stacked=stacked
     )

@@ -48,6 +48,12 @@ def test_scene_validation_set_is_fixed_and_cut_to_num_val(mnist_dir, monkeypatch
   other = tasks.build(configs.read(_scene_config(mnist_dir, val_seed=1)))
   other = other.make_evaluator(state.apply_fn)
   assert not np.array_equal(other(weights, val)[1]["box"], per_a["box"])
+  # the model applied 4 scenes at a time (eval_batch_size): the same scenes and figures
+  small = tasks.build(configs.read(_scene_config(mnist_dir, eval_batch_size=4)))
+  c, per_c = small.make_evaluator(state.apply_fn)(weights, val)
+  assert c == pytest.approx(a, rel=1e-5, abs=1e-6)
+  for key in per_a:
+    np.testing.assert_allclose(per_c[key], per_a[key], rtol=1e-5, atol=1e-5, err_msg=key)
 
 
 @pytest.mark.parametrize("scene", [False, True])

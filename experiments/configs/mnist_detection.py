@@ -38,6 +38,7 @@ def get_config():
   config.epochs = 10
   config.steps_per_epoch = 1000  # 10 x 1,000 = the course's 10,000 iterations
   config.num_val = 1000  # the benchmark's 1,000 test images (from the MNIST test digits)
+  config.eval_batch_size = 50  # scenes per model call in evaluation (500 at once: 10+ GB)
   sc = config.scene
   sc.max_objects = 19
   sc.count_probs = tuple([1 / 20] * 20)  # 0..19 digits, equally likely
