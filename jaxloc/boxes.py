@@ -66,6 +66,23 @@ def iou(a: jax.Array, b: jax.Array) -> jax.Array:
   return xp.where(union > 0, inter / xp.where(union > 0, union, 1.0), 0.0)
 
 
+def giou(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Elementwise generalized IoU (Rezatofighi et al. 2019) of xyxy boxes of one shape: IoU
+  minus the share of the smallest box enclosing both that neither covers; in [-1, 1]."""
+  xp = _xp(a, b)
+  inter = area(
+    xp.concatenate([xp.maximum(a[..., :2], b[..., :2]), xp.minimum(a[..., 2:], b[..., 2:])], -1)
+  )
+  union = area(a) + area(b) - inter
+  hull = area(
+    xp.concatenate([xp.minimum(a[..., :2], b[..., :2]), xp.maximum(a[..., 2:], b[..., 2:])], -1)
+  )
+  safe = lambda d: xp.where(d > 0, d, 1.0)
+  return xp.where(union > 0, inter / safe(union), 0.0) - xp.where(
+    hull > 0, (hull - union) / safe(hull), 0.0
+  )
+
+
 def pairwise_iou(a_Nx4: jax.Array, b_Mx4: jax.Array) -> jax.Array:
   """IoU of every box in `a` [..., N, 4] with every box in `b` [..., M, 4] -> [..., N, M]."""
   n, m = a_Nx4.shape[-2], b_Mx4.shape[-2]

@@ -66,6 +66,7 @@ ADDED_NESTED_FIELDS = {
     "pyramid_features": (128, 128),
     "neck_features": 128,
     "norm": "none",
+    "giou_loss_weight": 0.0,
   },
 }
 
@@ -280,6 +281,11 @@ def _head(c: dict) -> SlotHead | DenseHead:
       f"config.dense.score_threshold={dense_fields['score_threshold']!r} must lie strictly "
       "between 0 and 1"
     )
+  if not dense_fields["giou_loss_weight"] >= 0.0:
+    raise UserError(
+      f"config.dense.giou_loss_weight={dense_fields['giou_loss_weight']!r} must be 0 (off) "
+      "or positive"
+    )
   if not 0.0 < dense_fields["prior"] < 1.0:
     raise UserError(
       f"config.dense.prior={dense_fields['prior']!r} must lie strictly between 0 and 1"
@@ -296,6 +302,7 @@ def _head(c: dict) -> SlotHead | DenseHead:
     score_threshold=dense_fields["score_threshold"],
     heatmap_loss_weight=dense_fields["heatmap_loss_weight"],
     box_loss_weight=dense_fields["box_loss_weight"],
+    giou_loss_weight=dense_fields["giou_loss_weight"],
     prior=dense_fields["prior"],
   )
 

@@ -8,7 +8,8 @@ An object belongs to the cell that holds its box centre. Per cell the model pred
   here; trained against Gaussian bumps (1 at the centre cell, sigma = box side / 6 along
   each axis) with CenterNet's penalty-reduced focal loss;
 - a box [4] = (dx, dy, log w, log h): the centre's offset inside the cell and the box's
-  size, both in cell units (1 = `stride` pixels); trained by L1 at centre cells only.
+  size, both in cell units (1 = `stride` pixels); trained by L1 at centre cells only, and
+  optionally by the generalized IoU of the box it decodes to.
 
 `decode` turns outputs into the top-k detections (boxes in the `jaxloc.boxes` convention);
 `answers` turns detections into the cases' answers with a score threshold.
@@ -98,10 +99,12 @@ def scene_loss(
   num_classes: int,
   heatmap_weight: float,
   box_weight: float,
+  giou_weight: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Focal heatmap loss + L1 box loss at centre cells, each divided by the number of
-  objects in the batch (at least 1: a batch of empty canvases has only the heatmap's
-  negative term, and a box loss of exactly zero)."""
+  """Focal heatmap loss + L1 box loss at centre cells (+ `giou_weight` x (1 - GIoU) of the
+  decoded box at centre cells, when it is not 0), each divided by the number of objects in
+  the batch (at least 1: a batch of empty canvases has only the heatmap's negative term, and
+  box losses of exactly zero)."""
   t = encode_targets(
     scene["box"],
     scene["label"],
@@ -115,7 +118,20 @@ def scene_loss(
   l1 = jnp.sum(jnp.abs(outputs["box"] - t["box"]), axis=-1)
   box = jnp.sum(jnp.where(t["centre"], l1, 0.0)) / n
   loss = heatmap_weight * heat + box_weight * box
-  return loss, {"loss": loss, "heatmap_loss": heat, "box_loss": box}
+  parts = {"heatmap_loss": heat, "box_loss": box}
+  if giou_weight:
+    centre = t["centre"][..., None]
+    pred = _cell_box(jnp.where(centre, outputs["box"], 0.0))  # no exp of other cells' sizes
+    g = boxes.giou(pred, _cell_box(t["box"]))
+    parts["giou_loss"] = jnp.sum(jnp.where(t["centre"], 1.0 - g, 0.0)) / n
+    loss = loss + giou_weight * parts["giou_loss"]
+  return loss, {"loss": loss, **parts}
+
+
+def _cell_box(reg: jax.Array) -> jax.Array:
+  """A regression (dx, dy, log w, log h) as an xyxy box in cell units, relative to its cell."""
+  size = jnp.exp(reg[..., 2:])
+  return jnp.concatenate([reg[..., :2] - size / 2, reg[..., :2] + size / 2], -1)
 
 
 def decode(

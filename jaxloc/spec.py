@@ -120,6 +120,7 @@ class DenseHead:
   score_threshold: float
   heatmap_loss_weight: float
   box_loss_weight: float
+  giou_loss_weight: float  # fixed for a run's members (0: the term is not computed)
   prior: float
   VARIED = {"heatmap_weight": "dense.heatmap_loss_weight", "box_weight": "dense.box_loss_weight"}
 

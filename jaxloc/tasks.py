@@ -164,9 +164,10 @@ def _dense_task(spec: Spec) -> Task:
   num_classes = 10 if spec.scene.classify else 1
   geometry = dict(canvas_size=spec.data.canvas_size, stride=head.stride)
   decode = functools.partial(dense.decode, k=head.top_k, **geometry)
-  loss_fn = _weighted(
-    functools.partial(dense.scene_loss, num_classes=num_classes, **geometry), spec
+  loss = functools.partial(
+    dense.scene_loss, num_classes=num_classes, giou_weight=head.giou_loss_weight, **geometry
   )
+  loss_fn = _weighted(loss, spec)
   answer = functools.partial(answers.dense_answers, decode=decode, threshold=head.score_threshold)
   score_chunk = functools.partial(answers.dense_chunk, answer=answer, loss_fn=loss_fn)
   make_evaluator, write_outputs, plot_predictions = _scene_evaluation(spec, score_chunk)

@@ -19,6 +19,16 @@ def test_iou_hand_computed():
   assert _iou([1, 1, 0, 0], [1, 1, 0, 0]) == 0.0  # inverted (empty) boxes
 
 
+def test_giou_hand_computed():
+  giou = lambda a, b: float(boxes.giou(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
+  assert giou([0, 0, 2, 2], [0, 0, 2, 2]) == pytest.approx(1.0)  # identical
+  assert giou([0, 0, 1, 1], [2, 0, 3, 1]) == pytest.approx(-1 / 3)  # apart: hull 3, union 2
+  assert giou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7 - 2 / 9)  # hull 9, union 7
+  assert giou([0, 0, 4, 4], [1, 1, 3, 3]) == pytest.approx(4 / 16)  # contained: the IoU
+  far = boxes.giou(np.array([0.0, 0, 1, 1]), np.array([99.0, 99, 100, 100]))
+  assert -1.0 < far < -0.99  # numpy in, numpy out
+
+
 def test_iou_elementwise_and_shape_check():
   a = jnp.array([[0, 0, 1, 1], [0, 0, 2, 2]], jnp.float32)
   b = jnp.array([[0, 0, 1, 1], [1, 1, 3, 3]], jnp.float32)

@@ -61,6 +61,7 @@ def test_every_config_file_reads():
     ("multi", {"dense.score_threshold": 0.0}, "score_threshold=0.0 must lie strictly between"),
     ("multi", {"dense.score_threshold": 1.5}, "score_threshold=1.5 must lie strictly between"),
     ("multi", {"dense.prior": 1.0}, "config.dense.prior=1.0 must lie strictly between 0 and 1"),
+    ("multi", {"dense.giou_loss_weight": -1.0}, "giou_loss_weight=-1.0 must be 0 \\(off\\)"),
     ("multi", {"head": "grid"}, "config.head='grid': use one of 'dense', 'slots'"),
     ("multi", {"dense.backbone": "resnet"}, "config.dense.backbone='resnet': use one of"),
     (

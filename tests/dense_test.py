@@ -229,6 +229,31 @@ def test_loss_is_finite_and_box_part_zero_on_empty_canvases(digits):
   assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
 
 
+def test_giou_term_is_zero_at_the_truth_and_its_gradient_finite(digits):
+  """The GIoU term (`giou_weight`) is 0 when the boxes are the targets, positive otherwise,
+  and huge predicted sizes at cells without an object leave the gradient finite."""
+  scene = _scene(digits, batch_size=4)
+  geometry = dict(canvas_size=128, stride=STRIDE, num_classes=10)
+  t = encode_targets(scene["box"], scene["label"], scene["valid"], **geometry)
+  loss = lambda box: dense.scene_loss(
+    {"heatmap": jnp.zeros_like(t["heatmap"]), "box": box},
+    scene,
+    **geometry,
+    heatmap_weight=1.0,
+    box_weight=1.0,
+    giou_weight=2.0,
+  )
+  _, exact = loss(t["box"])
+  assert float(exact["giou_loss"]) == pytest.approx(0.0, abs=1e-5)
+  off = jnp.where(t["centre"][..., None], t["box"] + 0.3, 500.0)  # exp(500) = inf off-centre
+  (value, parts), grad = jax.value_and_grad(loss, has_aux=True)(off)
+  assert float(parts["giou_loss"]) > 0.0
+  assert float(value) == pytest.approx(
+    float(parts["heatmap_loss"] + parts["box_loss"] + 2.0 * parts["giou_loss"]), rel=1e-6
+  )
+  assert np.isfinite(np.asarray(grad)).all()
+
+
 def test_focal_loss_by_hand():
   logits = jnp.array([0.0, 2.0, -1.0]).reshape(1, 1, 3, 1)
   target = jnp.array([1.0, 0.5, 0.0]).reshape(1, 1, 3, 1)

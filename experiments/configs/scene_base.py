@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   dn.score_threshold = 0.15
   dn.heatmap_loss_weight = 1.0  # weight of the focal heatmap loss
   dn.box_loss_weight = 1.0  # weight of the L1 box loss (offset and log size, cell units)
+  dn.giou_loss_weight = 0.0  # weight of 1 - GIoU of the decoded box (0: off)
   dn.prior = 0.01  # initial heatmap probability of every cell (sets the heatmap bias)
   # Datasets on disk (jaxloc.datasets: an MNIST-detection folder or COCO JSON) in place of
   # the synthetic scenes: "" = draw scenes from MNIST (training: fresh every step).
