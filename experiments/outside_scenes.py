@@ -11,7 +11,8 @@ while its square has IoU >= 0.25 with an earlier digit's box; ink added in float
 255 and truncated to uint8; the box the resized digit's columns and rows with ink (xyxy,
 max exclusive). The run's `Predictor` answers; pycocotools scores every detection (COCO's
 AP, AP50, AP75, AP_small, AP_medium; no ink box is larger than 96x96 px) and the kept
-ones give the count accuracy.
+ones give the count accuracy and the class accuracy (each digit's class is that of the kept
+detection of highest IoU with it, none kept: wrong; as the runs' own `class_accuracy`).
 Needs pycocotools (the `dev` extra).
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 from absl import flags
 
 from experiments import cli, coco_eval, generator
-from jaxloc import inference, metrics, mnist
+from jaxloc import boxes, inference, metrics, mnist
 from jaxloc.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir of a scene run with 300x300 canvases.")
@@ -35,12 +36,13 @@ BATCH = 50  # canvases per Predictor call
 
 def score(predictor, images, targets) -> dict:
   """COCO figures by pycocotools over every detection, and the count accuracy."""
-  dets, gts, right = [], [], 0
+  dets, gts, right, right_class = [], [], 0, 0
   for start in range(0, len(images), BATCH):
     out = predictor(images[start : start + BATCH])
     for j in range(len(out["count"])):
       n = start + j
       right += int(out["count"][j]) == len(targets[n])
+      right_class += _right_classes(out["box"][j], out["label"][j], out["keep"][j], targets[n])
       for t in np.nonzero(out["score"][j] > 0)[0]:
         label, score_, box = int(out["label"][j, t]), float(out["score"][j, t]), out["box"][j, t]
         dets.append({"image_id": n, "category_id": label, "score": score_, "box": box})
@@ -50,9 +52,20 @@ def score(predictor, images, targets) -> dict:
   gt, det_json = metrics.coco_json(dets, gts, generator.CANVAS, len(images), range(10))
   figures = coco_eval.stats(gt, det_json)
   figures["count_accuracy"] = right / len(images)
+  figures["class_accuracy"] = right_class / max(len(gts), 1)
   figures["num_scenes"] = len(images)
   figures["num_digits"] = len(gts)
   return figures
+
+
+def _right_classes(box_Tx4, label_T, keep_T, objects) -> int:
+  """How many of a canvas's digits the kept detection of highest IoU names rightly."""
+  if not objects or not keep_T.any():
+    return 0
+  truth = np.array([px for _, *px in objects], np.float32) / generator.CANVAS
+  iou = np.asarray(boxes.pairwise_iou(truth, np.asarray(box_Tx4[keep_T], np.float32)))
+  named = label_T[keep_T][np.argmax(iou, axis=1)]
+  return int(np.sum(named == np.array([label for label, *_ in objects])))
 
 
 def main(argv):

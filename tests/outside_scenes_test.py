@@ -33,6 +33,34 @@ def test_scenes_follow_the_generator(mnist_dir):
     assert not rest.any(), "ink outside every box"
 
 
+def test_score_of_answers_that_are_the_truth_and_of_wrong_classes(mnist_dir):
+  from experiments import outside_scenes
+  from jaxloc import mnist
+
+  digits, labels = mnist.load("test", mnist_dir=mnist_dir)
+  images, targets = generator.make_scenes(np.random.default_rng(2), digits, labels, 6, 1, 5)
+
+  def truth(shift):  # a Predictor answering every scene's digits, classes shifted by `shift`
+    def predict(batch):
+      t = np.zeros((len(batch), 8, 4), np.float32)
+      out = dict(box=t, label=np.zeros((len(batch), 8), int), score=np.zeros((len(batch), 8)))
+      out["keep"], out["count"] = out["score"] > 0, np.zeros(len(batch), int)
+      for j, objects in enumerate(targets[: len(batch)]):
+        for i, (label, *px) in enumerate(objects):
+          out["box"][j, i] = np.array(px) / generator.CANVAS
+          out["label"][j, i], out["score"][j, i] = (label + shift) % 10, 0.9
+        out["keep"][j], out["count"][j] = out["score"][j] > 0, len(objects)
+      return out
+
+    return predict
+
+  right = outside_scenes.score(truth(0), images, targets)
+  assert right["AP50"] == right["class_accuracy"] == right["count_accuracy"] == 1.0
+  wrong = outside_scenes.score(truth(1), images, targets)
+  assert wrong["class_accuracy"] == 0.0 and wrong["count_accuracy"] == 1.0
+  assert wrong["AP50"] == 0.0
+
+
 def test_command_errors_are_one_line_exit_2(tmp_path):
   proc = conftest.run_command("experiments.outside_scenes", f"--workdir={tmp_path}/none")
   assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr[-1000:]
