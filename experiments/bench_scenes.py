@@ -32,6 +32,10 @@ def train_md_fpn_group(steps):
   return bench_seed.train_jaxloc(steps, config=_md_config("fpn", "group"))
 
 
+def train_md_fpn_batch(steps):
+  return bench_seed.train_jaxloc(steps, config=_md_config("fpn", "batch"))
+
+
 def _md_config(backbone, norm):
   """The benchmark layout at the README's CPU budget (batch 16) with one network."""
   from experiments.configs import mnist_detection

@@ -21,10 +21,10 @@ own) on the same MNIST training digits, batch 64, canvas 75:
   train_multi_dense, train_multi_slots
                   training images/s of case 4 (`multi`, 128x128 scenes) with the dense
                   detector and with the slot detector
-  train_md_single, train_md_fpn, train_md_fpn_group
+  train_md_single, train_md_fpn, train_md_fpn_group, train_md_fpn_batch
                   training images/s on the MNIST detection benchmark's layout (300x300,
                   0-19 digits of 15-99 px, batch 16) with the single-scale network, the
-                  feature pyramid, and the pyramid with GroupNorm
+                  feature pyramid, and the pyramid with GroupNorm / BatchNorm
   profile         ms per batch: forward and gradient, jaxloc's conv vs XLA's native conv
   step_profile    ms per step of the seed model in each of XLA's compiled operations (a
                   jax.profiler trace): where the step's time goes on this CPU
@@ -92,6 +92,7 @@ PARTS = (
   "train_md_single",
   "train_md_fpn",
   "train_md_fpn_group",
+  "train_md_fpn_batch",
   "read_dataset",
   "replicas",
   "replicas_multi",
