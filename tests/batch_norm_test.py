@@ -26,9 +26,9 @@ from jaxloc import (
 
 def _config(mnist_dir, **overrides):
   """`multi` with BatchNorm in seconds: 2 epochs of 6 steps, a checkpoint every 2."""
-  config = case_config(mnist_dir, "multi")
+  config = case_config(mnist_dir, "multi")  # multi.py has BatchNorm
   config.update(dict(epochs=2, steps_per_epoch=6, checkpoint_every=2, log_every=2, **overrides))
-  config.dense.norm = "batch"
+  assert config.dense.norm == "batch"
   return config
 
 

@@ -42,14 +42,14 @@ def test_build_gives_a_consistent_task(config, model_type, answer_keys):
   task = tasks.build(configs.read(config))
   assert type(task.model) is model_type
   batch = task.sample_fn(jax.random.key(0), jnp.zeros((), jnp.int32), *random_digits())
-  params = model.init_params(jax.random.key(1), task.model, config.canvas_size)
+  variables = model.init_variables(jax.random.key(1), task.model, config.canvas_size)
 
   @jax.jit
-  def loss_and_answers(params, batch):
-    outputs = task.model.apply({"params": params}, batch["image"])
+  def loss_and_answers(variables, batch):
+    outputs = task.model.apply(variables, batch["image"])
     return task.loss_fn(outputs, batch), task.answer(outputs)
 
-  (loss, parts), answers = loss_and_answers(params, batch)
+  (loss, parts), answers = loss_and_answers(variables, batch)
   assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in parts.values())
   assert answer_keys <= set(answers)
   assert all(a.shape[0] == batch["image"].shape[0] for a in answers.values())

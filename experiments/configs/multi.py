@@ -8,4 +8,7 @@ from experiments.configs import scene_base
 
 
 def get_config():
-  return scene_base.get_config()  # K = 2, counts 0/1/2 equally likely, classes predicted
+  config = scene_base.get_config()  # K = 2, counts 0/1/2 equally likely, classes predicted
+  # BatchNorm after every 3x3 conv: it won on this case at the README's budget (docs/results.md)
+  config.dense.norm = "batch"
+  return config
