@@ -20,7 +20,7 @@ import numpy as np
 from absl import flags
 
 from experiments import cli, coco_eval, generator
-from jaxloc import boxes, inference, metrics, mnist
+from jaxloc import inference, mnist
 from jaxloc.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir of a scene run with 300x300 canvases.")
@@ -30,42 +30,6 @@ _MIN_COUNT = flags.DEFINE_integer("min_count", 0, "Fewest digits per canvas.")
 _MAX_COUNT = flags.DEFINE_integer("max_count", 19, "Most digits per canvas.")
 _OUT = flags.DEFINE_string("out", "", "Also write the figures to this JSON file.")
 flags.mark_flags_as_required(["workdir"])
-
-BATCH = 50  # canvases per Predictor call
-
-
-def score(predictor, images, targets) -> dict:
-  """COCO figures by pycocotools over every detection, and the count accuracy."""
-  dets, gts, right, right_class = [], [], 0, 0
-  for start in range(0, len(images), BATCH):
-    out = predictor(images[start : start + BATCH])
-    for j in range(len(out["count"])):
-      n = start + j
-      right += int(out["count"][j]) == len(targets[n])
-      right_class += _right_classes(out["box"][j], out["label"][j], out["keep"][j], targets[n])
-      for t in np.nonzero(out["score"][j] > 0)[0]:
-        label, score_, box = int(out["label"][j, t]), float(out["score"][j, t]), out["box"][j, t]
-        dets.append({"image_id": n, "category_id": label, "score": score_, "box": box})
-  for n, objects in enumerate(targets):
-    for label, *px in objects:
-      gts.append({"image_id": n, "category_id": label, "box": np.array(px) / generator.CANVAS})
-  gt, det_json = metrics.coco_json(dets, gts, generator.CANVAS, len(images), range(10))
-  figures = coco_eval.stats(gt, det_json)
-  figures["count_accuracy"] = right / len(images)
-  figures["class_accuracy"] = right_class / max(len(gts), 1)
-  figures["num_scenes"] = len(images)
-  figures["num_digits"] = len(gts)
-  return figures
-
-
-def _right_classes(box_Tx4, label_T, keep_T, objects) -> int:
-  """How many of a canvas's digits the kept detection of highest IoU names rightly."""
-  if not objects or not keep_T.any():
-    return 0
-  truth = np.array([px for _, *px in objects], np.float32) / generator.CANVAS
-  iou = np.asarray(boxes.pairwise_iou(truth, np.asarray(box_Tx4[keep_T], np.float32)))
-  named = label_T[keep_T][np.argmax(iou, axis=1)]
-  return int(np.sum(named == np.array([label for label, *_ in objects])))
 
 
 def main(argv):
@@ -87,7 +51,7 @@ def main(argv):
   images, targets = generator.make_scenes(
     rng, digits, labels, _NUM.value, _MIN_COUNT.value, _MAX_COUNT.value
   )
-  figures = score(predictor, images, targets)
+  figures = coco_eval.score_scenes(predictor, images, targets, generator.CANVAS)
   print(
     " | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
   )

@@ -34,7 +34,7 @@ def test_scenes_follow_the_generator(mnist_dir):
 
 
 def test_score_of_answers_that_are_the_truth_and_of_wrong_classes(mnist_dir):
-  from experiments import outside_scenes
+  from experiments import coco_eval
   from jaxloc import mnist
 
   digits, labels = mnist.load("test", mnist_dir=mnist_dir)
@@ -54,9 +54,9 @@ def test_score_of_answers_that_are_the_truth_and_of_wrong_classes(mnist_dir):
 
     return predict
 
-  right = outside_scenes.score(truth(0), images, targets)
+  right = coco_eval.score_scenes(truth(0), images, targets, generator.CANVAS)
   assert right["AP50"] == right["class_accuracy"] == right["count_accuracy"] == 1.0
-  wrong = outside_scenes.score(truth(1), images, targets)
+  wrong = coco_eval.score_scenes(truth(1), images, targets, generator.CANVAS)
   assert wrong["class_accuracy"] == 0.0 and wrong["count_accuracy"] == 1.0
   assert wrong["AP50"] == 0.0
 
