@@ -55,6 +55,13 @@ def iou(a: jax.Array, b: jax.Array) -> jax.Array:
   if a.shape != b.shape:
     raise ValueError(f"iou needs boxes of one shape, got {a.shape} and {b.shape}")
   xp = _xp(a, b)
+  inter, union = _intersection_union(a, b)
+  return xp.where(union > 0, inter / xp.where(union > 0, union, 1.0), 0.0)
+
+
+def _intersection_union(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Elementwise areas of the intersection and of the union of xyxy boxes."""
+  xp = _xp(a, b)
   ix = xp.maximum(
     xp.minimum(a[..., XMAX], b[..., XMAX]) - xp.maximum(a[..., XMIN], b[..., XMIN]), 0.0
   )
@@ -62,18 +69,14 @@ def iou(a: jax.Array, b: jax.Array) -> jax.Array:
     xp.minimum(a[..., YMAX], b[..., YMAX]) - xp.maximum(a[..., YMIN], b[..., YMIN]), 0.0
   )
   inter = ix * iy
-  union = area(a) + area(b) - inter
-  return xp.where(union > 0, inter / xp.where(union > 0, union, 1.0), 0.0)
+  return inter, area(a) + area(b) - inter
 
 
 def giou(a: jax.Array, b: jax.Array) -> jax.Array:
   """Elementwise generalized IoU (Rezatofighi et al. 2019) of xyxy boxes of one shape: IoU
   minus the share of the smallest box enclosing both that neither covers; in [-1, 1]."""
   xp = _xp(a, b)
-  inter = area(
-    xp.concatenate([xp.maximum(a[..., :2], b[..., :2]), xp.minimum(a[..., 2:], b[..., 2:])], -1)
-  )
-  union = area(a) + area(b) - inter
+  inter, union = _intersection_union(a, b)
   hull = area(
     xp.concatenate([xp.minimum(a[..., :2], b[..., :2]), xp.maximum(a[..., 2:], b[..., 2:])], -1)
   )

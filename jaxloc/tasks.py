@@ -107,8 +107,8 @@ def _scene_evaluation(spec: Spec, score_chunk):
     mesh = mesh if chunk % jax.device_count() == 0 else None
     batch = math.gcd(chunk, data.eval_batch_size)  # scenes per model application
     step = evaluation.scene_eval_step(apply_fn, score_chunk, make_chunk, mesh, stacked, batch)
-    return lambda params, val: evaluation.evaluate_scenes(
-      step, params, val, summarize, chunk=chunk, num_val=data.num_val, stacked=stacked
+    return lambda variables, val: evaluation.evaluate_scenes(
+      step, variables, val, summarize, chunk=chunk, num_val=data.num_val, stacked=stacked
     )
 
   write_outputs = functools.partial(

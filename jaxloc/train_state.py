@@ -112,14 +112,14 @@ def train_step(
   """
 
   def objective(params):  # -> (loss, (parts, the updated running statistics or None))
-    image = batch["image"]
+    variables, image = model.variables(params, state.batch_stats), batch["image"]
     if state.batch_stats is None:
-      loss, parts = loss_fn(state.apply_fn({"params": params}, image), batch, hp)
-      return loss, (parts, None)
-    variables = model.variables(params, state.batch_stats)
-    outputs, updated = state.apply_fn(variables, image, train=True, mutable=["batch_stats"])
+      outputs, stats = state.apply_fn(variables, image), None
+    else:
+      outputs, updated = state.apply_fn(variables, image, train=True, mutable=["batch_stats"])
+      stats = updated["batch_stats"]
     loss, parts = loss_fn(outputs, batch, hp)
-    return loss, (parts, updated["batch_stats"])
+    return loss, (parts, stats)
 
   grads, (step_metrics, stats) = jax.grad(objective, has_aux=True)(state.params)
   updates, opt_state = optimizer_fn(hp["learning_rate"]).update(
