@@ -148,8 +148,14 @@ def _train_process(run_dir: str, config: str, cache: str, *extra: str) -> dict:
   return {"process_wall_s": wall, **workdir.read_json(final)}
 
 
+def _cache(run_dir: str) -> str:
+  """The compilation cache of the parts' processes (DIR/runs/xla-cache): empty when one_run
+  starts, so its first run is cold; replicas then reuses what it holds."""
+  return os.path.join(os.path.dirname(run_dir), "xla-cache")
+
+
 def one_run(sizes, run_dir, figures):
-  cache = run_dir + "-xla-cache"  # empty: the cold run fills it
+  cache = _cache(run_dir)
   parts = ("wall_s", "train_s", "compile_s", "eval_s", "save_s", "train_images_per_s")
   out = {}
   for name in ("cold", "warm"):
@@ -162,7 +168,7 @@ def one_run(sizes, run_dir, figures):
 def replicas(sizes, run_dir, figures):
   members = sizes["members"]
   final = _train_process(
-    run_dir, sizes["seed_config"], run_dir + "-xla-cache", f"--config.replicas={members}"
+    run_dir, sizes["seed_config"], _cache(run_dir), f"--config.replicas={members}"
   )
   one = figures.get("one_run", {}).get("warm_wall_s")
   return {

@@ -249,62 +249,59 @@ def _head(c: dict) -> SlotHead | DenseHead:
       count_loss_weight=c["scene"]["count_loss_weight"],
       objectness_loss_weight=c["scene"]["objectness_loss_weight"],
     )
-  dense_fields, k = c["dense"], c["scene"]["max_objects"]
-  if dense_fields["backbone"] not in model.BACKBONES:
-    raise UserError(
-      f"config.dense.backbone={dense_fields['backbone']!r}: use one of {model.BACKBONES}"
-    )
-  if dense_fields["norm"] not in model.NORMS:
-    raise UserError(f"config.dense.norm={dense_fields['norm']!r}: use one of {model.NORMS}")
-  if not isinstance(dense_fields["neck_features"], int) or dense_fields["neck_features"] < 1:
-    raise UserError(
-      f"config.dense.neck_features={dense_fields['neck_features']!r} must be a positive integer"
-    )
-  stages = len(c["conv_features"])
-  if dense_fields["backbone"] == "fpn":
-    stages += len(dense_fields["pyramid_features"])
-  strides = [2**i for i in range(1, stages + 1)]
-  if dense_fields["stride"] not in strides:
-    raise UserError(
-      f"config.dense.stride={dense_fields['stride']!r}: the output stride is 2 ** (pooled "
-      f"conv stages); with {stages} conv stages use one of {strides}"
-    )
-  classes = 10 if c["scene"]["classify"] else 1
-  cells = dense.grid_size(c["canvas_size"], dense_fields["stride"]) ** 2 * classes
-  if not isinstance(dense_fields["top_k"], int) or not k <= dense_fields["top_k"] <= cells:
-    raise UserError(
-      f"config.dense.top_k={dense_fields['top_k']!r} must be an integer from max_objects "
-      f"({k}) to the number of heatmap cells x classes ({cells})"
-    )
-  if not 0.0 < dense_fields["score_threshold"] < 1.0:
-    raise UserError(
-      f"config.dense.score_threshold={dense_fields['score_threshold']!r} must lie strictly "
-      "between 0 and 1"
-    )
-  if not dense_fields["giou_loss_weight"] >= 0.0:
-    raise UserError(
-      f"config.dense.giou_loss_weight={dense_fields['giou_loss_weight']!r} must be 0 (off) "
-      "or positive"
-    )
-  if not 0.0 < dense_fields["prior"] < 1.0:
-    raise UserError(
-      f"config.dense.prior={dense_fields['prior']!r} must lie strictly between 0 and 1"
-    )
+  d = c["dense"]
+  _check_dense(c, d)
   return DenseHead(
     conv_features=tuple(c["conv_features"]),
-    backbone=dense_fields["backbone"],
-    pyramid_features=tuple(dense_fields["pyramid_features"]),
-    neck_features=dense_fields["neck_features"],
-    norm=dense_fields["norm"],
-    stride=dense_fields["stride"],
-    context_features=tuple(dense_fields["context_features"]),
-    top_k=dense_fields["top_k"],
-    score_threshold=dense_fields["score_threshold"],
-    heatmap_loss_weight=dense_fields["heatmap_loss_weight"],
-    box_loss_weight=dense_fields["box_loss_weight"],
-    giou_loss_weight=dense_fields["giou_loss_weight"],
-    prior=dense_fields["prior"],
+    backbone=d["backbone"],
+    pyramid_features=tuple(d["pyramid_features"]),
+    neck_features=d["neck_features"],
+    norm=d["norm"],
+    stride=d["stride"],
+    context_features=tuple(d["context_features"]),
+    top_k=d["top_k"],
+    score_threshold=d["score_threshold"],
+    heatmap_loss_weight=d["heatmap_loss_weight"],
+    box_loss_weight=d["box_loss_weight"],
+    giou_loss_weight=d["giou_loss_weight"],
+    prior=d["prior"],
   )
+
+
+def _check_dense(c: dict, d: dict) -> None:
+  """The rules of `config.dense` (d) on the canvas, conv stages and scene of config c."""
+  if d["backbone"] not in model.BACKBONES:
+    raise UserError(f"config.dense.backbone={d['backbone']!r}: use one of {model.BACKBONES}")
+  if d["norm"] not in model.NORMS:
+    raise UserError(f"config.dense.norm={d['norm']!r}: use one of {model.NORMS}")
+  if not isinstance(d["neck_features"], int) or d["neck_features"] < 1:
+    raise UserError(f"config.dense.neck_features={d['neck_features']!r} must be a positive integer")
+  stages = len(c["conv_features"])
+  if d["backbone"] == "fpn":
+    stages += len(d["pyramid_features"])
+  strides = [2**i for i in range(1, stages + 1)]
+  if d["stride"] not in strides:
+    raise UserError(
+      f"config.dense.stride={d['stride']!r}: the output stride is 2 ** (pooled "
+      f"conv stages); with {stages} conv stages use one of {strides}"
+    )
+  k, classes = c["scene"]["max_objects"], 10 if c["scene"]["classify"] else 1
+  cells = dense.grid_size(c["canvas_size"], d["stride"]) ** 2 * classes
+  if not isinstance(d["top_k"], int) or not k <= d["top_k"] <= cells:
+    raise UserError(
+      f"config.dense.top_k={d['top_k']!r} must be an integer from max_objects "
+      f"({k}) to the number of heatmap cells x classes ({cells})"
+    )
+  if not 0.0 < d["score_threshold"] < 1.0:
+    raise UserError(
+      f"config.dense.score_threshold={d['score_threshold']!r} must lie strictly between 0 and 1"
+    )
+  if not d["giou_loss_weight"] >= 0.0:
+    raise UserError(
+      f"config.dense.giou_loss_weight={d['giou_loss_weight']!r} must be 0 (off) or positive"
+    )
+  if not 0.0 < d["prior"] < 1.0:
+    raise UserError(f"config.dense.prior={d['prior']!r} must lie strictly between 0 and 1")
 
 
 def _vary(c: dict, spec: Spec) -> tuple[tuple[str, tuple[float, ...]], ...]:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import case_config, kill_after_first_checkpoint, strip, train_run
+from conftest import case_config, kill_after_first_checkpoint, shared_run, strip, train_run
 from flax import serialization
 
 from jaxloc import (
@@ -22,6 +22,7 @@ from jaxloc import (
   train_state,
   workdir,
 )
+from jaxloc.errors import UserError
 
 
 def _config(mnist_dir, **overrides):
@@ -44,6 +45,7 @@ def _command(config, run) -> list[str]:
     "canvas_size": config.canvas_size,
     "checkpoint_every": config.checkpoint_every,
     "dense.norm": "batch",
+    "replicas": config.replicas,
   }
   args = [f"--config.{k}={v}" for k, v in flat.items()]
   return [sys.executable, "-m", "experiments.train", "--config=experiments/configs/multi.py"] + [
@@ -57,9 +59,8 @@ def _stats(run):
 
 
 @pytest.fixture(scope="module")
-def reference(mnist_dir, tmp_path_factory):
-  run = tmp_path_factory.mktemp("batch_norm") / "ref"
-  return run, train_run(_config(mnist_dir), run)
+def reference(mnist_dir, shared_dir):
+  return shared_run(shared_dir, "batch-norm", _config(mnist_dir))
 
 
 def test_train_mode_updates_the_statistics_and_eval_mode_reads_them():
@@ -82,30 +83,6 @@ def test_train_mode_updates_the_statistics_and_eval_mode_reads_them():
   assert not np.allclose(net.apply(variables, image)["heatmap"], batch["heatmap"], atol=1e-4)
 
 
-def test_sigkill_then_resume_gives_the_same_parameters_and_statistics(
-  mnist_dir, tmp_path, reference
-):
-  ref, ref_final = reference
-  config = _config(mnist_dir)
-  run = tmp_path / "killed"
-  kill_after_first_checkpoint(_command(config, run), run)
-  resumed = train_run(config, str(run))
-  assert resumed["resumed_from_step"] is not None and resumed["resumed_from_step"] < 12
-  for name in (workdir.PARAMS, workdir.BATCH_STATS):
-    assert (run / name).read_bytes() == (ref / name).read_bytes(), name
-  assert strip(resumed) == strip(ref_final)
-  # the last checkpoint holds the statistics that were exported
-  spec = configs.read(config)
-  like = train_state.create_train_state(jax.random.key(0), spec)
-  state = checkpoint.restore(checkpoint.manager(str(ref), spec.schedule.keep_checkpoints), like, 12)
-  for a, b in zip(
-    jax.tree_util.tree_leaves(state.batch_stats),
-    jax.tree_util.tree_leaves(_stats(ref)),
-    strict=True,
-  ):
-    np.testing.assert_array_equal(a, b)
-
-
 def test_predictor_answers_as_the_run_scored(reference):
   ref, final = reference
   predictor = inference.Predictor.from_workdir(str(ref))
@@ -122,13 +99,40 @@ def test_predictor_answers_as_the_run_scored(reference):
   np.testing.assert_array_equal(out["count"], per["pred_count"])
 
 
-def test_replica_members_keep_their_own_statistics(mnist_dir, tmp_path, reference):
+def test_replica_members_keep_their_own_statistics_and_resume_exactly_after_sigkill(
+  mnist_dir, tmp_path, reference
+):
   ref, _ = reference
-  run = tmp_path / "two"
-  train_run(_config(mnist_dir, replicas=2), run)
+  config = _config(mnist_dir, replicas=2)
+  run, killed = tmp_path / "two", tmp_path / "killed"
+  summary = train_run(config, run)
   mine, other = _stats(run / "member-0"), _stats(run / "member-1")
   for a, b, c in zip(
     *(jax.tree_util.tree_leaves(t) for t in (mine, _stats(ref), other)), strict=True
   ):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)  # member 0 is the seed-0 run
     assert not np.allclose(a, c)
+
+  # SIGKILL after the first checkpoints, then the same config: every member as uninterrupted.
+  kill_after_first_checkpoint(_command(config, killed), killed / "member-1")
+  resumed = train_run(config, str(killed))
+  for i in range(2):
+    a, b = killed / f"member-{i}", run / f"member-{i}"
+    for name in (workdir.PARAMS, workdir.BATCH_STATS):
+      assert (a / name).read_bytes() == (b / name).read_bytes(), (i, name)
+    metrics = lambda d: strip(workdir.read_json(str(d / workdir.METRICS)))
+    assert metrics(a) == metrics(b)
+    resumed_from = workdir.read_json(str(a / workdir.METRICS))["resumed_from_step"]
+    assert resumed_from is not None and resumed_from < 12, resumed_from
+  assert strip(resumed["figures"]) == strip(summary["figures"])
+  with pytest.raises(UserError, match="finished run"):
+    train_run(config, str(killed))
+  # each member's last checkpoint holds the statistics it exported
+  spec = configs.read(_config(mnist_dir))
+  like = train_state.create_train_state(jax.random.key(0), spec)
+  manager = checkpoint.manager(str(run / "member-0"), spec.schedule.keep_checkpoints)
+  state = checkpoint.restore(manager, like, 12)
+  for a, b in zip(
+    jax.tree_util.tree_leaves(state.batch_stats), jax.tree_util.tree_leaves(mine), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)

@@ -2,8 +2,10 @@
 small config, random digits, and running the experiment commands."""
 
 import atexit
+import fcntl
 import gzip
 import importlib
+import json
 import os
 import re
 import shutil
@@ -199,15 +201,35 @@ def case_config(mnist_dir, name, **scene):
 
 
 @pytest.fixture(scope="session")
-def smoke_run(mnist_dir, tmp_path_factory):
-  """(workdir, final figures) of the smoke config, trained once for every test that only
-  reads a finished run."""
-  path = tmp_path_factory.mktemp("smoke") / "run"
-  return path, train_run(small_config(mnist_dir), path)
+def shared_dir(tmp_path_factory):
+  """A folder that every pytest-xdist worker of this session sees (the workers' common
+  parent folder; the session's own folder without xdist)."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared_run(shared_dir, name: str, config) -> tuple:
+  """(workdir, final figures) of `config` trained once per session into shared_dir/name,
+  by whichever worker asks first; the others wait for it, then read its figures. For runs
+  that tests only read (a test that changes a run copies it first)."""
+  folder = shared_dir / name
+  folder.mkdir(exist_ok=True)
+  figures = folder / "figures.json"
+  with open(folder / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not figures.exists():
+      figures.write_text(json.dumps(train_run(config, folder / "run")))
+  return folder / "run", json.loads(figures.read_text())
 
 
 @pytest.fixture(scope="session")
-def dense_run(mnist_dir, tmp_path_factory):
+def smoke_run(mnist_dir, shared_dir):
+  """(workdir, final figures) of the smoke config, trained once for every test that only
+  reads a finished run."""
+  return shared_run(shared_dir, "smoke", small_config(mnist_dir))
+
+
+@pytest.fixture(scope="session")
+def dense_run(mnist_dir, shared_dir):
   """(workdir, final figures) of case 4 (`multi`) with the dense detector (`case_config`)."""
-  path = tmp_path_factory.mktemp("dense") / "run"
-  return path, train_run(case_config(mnist_dir, "multi"), path)
+  return shared_run(shared_dir, "dense", case_config(mnist_dir, "multi"))

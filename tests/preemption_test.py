@@ -15,6 +15,7 @@ from conftest import (
   ROOT,
   newest_checkpoint,
   resume_config,
+  shared_run,
   small_config,
   stopped_step,
   strip,
@@ -28,17 +29,16 @@ from jaxloc.errors import Stopped, UserError
 
 
 def _long_config(mnist_dir):
-  """Long enough (2 x 100 steps, one per call) that a signal soon after the first record
+  """Long enough (2 x 50 steps, one per call) that a signal soon after the first record
   lands in it."""
   return small_config(
-    mnist_dir, steps_per_epoch=100, log_every=5, checkpoint_every=40, num_val=32, steps_per_call=1
+    mnist_dir, steps_per_epoch=50, log_every=5, checkpoint_every=40, num_val=32, steps_per_call=1
   )
 
 
 @pytest.fixture(scope="module")
-def long_reference(mnist_dir, tmp_path_factory):
-  run = tmp_path_factory.mktemp("reference") / "run"
-  return run, train_run(_long_config(mnist_dir), str(run))
+def long_reference(mnist_dir, shared_dir):
+  return shared_run(shared_dir, "preemption-long", _long_config(mnist_dir))
 
 
 def train_steps_logged(run_dir) -> list[tuple[int, int]]:
@@ -63,7 +63,7 @@ def test_signal_at_a_random_moment_then_same_command(mnist_dir, tmp_path, long_r
     proc.send_signal(sig)  # a second signal, e.g. during the save, is ignored
   _, err = proc.communicate(timeout=240)
   assert proc.returncode == 128 + sig, err[-2000:]
-  step = stopped_step(err, sig.name, 200)
+  step = stopped_step(err, sig.name, 100)
   assert "Traceback" not in err
   assert newest_checkpoint(run) == step, f"signal {delay:.3f} s after the first log"
   logged = train_steps_logged(run)
@@ -75,7 +75,7 @@ def test_signal_at_a_random_moment_then_same_command(mnist_dir, tmp_path, long_r
   assert (run / workdir.PARAMS).read_bytes() == (ref_dir / workdir.PARAMS).read_bytes()
   assert strip(workdir.read_json(str(run / workdir.METRICS))) == strip(reference)
   logged = train_steps_logged(run)
-  assert sum(n for _, n in logged) == 200 and len({s for s, _ in logged}) == len(logged)
+  assert sum(n for _, n in logged) == 100 and len({s for s, _ in logged}) == len(logged)
 
 
 def test_signal_before_any_step_saves_nothing(mnist_dir, tmp_path, monkeypatch):
@@ -114,9 +114,8 @@ def _short_config(mnist_dir, epochs):
 
 
 @pytest.fixture(scope="module")
-def short_reference(mnist_dir, tmp_path_factory):
-  run = tmp_path_factory.mktemp("reference") / "run"
-  return run, train_run(_short_config(mnist_dir, 2), str(run))
+def short_reference(mnist_dir, shared_dir):
+  return shared_run(shared_dir, "preemption-short", _short_config(mnist_dir, 2))
 
 
 @pytest.mark.parametrize("how", ["truncated", "overwritten", "deleted"])

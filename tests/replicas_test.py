@@ -1,6 +1,7 @@
 """Replicas (`config.replicas` = N): N members in one compiled program, each equal to a run
 of its own with seed `seed + i` (and its values of `config.vary`), each a normal workdir; a
-summary over them; exact resume."""
+summary over them. Their exact resume after SIGKILL is batch_norm_test's (members with
+BatchNorm statistics)."""
 
 import json
 
@@ -8,19 +9,14 @@ import jax
 import numpy as np
 import pytest
 from conftest import (
-  TIMING,
   case_config,
-  kill_after_first_checkpoint,
-  resume_config,
+  shared_run,
   small_config,
-  strip,
-  train_cli,
   train_run,
 )
 from flax import serialization
 
 from jaxloc import configs, inference, spec, train, workdir
-from jaxloc.errors import UserError
 
 
 def _params(run_dir):
@@ -34,26 +30,19 @@ def _assert_close(a, b):
 
 
 @pytest.fixture(scope="module")
-def own_runs(mnist_dir, tmp_path_factory):
+def own_runs(mnist_dir, shared_dir):
   """Single runs of seeds 3 and 4: what replica members 0 and 1 of seed 3 must equal."""
-  root = tmp_path_factory.mktemp("own")
-  return {
-    seed: (
-      root / f"seed{seed}",
-      train_run(small_config(mnist_dir, seed=seed, num_val=32), root / f"seed{seed}"),
-    )
-    for seed in (3, 4)
-  }
+  config = lambda seed: small_config(mnist_dir, seed=seed, num_val=32)
+  return {seed: shared_run(shared_dir, f"own-seed{seed}", config(seed)) for seed in (3, 4)}
 
 
 LISTED = dict(learning_rate=3e-3, ema_decay=0.9, box_loss_weight=5.0)  # member 1 of the sweep
 
 
 @pytest.fixture(scope="module")
-def listed_own(mnist_dir, tmp_path_factory):
+def listed_own(mnist_dir, shared_dir):
   """The single run that member 1 of the listed-values sweep must equal."""
-  run = tmp_path_factory.mktemp("listed") / "own"
-  return run, train_run(small_config(mnist_dir, seed=1, num_val=32, **LISTED), run)
+  return shared_run(shared_dir, "listed-own", small_config(mnist_dir, seed=1, num_val=32, **LISTED))
 
 
 @pytest.mark.parametrize("mode", ["vmap", "map"])
@@ -80,24 +69,6 @@ def test_each_member_equals_its_own_run(mnist_dir, tmp_path, mode, own_runs):
     dict(mean=np.mean(iou), std=np.std(iou), min=min(iou), max=max(iou))
   )
   assert on_disk == json.loads(json.dumps(summary))
-
-
-def test_replicas_resume_exactly_after_sigkill(mnist_dir, tmp_path):
-  config = resume_config(mnist_dir, replicas=2)
-  reference = train_run(config, str(tmp_path / "ref"))
-  run = tmp_path / "killed"
-  kill_after_first_checkpoint(train_cli(config, run), run / "member-1")
-  resumed = train_run(config, str(run))
-  for i in range(2):
-    a, b = run / f"member-{i}", tmp_path / "ref" / f"member-{i}"
-    assert (a / workdir.PARAMS).read_bytes() == (b / workdir.PARAMS).read_bytes()
-    assert strip(workdir.read_json(str(a / workdir.METRICS))) == strip(
-      workdir.read_json(str(b / workdir.METRICS))
-    )
-  figures = {k: v for k, v in resumed["figures"].items() if k not in TIMING}
-  assert figures == {k: v for k, v in reference["figures"].items() if k not in TIMING}
-  with pytest.raises(UserError, match="finished run"):
-    train_run(config, str(run))
 
 
 @pytest.mark.parametrize("mode", ["vmap", "map"])
