@@ -37,6 +37,26 @@ from experiments.configs import smoke  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+# Modules with the longest tests (several processes, several runs), collected first: the
+# pytest-xdist workers then share out the short tests at the end, instead of one worker
+# finishing a long test alone.
+LONGEST_FIRST = (
+  "gpu_figures_test",
+  "multiprocess_test",
+  "batch_norm_test",
+  "datasets_test",
+  "parallel_test",
+  "scene_test",
+  "preemption_test",
+  "console_test",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable
+
+
 def write_idx(path: str, array: np.ndarray, *, magic: int | None = None, gz: bool = True) -> None:
   """Writes a uint8 IDX file (gzip when `gz`), as the MNIST distribution does."""
   if magic is None:

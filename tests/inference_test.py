@@ -136,13 +136,8 @@ def test_predict_writes_an_image(trained, mnist_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "mine.png: digit" in proc.stdout
   assert Image.open(out).size[0] > 100
-  missing = subprocess.run(
-    [sys.executable, "-m", "experiments.predict", f"--workdir={trained[0]}", "nope.png"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-  )
-  assert missing.returncode == 2 and "image 'nope.png' not found" in missing.stderr
+  with pytest.raises(UserError, match="image 'nope.png' not found"):  # what predict reads with
+    images.canvas_from_file("nope.png", 75)
 
 
 def test_image_files_become_canvases(tmp_path):

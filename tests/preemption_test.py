@@ -5,6 +5,7 @@ import errno
 import glob
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,11 +119,19 @@ def short_reference(mnist_dir, shared_dir):
   return shared_run(shared_dir, "preemption-short", _short_config(mnist_dir, 2))
 
 
+@pytest.fixture
+def one_epoch(mnist_dir, shared_dir, tmp_path):
+  """(workdir, figures): a copy of the session's finished 1-epoch run (checkpoints at steps
+  2, 4 and 6), the copy this test's to change."""
+  run, figures = shared_run(shared_dir, "preemption-one-epoch", _short_config(mnist_dir, 1))
+  shutil.copytree(run, tmp_path / "run")
+  return tmp_path / "run", figures
+
+
 @pytest.mark.parametrize("how", ["truncated", "overwritten", "deleted"])
-def test_damaged_newest_checkpoint_falls_back(mnist_dir, tmp_path, short_reference, how):
+def test_damaged_newest_checkpoint_falls_back(mnist_dir, one_epoch, short_reference, how):
   ref_dir, reference = short_reference
-  run = tmp_path / "run"
-  train_run(_short_config(mnist_dir, 1), str(run))
+  run = one_epoch[0]
   _damage(run / "checkpoints" / "6", how)
 
   lines = []
@@ -139,9 +148,8 @@ def test_damaged_newest_checkpoint_falls_back(mnist_dir, tmp_path, short_referen
   assert [r["epoch"] for r in records if "val/num_val" in r] == [1, 2]
 
 
-def test_no_readable_checkpoint_is_one_error_and_fresh_starts_over(mnist_dir, tmp_path):
-  run = tmp_path / "run"
-  train_run(_short_config(mnist_dir, 1), str(run))
+def test_no_readable_checkpoint_is_one_error_and_fresh_starts_over(mnist_dir, tmp_path, one_epoch):
+  run = one_epoch[0]
   for step in (2, 4, 6):
     _damage(run / "checkpoints" / str(step), "deleted")
   before = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -157,9 +165,8 @@ def test_no_readable_checkpoint_is_one_error_and_fresh_starts_over(mnist_dir, tm
   assert len(backups) == 1 and sorted(os.listdir(backups[0] / "checkpoints")) == before
 
 
-def test_killed_after_the_last_checkpoint_finishes_on_resume(mnist_dir, tmp_path):
-  run = tmp_path / "run"
-  first = train_run(_short_config(mnist_dir, 1), str(run))
+def test_killed_after_the_last_checkpoint_finishes_on_resume(mnist_dir, one_epoch):
+  run, first = one_epoch
   os.remove(run / workdir.METRICS)  # as if killed while exporting
   again = train_run(_short_config(mnist_dir, 1), str(run))
   assert again["resumed_from_step"] == 6 and strip(again) == strip(first)
@@ -177,12 +184,11 @@ def _with_file_size_limit(cmd: list[str], limit: int) -> list[str]:
   return [sys.executable, "-c", code, *cmd]
 
 
-def test_failing_checkpoint_write_keeps_the_previous_one(mnist_dir, tmp_path, short_reference):
+def test_failing_checkpoint_write_keeps_the_previous_one(mnist_dir, one_epoch, short_reference):
   """A write that fails (here: files may not grow past 64 KiB, as on a full disk) ends in
   one error line; the previous checkpoint is intact and the same command resumes."""
   ref_dir, reference = short_reference
-  run = tmp_path / "run"
-  train_run(_short_config(mnist_dir, 1), str(run))
+  run = one_epoch[0]
   config = _short_config(mnist_dir, 2)
   env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
   cmd = _with_file_size_limit(train_cli(config, run), 64 * 1024)
