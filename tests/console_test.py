@@ -70,6 +70,8 @@ def test_tensorboard_events_hold_the_logged_figures(run):
     read = sorted((e.step, e.value) for e in events.Scalars(tag))
     assert [s for s, _ in read] == [s for s, _ in logged], tag
     assert [v for _, v in read] == pytest.approx([v for _, v in logged], rel=1e-6), tag
+  # a record every 2nd step (smoke.py's log_every) and at each epoch's end, resumed too
+  assert [r["step"] for r in records if "steps_averaged" in r] == [2, 3, 4, 6, 8, 9]
   images = events.Images("predictions")
   assert [e.step for e in images] == [3, 6, 9]  # after every evaluation, the resumed one too
   assert images[-1].width > 100 and images[-1].encoded_image_string.startswith(b"\x89PNG")
