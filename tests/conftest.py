@@ -1,5 +1,6 @@
 """Shared test set-up: loud rank promotion, a small MNIST directory for every test, the
-small config, random digits, and running the experiment commands."""
+small config, random digits, running the experiment commands, the runs that every
+pytest-xdist worker reads (trained once a session), and the longest modules first."""
 
 import atexit
 import fcntl
