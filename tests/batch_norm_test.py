@@ -120,10 +120,9 @@ def test_replica_members_keep_their_own_statistics_and_resume_exactly_after_sigk
     a, b = killed / f"member-{i}", run / f"member-{i}"
     for name in (workdir.PARAMS, workdir.BATCH_STATS):
       assert (a / name).read_bytes() == (b / name).read_bytes(), (i, name)
-    metrics = lambda d: strip(workdir.read_json(str(d / workdir.METRICS)))
-    assert metrics(a) == metrics(b)
-    resumed_from = workdir.read_json(str(a / workdir.METRICS))["resumed_from_step"]
-    assert resumed_from is not None and resumed_from < 12, resumed_from
+    got, want = (workdir.read_json(str(d / workdir.METRICS)) for d in (a, b))
+    assert strip(got) == strip(want)
+    assert got["resumed_from_step"] is not None and got["resumed_from_step"] < 12, got
   assert strip(resumed["figures"]) == strip(summary["figures"])
   with pytest.raises(UserError, match="finished run"):
     train_run(config, str(killed))

@@ -12,7 +12,8 @@ from conftest import ROOT, run_train_command
 
 from jaxloc import workdir
 
-SMOKE = "--config=experiments/configs/smoke.py"
+# smoke.py with a record every 2 of an epoch's 3 steps: records at log_every and at epoch ends
+SMOKE = ("--config=experiments/configs/smoke.py", "--config.log_every=2")
 LIBRARY_LOG = re.compile(r"^[IWE]\d{4} ", re.M)  # absl's format: I1123 04:10:37.07 ...
 
 
@@ -20,9 +21,9 @@ LIBRARY_LOG = re.compile(r"^[IWE]\d{4} ", re.M)  # absl's format: I1123 04:10:37
 def run(tmp_path_factory, mnist_dir):
   """A 2-epoch smoke run through the command line, then one more epoch with --verbose."""
   path = tmp_path_factory.mktemp("console") / "run"
-  first = run_train_command(SMOKE, f"--config.mnist_dir={mnist_dir}", f"--workdir={path}")
+  first = run_train_command(*SMOKE, f"--config.mnist_dir={mnist_dir}", f"--workdir={path}")
   more = run_train_command(
-    SMOKE, f"--config.mnist_dir={mnist_dir}", f"--workdir={path}", "--config.epochs=3", "--verbose"
+    *SMOKE, f"--config.mnist_dir={mnist_dir}", f"--workdir={path}", "--config.epochs=3", "--verbose"
   )
   return path, first, more
 
@@ -70,7 +71,7 @@ def test_tensorboard_events_hold_the_logged_figures(run):
     read = sorted((e.step, e.value) for e in events.Scalars(tag))
     assert [s for s, _ in read] == [s for s, _ in logged], tag
     assert [v for _, v in read] == pytest.approx([v for _, v in logged], rel=1e-6), tag
-  # a record every 2nd step (smoke.py's log_every) and at each epoch's end, resumed too
+  # a record every 2nd step (SMOKE's log_every) and at each epoch's end, resumed too
   assert [r["step"] for r in records if "steps_averaged" in r] == [2, 3, 4, 6, 8, 9]
   images = events.Images("predictions")
   assert [e.step for e in images] == [3, 6, 9]  # after every evaluation, the resumed one too

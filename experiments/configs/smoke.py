@@ -2,8 +2,9 @@
 
   python -m experiments.train --config=experiments/configs/smoke.py --workdir=runs/smoke
 
-2 epochs of 3 steps of batch 8, 40 validation canvases: it checks that everything
-runs and writes its outputs, not that the model learns.
+2 epochs of 3 steps of batch 8, 40 validation canvases, a record at each epoch's end (one
+compiled step program; a record every 2 of the 3 steps would need programs of 1 and 2
+steps): it checks that everything runs and writes its outputs, not that the model learns.
 """
 
 from experiments.configs import digit
@@ -16,6 +17,6 @@ def get_config():
   config.batch_size = 8
   config.num_val = 40
   config.eval_batch_size = 16
-  config.log_every = 2
+  config.log_every = 3
   config.num_plot = 4
   return config
