@@ -76,7 +76,8 @@ except Exception as e:
 def test_eight_devices_match_one_device():
   """The seed's task and the dense detector (`multi`, with BatchNorm), in one process of 8
   CPU devices."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+  env = dict(os.environ, XLA_FLAGS=flags)
   proc = subprocess.run(
     [sys.executable, "-c", _EIGHT_DEVICES, "digit", "multi"],
     cwd=ROOT,
