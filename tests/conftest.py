@@ -18,10 +18,10 @@ import tempfile
 import time
 
 # Tests check behaviour, not speed: XLA's quickest compilation (the suite spends most of
-# its time compiling; XLA:CPU's older loop emitters compile a dense run's programs in about
-# two thirds of the time of its fusion emitters), and one compilation cache shared by the
-# session's processes (the command-line tests compile what the in-process tests compiled).
-# Set before jax is imported so that the commands the tests start inherit them.
+# its time compiling; XLA:CPU's loop emitters compile faster than its fusion emitters), and
+# one compilation cache shared by the session's processes (the command-line tests compile
+# what the in-process tests compiled). Set before jax is imported so that the commands the
+# tests start inherit them.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 QUICK_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
