@@ -67,9 +67,6 @@ def mnist_like(grey_HxW: np.ndarray) -> np.ndarray:
 
 def font_digits(fonts=("DejaVu Sans", "DejaVu Serif", "DejaVu Sans Mono")) -> tuple:
   """Digits 0-9 rendered from fonts that ship with matplotlib: uint8 [N,28,28], int32 [N]."""
-  import matplotlib
-
-  matplotlib.use("Agg")
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 

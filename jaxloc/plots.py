@@ -1,24 +1,29 @@
 """Figures of a run: loss curves (as in the seed's figure) and boxes on validation canvases.
 
-Matplotlib is used with the Agg backend; figures are written atomically.
+Figures are matplotlib `Figure` objects rendered to PNG by Agg, without pyplot: importing
+jaxloc leaves the user's matplotlib backend (a notebook's, say) and pyplot's figures alone.
+Files are written atomically.
 """
 
 import io
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from jaxloc import workdir
+from jaxloc.metrics import IOU_THRESHOLD
 
-from jaxloc import workdir  # noqa: E402
-from jaxloc.metrics import IOU_THRESHOLD  # noqa: E402
+
+def _subplots(rows: int, cols: int, figsize: tuple[float, float]):
+  """(figure, axes [rows, cols]) of a new figure."""
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def _save(fig, path: str) -> None:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-  plt.close(fig)
   workdir.write_bytes_atomic(path, buf.getvalue())
 
 
@@ -30,7 +35,7 @@ def plot_curves(history: list[dict], path: str) -> None:
   moving average, validation of both the averaged and the raw weights."""
   epochs = [r["epoch"] for r in history]
   parts = [p for p in PLOTTED_LOSSES if f"val/{p}" in history[-1]]
-  fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 3.8), squeeze=False)
+  fig, axes = _subplots(1, len(parts), (5 * len(parts), 3.8))
   for ax, part in zip(axes[0], parts, strict=True):
     ax.plot(epochs, [r.get(f"train/{part}") for r in history], "o-", label="train")
     raw = f"val_raw/{part}" in history[-1]  # a run with a moving average: val/ is the average
@@ -47,7 +52,8 @@ def plot_curves(history: list[dict], path: str) -> None:
 
 def plot_pr(recall: np.ndarray, precision: np.ndarray, ap50: float, path: str) -> None:
   """Interpolated precision-recall curve at IoU 0.5 (mean over classes)."""
-  fig, ax = plt.subplots(figsize=(4.5, 4))
+  fig, axes = _subplots(1, 1, (4.5, 4))
+  ax = axes[0, 0]
   ax.plot(recall, precision)
   ax.set(
     xlabel="recall",
@@ -81,7 +87,7 @@ def plot_heatmaps(image_NxHxW: np.ndarray, per: dict, path: str, cols: int = 4):
   cell), true boxes green on both: where it sees digit centres."""
   n, size = image_NxHxW.shape[0], image_NxHxW.shape[1]
   rows = -(-n // cols)
-  fig, axes = plt.subplots(rows, 2 * cols, figsize=(3.6 * cols, 1.9 * rows), squeeze=False)
+  fig, axes = _subplots(rows, 2 * cols, (3.6 * cols, 1.9 * rows))
   for ax in axes.flat:
     ax.axis("off")
   for i in range(n):
@@ -103,7 +109,7 @@ def _grid(image_NxHxW: np.ndarray, cols: int, cell_inches: tuple[float, float]):
   n = image_NxHxW.shape[0]
   rows = -(-n // cols)
   w, h = cell_inches
-  fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+  fig, axes = _subplots(rows, cols, (w * cols, h * rows))
   for ax in axes.flat:
     ax.axis("off")
   for ax, image in zip(axes.flat, image_NxHxW, strict=False):
@@ -113,7 +119,7 @@ def _grid(image_NxHxW: np.ndarray, cols: int, cell_inches: tuple[float, float]):
 
 def _rect(ax, box_px, color):
   x0, y0, x1, y1 = box_px
-  ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec=color, lw=1.5))
+  ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec=color, lw=1.5))
 
 
 def plot_predictions(

@@ -53,7 +53,7 @@ class Log:
       self.events.close()
 
 
-_DRAWING = []  # the process's one drawing thread (pyplot is not thread-safe), once started
+_DRAWING = []  # the process's one drawing thread (matplotlib is not thread-safe), once started
 
 
 def _drawing_thread() -> concurrent.futures.ThreadPoolExecutor:

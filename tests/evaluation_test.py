@@ -91,3 +91,22 @@ def test_plot_predictions_draws_the_first_validation_canvases(mnist_dir, tmp_pat
   task.plot_predictions(str(tmp_path), val, per)
   assert (tmp_path / "predictions.png").read_bytes().startswith(b"\x89PNG")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.png"]
+
+
+def test_drawing_leaves_the_users_matplotlib_backend_alone():
+  """The figures are drawn without pyplot: importing jaxloc's plots and rendering font digits
+  keep whatever backend the user chose (a notebook's, say)."""
+  import importlib
+
+  import matplotlib
+
+  from jaxloc import images, plots
+
+  before = matplotlib.get_backend()
+  matplotlib.use("svg")
+  try:
+    importlib.reload(plots)  # the module's import-time code, run again
+    images.font_digits(fonts=("DejaVu Sans",))
+    assert matplotlib.get_backend() == "svg"
+  finally:
+    matplotlib.use(before)
