@@ -16,11 +16,11 @@ import os
 CPU_FLAGS = ("--xla_cpu_prefer_vector_width=512",)
 
 
-def with_cpu_flags(xla_flags: str) -> str:
-  """`xla_flags` (the value of XLA_FLAGS) with each of CPU_FLAGS it does not set."""
+def with_cpu_flags(xla_flags: str, flags: tuple[str, ...] = CPU_FLAGS) -> str:
+  """`xla_flags` (the value of XLA_FLAGS) with each of `flags` it does not set."""
   name = lambda flag: flag.split("=", 1)[0]
   given = {name(flag) for flag in xla_flags.split()}
-  added = [flag for flag in CPU_FLAGS if name(flag) not in given]
+  added = [flag for flag in flags if name(flag) not in given]
   return " ".join([xla_flags.strip(), *added]).strip()
 
 

@@ -22,10 +22,12 @@ import time
 # one compilation cache shared by the session's processes (the command-line tests compile
 # what the in-process tests compiled). Set before jax is imported so that the commands the
 # tests start inherit them.
+from jaxloc import xla_flags  # imports no jax
+
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-QUICK_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
-if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {QUICK_XLA_FLAGS}".strip()
+os.environ["XLA_FLAGS"] = xla_flags.with_cpu_flags(
+  os.environ.get("XLA_FLAGS", ""), ("--xla_cpu_use_fusion_emitters=false",)
+)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE = tempfile.mkdtemp(prefix="jaxloc-test-xla-cache-")
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
