@@ -22,18 +22,33 @@ from jaxloc import canvas, metrics, parallel, plots, scenes, workdir
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "canvas_size", "mesh", "stacked"))
-def eval_step(
-  apply_fn, variables, digits, labels, xy, mask, *, canvas_size: int, mesh=None, stacked=False
-):
-  """Renders one validation batch and returns (sums, per-canvas results); with `stacked`,
-  `variables` are several models' (leading axis M) scored on the same batch, results [M, ...]."""
-  batch = parallel.shard_batch(canvas.render(digits, labels, xy, canvas_size=canvas_size), mesh)
+def eval_step(apply_fn, variables, val, idx, mask, *, canvas_size: int, mesh=None, stacked=False):
+  """Renders the validation canvases `idx` and returns (sums, per-canvas results); with
+  `stacked`, `variables` are several models' (leading axis M) scored on the same batch,
+  results [M, ...]."""
+  batch = _canvases(val, idx, canvas_size=canvas_size)
+  batch = parallel.shard_batch(batch, mesh)
 
   def score(p):
     outputs = apply_fn(p, batch["image"])
     return metrics.batch_sums(outputs, batch, mask), metrics.per_example(outputs, batch)
 
   return jax.vmap(score)(variables) if stacked else score(variables)
+
+
+@functools.partial(jax.jit, static_argnames="canvas_size")
+def _canvases(val: dict, idx, *, canvas_size: int):
+  """The seed task's validation canvases `idx` (one program, not an eager op per array)."""
+  digits, labels, xy = (val[k][idx] for k in ("digits", "labels", "xy"))
+  return canvas.render(digits, labels, xy, canvas_size=canvas_size)
+
+
+@functools.partial(jax.jit, static_argnames="members")
+def _join(exported, raw, *, members: bool):
+  """The exported weights, then the raw ones, as one stack: [2, ...], or for stacked
+  replica members [2N, ...]."""
+  join = jnp.concatenate if members else jnp.stack
+  return jax.tree_util.tree_map(lambda *a: join(a), exported, raw)
 
 
 def evaluate(
@@ -45,6 +60,7 @@ def evaluate(
   `variables` of M models, scored in one compiled call per batch), a list of M of them.
   """
   n = val["labels"].shape[0]
+  val = jax.tree_util.tree_map(jnp.asarray, val)  # numpy copied once, not once per batch
   totals, per = None, []
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size)
@@ -53,9 +69,8 @@ def evaluate(
     sums, ex = eval_step(
       apply_fn,
       variables,
-      val["digits"][idx],
-      val["labels"][idx],
-      val["xy"][idx],
+      val,
+      jnp.asarray(idx),
       jnp.asarray(mask),
       canvas_size=canvas_size,
       mesh=mesh,
@@ -92,10 +107,7 @@ class RunEvaluation:
 
   def __call__(self, exported, raw=None) -> list[tuple]:
     t = time.perf_counter()
-    variables = exported
-    if raw is not None:  # the exported weights, then the raw ones
-      join = jnp.concatenate if self.count > 1 else jnp.stack  # members: [2N, ...]
-      variables = jax.tree_util.tree_map(lambda *a: join(a), exported, raw)
+    variables = exported if raw is None else _join(exported, raw, members=self.count > 1)
     scored = self.evaluator(variables, self.val)
     scored = scored if self.stacked else [scored]
     exported_scores, raw_scores = scored[: self.count], scored[self.count :]
@@ -193,9 +205,7 @@ def plot_digit_predictions(
   The device work happens here; `draw(fn)` runs the drawing `fn()`: now by default, or later
   on another thread (`records.Log`)."""
   k = min(num_plot, len(per["iou"]))
-  images = parallel.to_host(
-    canvas.render(val["digits"][:k], val["labels"][:k], val["xy"][:k], canvas_size=canvas_size)
-  )
+  images = parallel.to_host(_canvases(val, np.arange(k), canvas_size=canvas_size))
   draw(
     functools.partial(
       plots.plot_predictions,
@@ -205,7 +215,7 @@ def plot_digit_predictions(
       per["pred_label"][:k],
       per["iou"][:k],
       os.path.join(out_dir, "predictions.png"),
-      true_label_N=parallel.to_host(val["labels"][:k]),
+      true_label_N=images["label"],
     )
   )
 

@@ -84,12 +84,18 @@ def optimizer(opt: Optimizer, peak=None) -> optax.GradientTransformation:
 def create_train_state(key: jax.Array, spec: Spec, net: nn.Module | None = None) -> TrainState:
   """The state before step 1: `net` (default: the spec's model) initialised from `key`."""
   net = tasks.build(spec).model if net is None else net
-  variables = model.init_variables(key, net, spec.data.canvas_size)
+  return _initial_state(key, net=net, canvas_size=spec.data.canvas_size, opt=spec.opt)
+
+
+@functools.partial(jax.jit, static_argnames=("net", "canvas_size", "opt"))
+def _initial_state(key: jax.Array, *, net: nn.Module, canvas_size: int, opt: Optimizer):
+  """`create_train_state` as one program, traced once per model and optimizer: run eagerly,
+  each optimizer zero and parameter copy would be compiled on its own."""
+  variables = model.init_variables(key, net, canvas_size)
   params, stats = variables["params"], variables.get("batch_stats")
-  ema = jax.tree_util.tree_map(jnp.copy, params) if spec.opt.ema_decay > 0 else None
-  tx = optimizer(spec.opt)
+  ema = jax.tree_util.tree_map(jnp.copy, params) if opt.ema_decay > 0 else None
   state = TrainState.create(
-    apply_fn=net.apply, params=params, tx=tx, ema_params=ema, batch_stats=stats
+    apply_fn=net.apply, params=params, tx=optimizer(opt), ema_params=ema, batch_stats=stats
   )
   return state.replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints restore it
 
