@@ -256,6 +256,21 @@ def smoke_run(mnist_dir, shared_dir):
   return shared_run(shared_dir, "smoke", small_config(mnist_dir))
 
 
+def long_config(mnist_dir: str):
+  """The smoke config at 60 steps, one per call, a record every 5 and a checkpoint at 50:
+  long enough that a signal soon after the first record lands in it."""
+  return small_config(
+    mnist_dir, epochs=1, steps_per_epoch=60, log_every=5, checkpoint_every=50, steps_per_call=1
+  )
+
+
+@pytest.fixture(scope="session")
+def long_run(mnist_dir, shared_dir):
+  """(workdir, final figures) of `long_config`, trained once: the uninterrupted run that the
+  tests stopping such a run compare with."""
+  return shared_run(shared_dir, "long", long_config(mnist_dir))
+
+
 @pytest.fixture(scope="session")
 def dense_run(mnist_dir, shared_dir):
   """(workdir, final figures) of case 4 (`multi`) with the dense detector (`case_config`)."""

@@ -6,13 +6,19 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, newest_checkpoint, stopped_step, wait_for_first_record
+from conftest import (
+  ROOT,
+  long_config,
+  newest_checkpoint,
+  stopped_step,
+  train_cli,
+  wait_for_first_record,
+)
 from flax import serialization
 
 from jaxloc import workdir
@@ -25,8 +31,9 @@ def _free_port() -> int:
 
 
 def _train(work_dir, mnist_dir, *extra):
-  cmd = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/smoke.py"]
-  cmd += [f"--workdir={work_dir}", f"--config.mnist_dir={mnist_dir}", "--config.epochs=1"]
+  """A process of `long_config`'s run (60 steps, one per call: a signal soon after the first
+  record lands in it)."""
+  cmd = train_cli(long_config(mnist_dir), work_dir)
   return subprocess.Popen([*cmd, *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -43,25 +50,16 @@ def _pair(work_dir, mnist_dir, *extra):
   return [_train(work_dir, mnist_dir, *flags, *extra, f"--process_id={i}") for i in (0, 1)]
 
 
-# Long enough (60 steps, one per call) that a signal soon after the first record lands in it.
-LONG = [
-  "--config.steps_per_epoch=60",
-  "--config.log_every=5",
-  "--config.steps_per_call=1",
-  "--config.checkpoint_every=50",
-]
-
-
 def _outputs(path):
   params = serialization.msgpack_restore((path / workdir.PARAMS).read_bytes())
   records = workdir.read_jsonl(str(path / workdir.METRICS_LOG))
   return params, records, workdir.read_json(str(path / workdir.METRICS))
 
 
-def test_two_processes_train_as_one_and_a_signal_to_one_stops_both(tmp_path, mnist_dir):
+def test_two_processes_train_as_one_and_a_signal_to_one_stops_both(tmp_path, mnist_dir, long_run):
   # A signal to process 1 only stops both at one step, with one checkpoint there.
   run, delay = tmp_path / "run", random.uniform(0.0, 0.3)
-  stopped = _pair(run, mnist_dir, *LONG)
+  stopped = _pair(run, mnist_dir)
   wait_for_first_record(stopped[0], run)
   time.sleep(delay)
   assert stopped[1].poll() is None, f"the run ended before the signal ({delay:.3f} s)"
@@ -71,18 +69,18 @@ def test_two_processes_train_as_one_and_a_signal_to_one_stops_both(tmp_path, mni
   steps = [stopped_step(err, "SIGTERM", 60) for err in errs]
   assert steps[0] == steps[1] == newest_checkpoint(run), f"signal {delay:.3f} s after the first log"
 
-  # The same command resumes the pair; beside it, the pair uninterrupted and one process.
-  resumed = _pair(run, mnist_dir, *LONG)
-  reference = _pair(tmp_path / "two", mnist_dir, *LONG)
-  single = _train(tmp_path / "one", mnist_dir, *LONG)
-  out_resumed, _, out_two, _, _ = (_finish(p) for p in (*resumed, *reference, single))
+  # The same command resumes the pair; beside it, the pair uninterrupted (and `long_run`, the
+  # same config in one process).
+  resumed = _pair(run, mnist_dir)
+  reference = _pair(tmp_path / "two", mnist_dir)
+  out_resumed, _, out_two, _ = (_finish(p) for p in (*resumed, *reference))
   assert f"resuming at step {steps[0]}" in out_resumed
   assert "backend cpu: 2 devices (cpu), 2 processes" in out_two
   assert (run / workdir.PARAMS).read_bytes() == (tmp_path / "two" / workdir.PARAMS).read_bytes()
 
   # Two processes train as one: the same records, figures and parameters, to float tolerance.
   params2, records2, final2 = _outputs(tmp_path / "two")
-  params1, records1, final1 = _outputs(tmp_path / "one")
+  params1, records1, final1 = _outputs(long_run[0])
   assert final2["devices"] == 2 and final1["devices"] == 1
   assert [r["step"] for r in records2] == [r["step"] for r in records1]
   for r2, r1 in zip(records2, records1, strict=True):

@@ -14,6 +14,7 @@ import time
 import pytest
 from conftest import (
   ROOT,
+  long_config,
   newest_checkpoint,
   resume_config,
   shared_run,
@@ -29,30 +30,17 @@ from jaxloc import checkpoint, preemption, workdir
 from jaxloc.errors import Stopped, UserError
 
 
-def _long_config(mnist_dir):
-  """Long enough (2 x 50 steps, one per call) that a signal soon after the first record
-  lands in it."""
-  return small_config(
-    mnist_dir, steps_per_epoch=50, log_every=5, checkpoint_every=40, num_val=32, steps_per_call=1
-  )
-
-
-@pytest.fixture(scope="module")
-def long_reference(mnist_dir, shared_dir):
-  return shared_run(shared_dir, "preemption-long", _long_config(mnist_dir))
-
-
 def train_steps_logged(run_dir) -> list[tuple[int, int]]:
   records = workdir.read_jsonl(str(run_dir / workdir.METRICS_LOG))
   return [(r["step"], r["steps_averaged"]) for r in records if "steps_averaged" in r]
 
 
-def test_signal_at_a_random_moment_then_same_command(mnist_dir, tmp_path, long_reference):
+def test_signal_at_a_random_moment_then_same_command(mnist_dir, tmp_path, long_run):
   """SIGINT (Ctrl-C) at a random moment; SIGTERM at a random moment is the multi-process
   test's (`multiprocess_test`), and its exit status 143 `test_signal_before_any_step_...`."""
   sig = signal.SIGINT
-  ref_dir, reference = long_reference
-  config, run = _long_config(mnist_dir), tmp_path / "run"
+  ref_dir, reference = long_run
+  config, run = long_config(mnist_dir), tmp_path / "run"
   delay = random.uniform(0.0, 0.5)
   proc = subprocess.Popen(train_cli(config, run), cwd=ROOT, stderr=subprocess.PIPE, text=True)
   wait_for_first_record(proc, run)
@@ -64,7 +52,7 @@ def test_signal_at_a_random_moment_then_same_command(mnist_dir, tmp_path, long_r
     proc.send_signal(sig)  # a second signal, e.g. during the save, is ignored
   _, err = proc.communicate(timeout=240)
   assert proc.returncode == 128 + sig, err[-2000:]
-  step = stopped_step(err, sig.name, 100)
+  step = stopped_step(err, sig.name, 60)
   assert "Traceback" not in err
   assert newest_checkpoint(run) == step, f"signal {delay:.3f} s after the first log"
   logged = train_steps_logged(run)
@@ -76,7 +64,7 @@ def test_signal_at_a_random_moment_then_same_command(mnist_dir, tmp_path, long_r
   assert (run / workdir.PARAMS).read_bytes() == (ref_dir / workdir.PARAMS).read_bytes()
   assert strip(workdir.read_json(str(run / workdir.METRICS))) == strip(reference)
   logged = train_steps_logged(run)
-  assert sum(n for _, n in logged) == 100 and len({s for s, _ in logged}) == len(logged)
+  assert sum(n for _, n in logged) == 60 and len({s for s, _ in logged}) == len(logged)
 
 
 def test_signal_before_any_step_saves_nothing(mnist_dir, tmp_path, monkeypatch):
