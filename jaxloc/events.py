@@ -9,7 +9,8 @@ logged after its last checkpoint (the resumed run logs those steps again).
 
 import os
 
-import matplotlib.image
+import numpy as np
+from PIL import Image
 from tensorboardX import SummaryWriter
 
 DIR = "tensorboard"
@@ -37,7 +38,8 @@ class EventWriter:
   def image(self, tag: str, png_path: str, step: int) -> None:
     """The PNG at `png_path` as image `tag` at `step`."""
     if self._writer is not None and os.path.exists(png_path):
-      pixels = matplotlib.image.imread(png_path)  # float [H, W, 3 or 4] in [0, 1]
+      with Image.open(png_path) as png:
+        pixels = np.asarray(png, np.float32) / 255.0  # [H, W, 3 or 4] in [0, 1]
       self._writer.add_image(tag, pixels, step, dataformats="HWC")
 
   def close(self) -> None:

@@ -2,14 +2,13 @@
 
 Figures are matplotlib `Figure` objects rendered to PNG by Agg, without pyplot: importing
 jaxloc leaves the user's matplotlib backend (a notebook's, say) and pyplot's figures alone.
-Files are written atomically.
+matplotlib is imported by the first figure, not by this module: a command that draws
+nothing (an error, a stopped run) does not pay its import. Files are written atomically.
 """
 
 import io
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 
 from jaxloc import workdir
 from jaxloc.metrics import IOU_THRESHOLD
@@ -17,6 +16,8 @@ from jaxloc.metrics import IOU_THRESHOLD
 
 def _subplots(rows: int, cols: int, figsize: tuple[float, float]):
   """(figure, axes [rows, cols]) of a new figure."""
+  from matplotlib.figure import Figure
+
   fig = Figure(figsize=figsize)
   return fig, fig.subplots(rows, cols, squeeze=False)
 
@@ -118,6 +119,8 @@ def _grid(image_NxHxW: np.ndarray, cols: int, cell_inches: tuple[float, float]):
 
 
 def _rect(ax, box_px, color):
+  from matplotlib.patches import Rectangle
+
   x0, y0, x1, y1 = box_px
   ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec=color, lw=1.5))
 
