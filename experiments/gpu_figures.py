@@ -50,6 +50,7 @@ FULL = {
   ),
   "detection": dict(steps=10_000, batch_size=32, num_val=1000, num_train=10_000),
   "seed_config": "experiments/configs/digit.py",
+  "seed_args": (),  # overrides of seed_config
   "members": 16,
   "conv_steps": 2000,
 }
@@ -57,8 +58,9 @@ TINY = {
   "estimate_s": dict(benchmark_fresh=40, benchmark_fixed=45, one_run=40, replicas=20, conv_impl=20),
   "detection": dict(steps=4, batch_size=4, num_val=8, num_train=16, canvas_size=64),
   "seed_config": "experiments/configs/smoke.py",
+  "seed_args": ("--config.epochs=1",),
   "members": 2,
-  "conv_steps": 20,
+  "conv_steps": 5,
 }
 
 
@@ -159,7 +161,9 @@ def one_run(sizes, run_dir, figures):
   parts = ("wall_s", "train_s", "compile_s", "eval_s", "save_s", "train_images_per_s")
   out = {}
   for name in ("cold", "warm"):
-    final = _train_process(os.path.join(run_dir, name), sizes["seed_config"], cache)
+    final = _train_process(
+      os.path.join(run_dir, name), sizes["seed_config"], cache, *sizes["seed_args"]
+    )
     out[f"{name}_wall_s"] = final["process_wall_s"]
     out[f"{name}_done"] = {k: final[k] for k in parts}
   return out
@@ -168,7 +172,11 @@ def one_run(sizes, run_dir, figures):
 def replicas(sizes, run_dir, figures):
   members = sizes["members"]
   final = _train_process(
-    run_dir, sizes["seed_config"], _cache(run_dir), f"--config.replicas={members}"
+    run_dir,
+    sizes["seed_config"],
+    _cache(run_dir),
+    *sizes["seed_args"],
+    f"--config.replicas={members}",
   )
   one = figures.get("one_run", {}).get("warm_wall_s")
   return {
