@@ -190,6 +190,22 @@ def resume_config(mnist_dir, **overrides):
   return small_config(mnist_dir, **base)
 
 
+@pytest.fixture(scope="session")
+def resume_run(mnist_dir, shared_dir):
+  """(workdir, final figures) of `resume_config`, trained once: the uninterrupted run that
+  the resume and damaged-checkpoint tests compare with."""
+  return shared_run(shared_dir, "resume", resume_config(mnist_dir))
+
+
+@pytest.fixture
+def one_epoch_run(mnist_dir, shared_dir, tmp_path):
+  """(workdir, figures): a copy of the session's finished 1-epoch `resume_config` run
+  (checkpoints at steps 2, 4 and 6), the copy this test's to change."""
+  run, figures = shared_run(shared_dir, "resume-one-epoch", resume_config(mnist_dir, epochs=1))
+  shutil.copytree(run, tmp_path / "run")
+  return tmp_path / "run", figures
+
+
 def train_cli(config, run_dir) -> list[str]:
   """The train command of `config` (every field as an override) into `run_dir`."""
   args = [f"--config.{k}={v}" for k, v in config.to_dict().items() if k != "conv_features"]

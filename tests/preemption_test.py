@@ -5,7 +5,6 @@ import errno
 import glob
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,6 @@ from conftest import (
   long_config,
   newest_checkpoint,
   resume_config,
-  shared_run,
   small_config,
   stopped_step,
   strip,
@@ -98,32 +96,14 @@ def _damage(step_dir, how: str) -> None:
     os.remove(largest)
 
 
-def _short_config(mnist_dir, epochs):
-  return resume_config(mnist_dir, epochs=epochs, keep_checkpoints=3)
-
-
-@pytest.fixture(scope="module")
-def short_reference(mnist_dir, shared_dir):
-  return shared_run(shared_dir, "preemption-short", _short_config(mnist_dir, 2))
-
-
-@pytest.fixture
-def one_epoch(mnist_dir, shared_dir, tmp_path):
-  """(workdir, figures): a copy of the session's finished 1-epoch run (checkpoints at steps
-  2, 4 and 6), the copy this test's to change."""
-  run, figures = shared_run(shared_dir, "preemption-one-epoch", _short_config(mnist_dir, 1))
-  shutil.copytree(run, tmp_path / "run")
-  return tmp_path / "run", figures
-
-
 @pytest.mark.parametrize("how", ["truncated", "overwritten", "deleted"])
-def test_damaged_newest_checkpoint_falls_back(mnist_dir, one_epoch, short_reference, how):
-  ref_dir, reference = short_reference
-  run = one_epoch[0]
+def test_damaged_newest_checkpoint_falls_back(mnist_dir, one_epoch_run, resume_run, how):
+  ref_dir, reference = resume_run
+  run = one_epoch_run[0]
   _damage(run / "checkpoints" / "6", how)
 
   lines = []
-  final = train_run(_short_config(mnist_dir, 2), str(run), echo=lines.append)
+  final = train_run(resume_config(mnist_dir), str(run), echo=lines.append)
   said = [line for line in lines if "cannot be read" in line]
   assert len(said) == 1 and "checkpoint of step 6" in said[0] and "using step 4" in said[0]
   assert final["resumed_from_step"] == 4
@@ -136,27 +116,29 @@ def test_damaged_newest_checkpoint_falls_back(mnist_dir, one_epoch, short_refere
   assert [r["epoch"] for r in records if "val/num_val" in r] == [1, 2]
 
 
-def test_no_readable_checkpoint_is_one_error_and_fresh_starts_over(mnist_dir, tmp_path, one_epoch):
-  run = one_epoch[0]
+def test_no_readable_checkpoint_is_one_error_and_fresh_starts_over(
+  mnist_dir, tmp_path, one_epoch_run
+):
+  run = one_epoch_run[0]
   for step in (2, 4, 6):
     _damage(run / "checkpoints" / str(step), "deleted")
   before = sorted(p.name for p in (run / "checkpoints").iterdir())
   with pytest.raises(
     checkpoint.Unreadable, match=r"no checkpoint .* can be read \(step 6: .*--fresh"
   ):
-    train_run(_short_config(mnist_dir, 2), str(run))
+    train_run(resume_config(mnist_dir), str(run))
   assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing moved
 
-  final = train_run(_short_config(mnist_dir, 2), str(run), fresh=True)
+  final = train_run(resume_config(mnist_dir), str(run), fresh=True)
   assert final["resumed_from_step"] is None and final["steps"] == 12
   backups = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
   assert len(backups) == 1 and sorted(os.listdir(backups[0] / "checkpoints")) == before
 
 
-def test_killed_after_the_last_checkpoint_finishes_on_resume(mnist_dir, one_epoch):
-  run, first = one_epoch
+def test_killed_after_the_last_checkpoint_finishes_on_resume(mnist_dir, one_epoch_run):
+  run, first = one_epoch_run
   os.remove(run / workdir.METRICS)  # as if killed while exporting
-  again = train_run(_short_config(mnist_dir, 1), str(run))
+  again = train_run(resume_config(mnist_dir, epochs=1), str(run))
   assert again["resumed_from_step"] == 6 and strip(again) == strip(first)
 
 
@@ -172,12 +154,12 @@ def _with_file_size_limit(cmd: list[str], limit: int) -> list[str]:
   return [sys.executable, "-c", code, *cmd]
 
 
-def test_failing_checkpoint_write_keeps_the_previous_one(mnist_dir, one_epoch, short_reference):
+def test_failing_checkpoint_write_keeps_the_previous_one(mnist_dir, one_epoch_run, resume_run):
   """A write that fails (here: files may not grow past 64 KiB, as on a full disk) ends in
   one error line; the previous checkpoint is intact and the same command resumes."""
-  ref_dir, reference = short_reference
-  run = one_epoch[0]
-  config = _short_config(mnist_dir, 2)
+  ref_dir, reference = resume_run
+  run = one_epoch_run[0]
+  config = resume_config(mnist_dir)
   env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
   cmd = _with_file_size_limit(train_cli(config, run), 64 * 1024)
   failing = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -205,8 +187,8 @@ def test_a_failing_output_write_is_one_error_and_keeps_the_checkpoints(
 
   monkeypatch.setattr(workdir, "write_bytes_atomic", full_disk)
   with pytest.raises(UserError, match=r"cannot write .*params.msgpack \(No space left on device\)"):
-    train_run(_short_config(mnist_dir, 1), str(run))
+    train_run(resume_config(mnist_dir, epochs=1), str(run))
   assert newest_checkpoint(run) == 6 and not (run / workdir.METRICS).exists()
   monkeypatch.undo()
-  final = train_run(_short_config(mnist_dir, 1), str(run))
+  final = train_run(resume_config(mnist_dir, epochs=1), str(run))
   assert final["resumed_from_step"] == 6 and (run / workdir.PARAMS).exists()

@@ -15,9 +15,9 @@ from jaxloc import train, workdir
 from jaxloc.errors import UserError
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path):
+def test_sigkill_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path, resume_run):
   config = resume_config(mnist_dir)
-  reference = train_run(config, str(tmp_path / "ref"))
+  ref_dir, reference = resume_run
 
   run = tmp_path / "killed"
   kill_after_first_checkpoint(train_cli(config, run), run)
@@ -25,7 +25,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path):
 
   resumed = train_run(config, str(run))
   assert resumed["resumed_from_step"] is not None and resumed["resumed_from_step"] < 12
-  assert (run / workdir.PARAMS).read_bytes() == (tmp_path / "ref" / workdir.PARAMS).read_bytes()
+  assert (run / workdir.PARAMS).read_bytes() == (ref_dir / workdir.PARAMS).read_bytes()
   assert strip(resumed) == strip(reference)
   steps = [
     r["step"] for r in workdir.read_jsonl(str(run / workdir.METRICS_LOG)) if "val/accuracy" not in r
@@ -33,10 +33,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path):
   assert steps == sorted(set(steps)), "a step was logged twice"
 
 
-def test_torn_log_line_is_dropped_on_resume(mnist_dir, tmp_path):
-  run = tmp_path / "run"
+def test_torn_log_line_is_dropped_on_resume(mnist_dir, one_epoch_run):
+  run = one_epoch_run[0]
   config = resume_config(mnist_dir, epochs=1)
-  train_run(config, str(run))
   os.remove(run / workdir.METRICS)
   with open(run / workdir.METRICS_LOG, "a") as f:
     f.write('{"step": 99, "train/lo')  # a write cut off by a kill
@@ -48,9 +47,8 @@ def test_torn_log_line_is_dropped_on_resume(mnist_dir, tmp_path):
   assert all(r["step"] <= 12 for r in records)
 
 
-def test_changed_config_is_refused_with_the_fields(mnist_dir, tmp_path):
-  run = tmp_path / "run"
-  train_run(resume_config(mnist_dir, epochs=1), str(run))
+def test_changed_config_is_refused_with_the_fields(mnist_dir, tmp_path, one_epoch_run):
+  run = one_epoch_run[0]
   before = (run / workdir.PARAMS).read_bytes()
   changed = resume_config(mnist_dir, epochs=1, learning_rate=0.01, batch_size=4)
   with pytest.raises(UserError, match=r"(?s)batch_size: 8 -> 4.*learning_rate: 0.001 -> 0.01"):
