@@ -272,6 +272,12 @@ def smoke_run(mnist_dir, shared_dir):
   return shared_run(shared_dir, "smoke", small_config(mnist_dir))
 
 
+@pytest.fixture(scope="session")
+def seed1_run(mnist_dir, shared_dir):
+  """(workdir, final figures) of the smoke config with seed 1, trained once."""
+  return shared_run(shared_dir, "smoke-seed1", small_config(mnist_dir, seed=1))
+
+
 def long_config(mnist_dir: str):
   """The smoke config at 60 steps, one per call, a record every 5 and a checkpoint at 50:
   long enough that a signal soon after the first record lands in it."""

@@ -30,10 +30,9 @@ def _assert_close(a, b):
 
 
 @pytest.fixture(scope="module")
-def own_runs(mnist_dir, shared_dir, smoke_run):
-  """Single runs of seeds 0 (the smoke run) and 1: what replica members 0 and 1 of seed 0
-  must equal."""
-  return [smoke_run, shared_run(shared_dir, "own-seed1", small_config(mnist_dir, seed=1))]
+def own_runs(smoke_run, seed1_run):
+  """Single runs of seeds 0 and 1: what replica members 0 and 1 of seed 0 must equal."""
+  return [smoke_run, seed1_run]
 
 
 LISTED = dict(learning_rate=3e-3, ema_decay=0.9, box_loss_weight=5.0)  # member 1 of the sweep

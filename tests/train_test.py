@@ -10,14 +10,14 @@ from jaxloc import plots, workdir
 from jaxloc.errors import UserError
 
 
-def test_same_seed_same_parameters(mnist_dir, tmp_path, smoke_run):
+def test_same_seed_same_parameters(mnist_dir, tmp_path, smoke_run, seed1_run):
   a_dir, a = smoke_run
   b = train_run(small_config(mnist_dir), str(tmp_path / "b"))
   pa = (a_dir / workdir.PARAMS).read_bytes()
   assert (tmp_path / "b" / workdir.PARAMS).read_bytes() == pa
   assert a["accuracy"] == b["accuracy"] and a["mean_iou"] == b["mean_iou"]
-  c = train_run(small_config(mnist_dir, seed=1), str(tmp_path / "c"))
-  assert (tmp_path / "c" / workdir.PARAMS).read_bytes() != pa
+  c_dir, c = seed1_run
+  assert (c_dir / workdir.PARAMS).read_bytes() != pa
   assert c["num_val"] == 40
 
 
