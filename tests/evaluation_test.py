@@ -93,11 +93,9 @@ def test_plot_predictions_draws_the_first_validation_canvases(mnist_dir, tmp_pat
   assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.png"]
 
 
-def test_drawing_leaves_the_users_matplotlib_backend_alone():
-  """The figures are drawn without pyplot: importing jaxloc's plots and rendering font digits
-  keep whatever backend the user chose (a notebook's, say)."""
-  import importlib
-
+def test_drawing_leaves_the_users_matplotlib_backend_alone(tmp_path):
+  """The figures are drawn without pyplot: drawing a run's figure (plots imports matplotlib
+  there) and rendering font digits keep whatever backend the user chose (a notebook's, say)."""
   import matplotlib
 
   from jaxloc import images, plots
@@ -105,7 +103,7 @@ def test_drawing_leaves_the_users_matplotlib_backend_alone():
   before = matplotlib.get_backend()
   matplotlib.use("svg")
   try:
-    importlib.reload(plots)  # the module's import-time code, run again
+    plots.plot_pr(np.linspace(0, 1, 5), np.ones(5), 0.5, str(tmp_path / "pr.png"))
     images.font_digits(fonts=("DejaVu Sans",))
     assert matplotlib.get_backend() == "svg"
   finally:
