@@ -251,18 +251,37 @@ def shared_dir(tmp_path_factory):
   return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-def shared_run(shared_dir, name: str, config) -> tuple:
-  """(workdir, final figures) of `config` trained once per session into shared_dir/name,
-  by whichever worker asks first; the others wait for it, then read its figures. For runs
-  that tests only read (a test that changes a run copies it first)."""
+def shared_once(shared_dir, name: str, make) -> tuple:
+  """(folder, value): `make(folder)`, whose value is JSON, done once per session in
+  shared_dir/name by whichever worker asks first; the others wait for it, then read its
+  value. For what tests only read (a test that changes the folder's files copies them first)."""
   folder = shared_dir / name
   folder.mkdir(exist_ok=True)
-  figures = folder / "figures.json"
+  value = folder / "value.json"
   with open(folder / "lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-    if not figures.exists():
-      figures.write_text(json.dumps(train_run(config, folder / "run")))
-  return folder / "run", json.loads(figures.read_text())
+    if not value.exists():
+      value.write_text(json.dumps(make(folder)))
+  return folder, json.loads(value.read_text())
+
+
+def shared_run(shared_dir, name: str, config) -> tuple:
+  """(workdir, final figures) of `config` trained once per session into shared_dir/name/run
+  (`shared_once`)."""
+  folder, figures = shared_once(shared_dir, name, lambda f: train_run(config, f / "run"))
+  return folder / "run", figures
+
+
+def shared_commands(shared_dir, name: str, *commands) -> tuple:
+  """(shared_dir/name/run, [CompletedProcess]): the commands run once per session, in order,
+  each given the workdir (`shared_once`); `commands`: functions of the workdir that run one."""
+
+  def make(folder):
+    procs = [command(folder / "run") for command in commands]
+    return [[p.args, p.returncode, p.stdout, p.stderr] for p in procs]
+
+  folder, procs = shared_once(shared_dir, name, make)
+  return folder / "run", [subprocess.CompletedProcess(*p) for p in procs]
 
 
 @pytest.fixture(scope="session")

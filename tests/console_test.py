@@ -8,7 +8,7 @@ import tomllib
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_train_command
+from conftest import ROOT, run_train_command, shared_commands
 
 from jaxloc import workdir
 
@@ -17,13 +17,15 @@ SMOKE = ("--config=experiments/configs/smoke.py", "--config.log_every=2")
 LIBRARY_LOG = re.compile(r"^[IWE]\d{4} ", re.M)  # absl's format: I1123 04:10:37.07 ...
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, mnist_dir):
+@pytest.fixture(scope="session")
+def run(shared_dir, mnist_dir):
   """A 2-epoch smoke run through the command line, then one more epoch with --verbose."""
-  path = tmp_path_factory.mktemp("console") / "run"
-  first = run_train_command(*SMOKE, f"--config.mnist_dir={mnist_dir}", f"--workdir={path}")
-  more = run_train_command(
-    *SMOKE, f"--config.mnist_dir={mnist_dir}", f"--workdir={path}", "--config.epochs=3", "--verbose"
+  common = (*SMOKE, f"--config.mnist_dir={mnist_dir}")
+  path, (first, more) = shared_commands(
+    shared_dir,
+    "console",
+    lambda path: run_train_command(*common, f"--workdir={path}"),
+    lambda path: run_train_command(*common, f"--workdir={path}", "--config.epochs=3", "--verbose"),
   )
   return path, first, more
 
