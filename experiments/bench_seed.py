@@ -2,7 +2,6 @@
 jaxloc's canvas synthesis and training step against the seed's tf.data pipeline and Keras
 model on the same digits, the machine's matmul bound, and a profile of the step."""
 
-import functools
 import os
 import time
 
@@ -154,7 +153,7 @@ def compiled_steps(config=None, steps_per_call=None, members=1, mode=None):
     state, sums = parallel.stack(states), parallel.stack(zeros)
     data_key, hp = parallel.stack([k[1] for k in keys]), parallel.stack([hp] * members)
   data = (digits, labels, data_key, hp)
-  static["optimizer_fn"] = functools.partial(train_state.optimizer, spec.opt)
+  static["optimizer_fn"] = train_state.optimizer_fn(spec.opt)
   n = steps_per_call or flags.FLAGS.steps_per_call
   n = n if n > 0 else spec.schedule.steps_per_call
   mesh = None

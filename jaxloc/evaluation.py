@@ -133,12 +133,17 @@ def stored_chunk(val: dict, i, *, chunk: int):
   return scenes.stored_scene(val, index)
 
 
-def scene_eval_step(apply_fn, score_chunk, make_chunk, mesh=None, stacked=False, batch=None):
-  """The jitted scoring of one chunk of validation scenes: makes chunk i with
-  `make_chunk(val, i)` (`sampled_chunk` or `stored_chunk`), applies the model `batch`
-  scenes at a time (a divisor of the chunk; None: the whole chunk at once), which bounds the
-  memory, and returns `score_chunk(outputs, scene)` = (per-canvas results, loss parts);
-  with `stacked`, of several models' stacked `variables` on the same chunk (results [M, ...])."""
+@functools.partial(
+  jax.jit, static_argnames=("apply_fn", "score_chunk", "make_chunk", "mesh", "stacked", "batch")
+)
+def scene_eval_step(
+  variables, i, val, *, apply_fn, score_chunk, make_chunk, mesh=None, stacked=False, batch=None
+):
+  """The scoring of chunk i of the validation scenes: makes it with `make_chunk(val, i)`
+  (`sampled_chunk` or `stored_chunk`), applies the model `batch` scenes at a time (a divisor
+  of the chunk; None: the whole chunk at once), which bounds the memory, and returns
+  `score_chunk(outputs, scene)` = (per-canvas results, loss parts); with `stacked`, of
+  several models' stacked `variables` on the same chunk (results [M, ...])."""
 
   def outputs(v, image):
     n = image.shape[0]
@@ -148,19 +153,16 @@ def scene_eval_step(apply_fn, score_chunk, make_chunk, mesh=None, stacked=False,
     out = jax.lax.map(lambda x: apply_fn(v, x), split)
     return jax.tree_util.tree_map(lambda a: a.reshape(n, *a.shape[2:]), out)
 
-  @jax.jit
-  def step(variables, i, val):
-    scene = parallel.shard_batch(make_chunk(val, i), mesh)
-    score = lambda p: score_chunk(outputs(p, scene["image"]), scene)
-    return jax.vmap(score)(variables) if stacked else score(variables)
-
-  return step
+  scene = parallel.shard_batch(make_chunk(val, i), mesh)
+  score = lambda p: score_chunk(outputs(p, scene["image"]), scene)
+  return jax.vmap(score)(variables) if stacked else score(variables)
 
 
 def evaluate_scenes(
   step, variables, val: dict, summarize, *, chunk: int, num_val: int, stacked=False
 ):
-  """Scores the validation scenes with `step` (a `scene_eval_step`) in chunks: `num_val`
+  """Scores the validation scenes with `step(variables, i, val)` (`scene_eval_step` with its
+  static arguments) in chunks: `num_val`
   of them, or all of a stored set if it holds fewer; returns (summary, per-canvas numpy
   arrays), or with `stacked` a list of them, one per model."""
   if "images" in val:
@@ -259,9 +261,15 @@ def plot_scene_predictions(
   draw(functools.partial(plots.plot_scenes, image, first_per, classify, path))
 
 
+@functools.partial(jax.jit, static_argnames="make_chunk")
+def _chunk(val: dict, i, *, make_chunk):
+  """`make_chunk(val, i)` as one program (eagerly, each of its operations compiles alone)."""
+  return make_chunk(val, i)
+
+
 def _first_scenes(val: dict, per: dict, num_plot: int, make_chunk):
   """The first `num_plot` validation scenes (images [k,H,W]) and their per-canvas results."""
   k = min(num_plot, len(per["count"]))
-  first = make_chunk(val, 0)
+  first = _chunk(val, 0, make_chunk=make_chunk)
   image = parallel.to_host(first["image"][:k, :, :, 0])
   return image, {name: a[:k] for name, a in per.items()}

@@ -4,6 +4,7 @@ the evaluation and the answers of the spec's head (`spec.DigitHead`: the seed's 
 train loop, the evaluator, the Predictor and the scripts call them instead of branching.
 """
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -33,7 +34,18 @@ class Task(NamedTuple):
 
 
 def build(spec: Spec) -> Task:
-  """The model, data, loss, evaluation and answers of the spec's task."""
+  """The model, data, loss, evaluation and answers of the spec's task. Equal specs get the
+  same Task object, so the jitted functions that take its functions as static arguments
+  (the compiled train steps, the evaluation) trace them once per process."""
+  # a task reads neither the seed, the schedule nor the replicas: runs that differ only there
+  # share it
+  shared = dataclasses.replace(spec, seed=0, schedule=None, replicas=None)
+  return _build(shared, evaluation.SCENE_VAL_CHUNK)
+
+
+@functools.lru_cache(maxsize=64)
+def _build(spec: Spec, scene_val_chunk: int) -> Task:
+  del scene_val_chunk  # read by _scene_chunks; a key of the cache
   if isinstance(spec.head, DigitHead):
     return _digit_task(spec)
   if isinstance(spec.head, SlotHead):
@@ -106,7 +118,15 @@ def _scene_evaluation(spec: Spec, score_chunk):
   def make_evaluator(apply_fn, mesh=None, stacked=False):
     mesh = mesh if chunk % jax.device_count() == 0 else None
     batch = math.gcd(chunk, data.eval_batch_size)  # scenes per model application
-    step = evaluation.scene_eval_step(apply_fn, score_chunk, make_chunk, mesh, stacked, batch)
+    step = functools.partial(
+      evaluation.scene_eval_step,
+      apply_fn=apply_fn,
+      score_chunk=score_chunk,
+      make_chunk=make_chunk,
+      mesh=mesh,
+      stacked=stacked,
+      batch=batch,
+    )
     return lambda variables, val: evaluation.evaluate_scenes(
       step, variables, val, summarize, chunk=chunk, num_val=data.num_val, stacked=stacked
     )

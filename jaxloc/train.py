@@ -20,7 +20,6 @@ config.json and summary.json (mean, std, min, max of every final figure).
 """
 
 import contextlib
-import functools
 import os
 import time
 
@@ -128,7 +127,7 @@ class _Loop:
       (digits, labels, data_key, hp),
       sample_fn=task.sample_fn,
       loss_fn=task.loss_fn,
-      optimizer_fn=functools.partial(ts.optimizer, spec.opt),
+      optimizer_fn=ts.optimizer_fn(spec.opt),
       mesh=self.mesh,
       replicas=spec.replicas.mode if self.stacked else None,
     )

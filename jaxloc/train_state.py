@@ -74,6 +74,13 @@ def learning_rate(opt: Optimizer, peak=None) -> optax.ScalarOrSchedule:
   )
 
 
+@functools.cache
+def optimizer_fn(opt: Optimizer):
+  """`peak -> optimizer(opt, peak)`, the train step's `optimizer_fn`: one object per
+  optimizer spec, so the compiled steps of equal specs share their trace."""
+  return functools.partial(optimizer, opt)
+
+
 def optimizer(opt: Optimizer, peak=None) -> optax.GradientTransformation:
   """Adam with Keras' defaults (epsilon 1e-7, not optax's 1e-8), as the seed used. Its state
   does not depend on `peak`, so one built with a traced step size updates the state that
@@ -195,7 +202,20 @@ def compile_train_steps(
   With `replicas` ("vmap" or "map"), `state`, `sums`, `data_key` and `hp` are stacked members
   (`parallel.stack`; leading axis N) trained in one program on the same `digits` and `labels`:
   `jax.vmap` batches the members' steps into one, `lax.map` loops over them.
+
+  The static arguments are compared by equality: equal ones (the functions of one
+  `tasks.build` Task, one `optimizer_fn` object) reuse the program traced before.
   """
+  args = (state, sums, digits, labels, data_key, hp)
+  return _jitted_train_steps.lower(*args, replicas=replicas, **static).compile()
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("replicas", "num_steps", "sample_fn", "loss_fn", "optimizer_fn", "mesh"),
+  donate_argnums=(0, 1),
+)
+def _jitted_train_steps(state, sums, digits, labels, data_key, hp, *, replicas, **static):
   fn = functools.partial(train_steps, **static)
   if replicas == "vmap":
     fn = jax.vmap(fn, in_axes=(0, 0, None, None, 0, 0))
@@ -204,8 +224,7 @@ def compile_train_steps(
     fn = lambda s, m, d, lab, k, h: jax.lax.map(
       lambda a: one(a[0], a[1], d, lab, a[2], a[3]), (s, m, k, h)
     )
-  compiled = jax.jit(fn, donate_argnums=(0, 1))
-  return compiled.lower(state, sums, digits, labels, data_key, hp).compile()
+  return fn(state, sums, digits, labels, data_key, hp)
 
 
 class Steps:

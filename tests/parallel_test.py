@@ -1,6 +1,5 @@
 """Data parallelism: 8 simulated CPU devices give the losses and parameters of 1 device."""
 
-import functools
 import os
 import subprocess
 import sys
@@ -32,7 +31,7 @@ def check(name):  # a config file of experiments/configs
     config.canvas_size, config.num_val = 64, 48
   task = tasks.build(configs.read(config))
   sample_fn, loss_fn = task.sample_fn, task.loss_fn
-  optimizer_fn = functools.partial(train_state.optimizer, configs.read(config).opt)
+  optimizer_fn = train_state.optimizer_fn(configs.read(config).opt)
 
   def run(mesh):
     state = train_state.create_train_state(init_key, configs.read(config))
@@ -121,7 +120,7 @@ def test_steps_per_call_does_not_change_the_result():
       num_steps=chunk,
       sample_fn=sample_fn,
       loss_fn=loss_fn,
-      optimizer_fn=functools.partial(train_state.optimizer, configs.read(config).opt),
+      optimizer_fn=train_state.optimizer_fn(configs.read(config).opt),
     )
     for _ in range(4 // chunk):
       state, sums = fn(state, sums, *data)

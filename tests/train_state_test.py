@@ -18,7 +18,7 @@ def _step_fn(config):
     train_state.train_step,
     hp=train_state.step_hyperparameters(configs.read(config)),
     loss_fn=tasks.build(configs.read(config)).loss_fn,
-    optimizer_fn=functools.partial(train_state.optimizer, configs.read(config).opt),
+    optimizer_fn=train_state.optimizer_fn(configs.read(config).opt),
   )
 
 
@@ -80,7 +80,7 @@ def test_moving_average_does_not_change_training():
       num_steps=4,
       sample_fn=sample,
       loss_fn=loss_fn,
-      optimizer_fn=functools.partial(train_state.optimizer, configs.read(config).opt),
+      optimizer_fn=train_state.optimizer_fn(configs.read(config).opt),
     )[0]
   same = jax.tree_util.tree_map(np.array_equal, out[0.0].params, out[0.9].params)
   assert all(jax.tree_util.tree_leaves(same))
