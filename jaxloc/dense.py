@@ -17,6 +17,8 @@ An object belongs to the cell that holds its box centre. Per cell the model pred
 Shape letters: B batch, K objects, G grid side, C classes, T detections kept (top-k).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -30,6 +32,7 @@ def grid_size(canvas_size: int, stride: int) -> int:
   return -(-canvas_size // stride)
 
 
+@functools.partial(jax.jit, static_argnames=("canvas_size", "stride", "num_classes"))
 def encode_targets(
   box_BxKx4: jax.Array,
   label_BxK: jax.Array,
@@ -90,6 +93,7 @@ def focal_loss(logits_BxGxGxC: jax.Array, target_BxGxGxC: jax.Array) -> jax.Arra
   return -jnp.sum(jnp.where(is_centre, pos, neg))
 
 
+@functools.partial(jax.jit, static_argnames=("canvas_size", "stride", "num_classes", "giou_weight"))
 def scene_loss(
   outputs: dict[str, jax.Array],
   scene,
@@ -134,6 +138,7 @@ def _cell_box(reg: jax.Array) -> jax.Array:
   return jnp.concatenate([reg[..., :2] - size / 2, reg[..., :2] + size / 2], -1)
 
 
+@functools.partial(jax.jit, static_argnames=("k", "canvas_size", "stride"))
 def decode(
   outputs: dict[str, jax.Array], *, k: int, canvas_size: int, stride: int
 ) -> dict[str, jax.Array]:
@@ -162,6 +167,7 @@ def decode(
   return {"box": box, "label": label.astype(jnp.int32), "score": score, "primary": primary}
 
 
+@jax.jit
 def answers(detections: dict[str, jax.Array], threshold: float) -> dict[str, jax.Array]:
   """The cases' answers from `decode`'s detections: keep [B,T] (primary and score >=
   threshold), count [B] (detections kept) and presence [B] (count > 0)."""

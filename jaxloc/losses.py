@@ -5,6 +5,7 @@ cross-entropy on one-hot labels). Box: mean squared error over the 4 normalised
 coordinates (Keras' `mse`: mean over coordinates, then over the batch).
 """
 
+import functools
 import itertools
 
 import jax
@@ -22,6 +23,7 @@ def box_loss(pred_Bx4: jax.Array, true_Bx4: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(pred_Bx4 - true_Bx4), axis=-1)
 
 
+@jax.jit
 def total_loss(
   outputs: dict[str, jax.Array], batch, *, class_weight: float = 1.0, box_weight: float = 1.0
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -103,6 +105,7 @@ def assign_slots(
   return match(cost, scene["valid"])
 
 
+@functools.partial(jax.jit, static_argnames="classify")
 def scene_loss(
   outputs: dict[str, jax.Array],
   scene,

@@ -68,19 +68,21 @@ def test_train_mode_updates_the_statistics_and_eval_mode_reads_them():
   variables = model.init_variables(jax.random.key(0), net, 64)
   assert set(variables) == {"params", "batch_stats"}
   image = jax.random.uniform(jax.random.key(1), (4, 64, 64, 1))
-  out, updated = net.apply(variables, image, train=True, mutable=["batch_stats"])
+  train = jax.jit(lambda v, x: net.apply(v, x, train=True, mutable=["batch_stats"]))
+  apply = jax.jit(net.apply)
+  out, updated = train(variables, image)
   moved = jax.tree_util.tree_map(
     lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updated["batch_stats"]
   )
   assert all(jax.tree_util.tree_leaves(moved)), moved
   # training normalises by the batch: one canvas alone comes out otherwise than in the batch;
   # evaluation by the running statistics: the same alone and in the batch, and they matter
-  alone = net.apply(variables, image[:1], train=True, mutable=["batch_stats"])[0]
+  alone = train(variables, image[:1])[0]
   assert not np.allclose(alone["heatmap"], out["heatmap"][:1], atol=1e-4)
   after = {"params": variables["params"], "batch_stats": updated["batch_stats"]}
-  batch, one = net.apply(after, image), net.apply(after, image[:1])
+  batch, one = apply(after, image), apply(after, image[:1])
   np.testing.assert_allclose(one["heatmap"], batch["heatmap"][:1], rtol=1e-5, atol=1e-5)
-  assert not np.allclose(net.apply(variables, image)["heatmap"], batch["heatmap"], atol=1e-4)
+  assert not np.allclose(apply(variables, image)["heatmap"], batch["heatmap"], atol=1e-4)
 
 
 def test_predictor_answers_as_the_run_scored(reference):
