@@ -33,9 +33,10 @@ def train_steps_logged(run_dir) -> list[tuple[int, int]]:
   return [(r["step"], r["steps_averaged"]) for r in records if "steps_averaged" in r]
 
 
-def test_signal_at_a_random_moment_then_same_command(mnist_dir, tmp_path, long_run):
+def test_signal_at_a_random_moment_then_resume(mnist_dir, tmp_path, long_run):
   """SIGINT (Ctrl-C) at a random moment; SIGTERM at a random moment is the multi-process
-  test's (`multiprocess_test`), and its exit status 143 `test_signal_before_any_step_...`."""
+  test's (`multiprocess_test`, which resumes with the same command), and its exit status 143
+  `test_signal_before_any_step_...`."""
   sig = signal.SIGINT
   ref_dir, reference = long_run
   config, run = long_config(mnist_dir), tmp_path / "run"
@@ -56,11 +57,11 @@ def test_signal_at_a_random_moment_then_same_command(mnist_dir, tmp_path, long_r
   logged = train_steps_logged(run)
   assert logged[-1][0] == step and sum(n for _, n in logged) == step, "a step was not logged"
 
-  again = subprocess.run(train_cli(config, run), cwd=ROOT, capture_output=True, text=True)
-  assert again.returncode == 0, again.stderr[-2000:]
-  assert f"resuming at step {step}" in again.stdout
+  lines = []
+  resumed = train_run(config, run, echo=lines.append)
+  assert any(f"resuming at step {step}" in line for line in lines), lines
   assert (run / workdir.PARAMS).read_bytes() == (ref_dir / workdir.PARAMS).read_bytes()
-  assert strip(workdir.read_json(str(run / workdir.METRICS))) == strip(reference)
+  assert strip(resumed) == strip(reference)
   logged = train_steps_logged(run)
   assert sum(n for _, n in logged) == 60 and len({s for s, _ in logged}) == len(logged)
 
