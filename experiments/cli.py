@@ -67,22 +67,34 @@ def _with_log_level(main):
   return run_main
 
 
-def run(main) -> None:
-  """Parses flags, then calls `main(argv)`; user errors exit with status 2."""
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """Parses `argv` into `flag_values`; returns the arguments left. A flag or config-override
+  mistake (an unknown field, a misspelt override, a bad value, a missing or broken config
+  file) is one UserError."""
   try:
-    argv = flags.FLAGS(sys.argv)
+    rest = flag_values(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     text = str(e).replace("\\n", " ").replace("\\'", "'").replace('\\"', '"')
     if isinstance(e, AttributeError):  # ml_collections: an override names no config field
       name = re.findall(r"[A-Za-z_][\w.]*", text)[0]
       hint = text[text.find("Did you mean") :].rstrip("'") if "Did you mean" in text else ""
       text = f"unknown config field {name!r}. {hint}"
-    _fail(f"{text}\nrun with --helpshort to see the flags")
-  if "config" in flags.FLAGS:
+    raise UserError(f"{text}\nrun with --helpshort to see the flags") from None
+  if "config" in flag_values:
     try:  # a config file is loaded lazily: make a missing or broken one fail here
-      flags.FLAGS.config.to_dict()
+      flag_values.config.to_dict()
     except OSError as e:
-      _fail(f"cannot load --config={flags.FLAGS['config'].config_filename}: {e.__cause__ or e}")
+      path = flag_values["config"].config_filename
+      raise UserError(f"cannot load --config={path}: {e.__cause__ or e}") from None
+  return rest
+
+
+def run(main) -> None:
+  """Parses flags, then calls `main(argv)`; user errors exit with status 2."""
+  try:
+    argv = parse_flags(sys.argv)
+  except UserError as e:
+    _fail(str(e))
   try:
     app.run(_with_log_level(main), argv=argv)
   except UserError as e:

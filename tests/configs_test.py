@@ -1,6 +1,6 @@
 """configs.read: every config file reads; every setting that cannot work is one UserError
-that names the field and the fix (in-process: the train script's CLI test shows that such an
-error becomes one line and exit 2); old config.json files keep their meaning; the spec's
+that names the field and the fix (in-process: the train script's CLI test shows that a
+UserError becomes one line and exit 2); old config.json files keep their meaning; the spec's
 derived values and member specs."""
 
 import importlib

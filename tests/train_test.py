@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import threading
 
 import conftest
@@ -91,19 +92,42 @@ def test_cosine_run_refuses_more_epochs(mnist_dir, tmp_path):
 @pytest.mark.parametrize(
   "override,match",
   [
-    ("--config.batch_size=0", "error: config.batch_size=0 must be a positive integer"),
     ("--config.batch_sise=3", "unknown config field 'batch_sise'. Did you mean \"batch_size\""),
-    ("--config.batch_size=abc", "invalid literal for int"),
-    ("--config=experiments/configs/missing.py", "cannot load --config=experiments/configs/missing"),
     ("--num_processes=2", "--num_processes, --process_id need --distributed"),
     ("--distributed", "could not start the distributed run (ValueError: coordinator_address"),
   ],
 )
 def test_command_line_flag_errors(override, match, tmp_path):
+  """The train command's mistakes are one line and exit 2: a flag's (the others are
+  `test_flag_and_override_mistakes_are_one_error`'s, a config's configs_test's) and those
+  of the distributed flags."""
   config = "--config=experiments/configs/digit.py"
   proc = conftest.run_train_command(config, f"--workdir={tmp_path}/run", override)
   assert proc.returncode == 2, proc.stderr
   assert match in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+  "override,match",
+  [
+    ("--config.batch_sise=3", "unknown config field 'batch_sise'. Did you mean \"batch_size\""),
+    ("--config.batch_size=abc", "invalid literal for int"),
+    ("--config=experiments/configs/missing.py", "cannot load --config=experiments/configs/missing"),
+    ("--nope=1", "Unknown command line flag 'nope'"),
+  ],
+)
+def test_flag_and_override_mistakes_are_one_error(override, match, monkeypatch):
+  from absl import flags
+  from ml_collections import config_flags
+
+  from experiments import cli
+
+  monkeypatch.chdir(conftest.ROOT)
+  argv = ["train", "--config=experiments/configs/digit.py", override]
+  flag_values = flags.FlagValues()  # the train command's --config, apart from absl's FLAGS
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, sys_argv=argv)
+  with pytest.raises(UserError, match=re.escape(match)):
+    cli.parse_flags(argv, flag_values)
 
 
 @pytest.mark.parametrize(
