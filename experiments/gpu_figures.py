@@ -80,6 +80,7 @@ def _detection_spec(sizes: dict, **data):
     config.scene.max_objects = 5
     config.scene.count_probs = (0.5, 0.1, 0.1, 0.1, 0.1, 0.1)
     config.eval_batch_size = sizes["num_val"]
+    config.num_plot = 2
   config.data.update(data)
   return configs.read(config)
 

@@ -298,10 +298,10 @@ def seed1_run(mnist_dir, shared_dir):
 
 
 def long_config(mnist_dir: str):
-  """The smoke config at 60 steps, one per call, a record every 5 and a checkpoint at 50:
+  """The smoke config at 40 steps, one per call, a record every 5 and a checkpoint at 30:
   long enough that a signal soon after the first record lands in it."""
   return small_config(
-    mnist_dir, epochs=1, steps_per_epoch=60, log_every=5, checkpoint_every=50, steps_per_call=1
+    mnist_dir, epochs=1, steps_per_epoch=40, log_every=5, checkpoint_every=30, steps_per_call=1
   )
 
 

@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 
 def _train(work_dir, mnist_dir, *extra):
-  """A process of `long_config`'s run (60 steps, one per call: a signal soon after the first
+  """A process of `long_config`'s run (40 steps, one per call: a signal soon after the first
   record lands in it)."""
   cmd = train_cli(long_config(mnist_dir), work_dir)
   return subprocess.Popen([*cmd, *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -66,7 +66,7 @@ def test_two_processes_train_as_one_and_a_signal_to_one_stops_both(tmp_path, mni
   stopped[1].send_signal(signal.SIGTERM)
   errs = [p.communicate(timeout=300)[1].decode() for p in stopped]
   assert [p.returncode for p in stopped] == [143, 143], errs[1][-2000:]
-  steps = [stopped_step(err, "SIGTERM", 60) for err in errs]
+  steps = [stopped_step(err, "SIGTERM", 40) for err in errs]
   assert steps[0] == steps[1] == newest_checkpoint(run), f"signal {delay:.3f} s after the first log"
 
   # The same command resumes the pair.
