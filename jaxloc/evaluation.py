@@ -162,9 +162,9 @@ def evaluate_scenes(
   step, variables, val: dict, summarize, *, chunk: int, num_val: int, stacked=False
 ):
   """Scores the validation scenes with `step(variables, i, val)` (`scene_eval_step` with its
-  static arguments) in chunks: `num_val`
-  of them, or all of a stored set if it holds fewer; returns (summary, per-canvas numpy
-  arrays), or with `stacked` a list of them, one per model."""
+  static arguments) in chunks: `num_val` of them, or all of a stored set if it holds fewer;
+  returns (summary, per-canvas numpy arrays), or with `stacked` a list of them, one per
+  model."""
   if "images" in val:
     num_val = min(num_val, val["images"].shape[0])
   per, parts = [], []
