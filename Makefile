@@ -24,13 +24,10 @@ $(INSTALLED): pyproject.toml
 train: $(INSTALLED)
 	$(PY) -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
-# The suite on pytest-xdist workers, one more than the cores (at most 4): it is mostly XLA
-# compiling, one core a test, but many tests wait on the processes they start, and the extra
-# worker uses those waits; an idle worker takes tests queued for a busy one (worksteal), so
-# no core waits at the end.
-WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(os.cpu_count() + 1, 4))")
+# The suite on up to 4 cores (pytest-xdist): it is mostly XLA compiling, one core a test;
+# an idle worker takes tests queued for a busy one (worksteal), so no core waits at the end.
 test: $(INSTALLED)
-	$(PY) -m pytest tests -n $(WORKERS) --dist worksteal $(ARGS)
+	$(PY) -m pytest tests -n auto --maxprocesses=4 --dist worksteal $(ARGS)
 
 benchmark: $(INSTALLED)
 	$(PY) -m experiments.benchmark $(ARGS)
