@@ -4,10 +4,11 @@ import re
 import threading
 
 import conftest
+import jax
 import pytest
 from conftest import small_config, train_run
 
-from jaxloc import plots, workdir
+from jaxloc import configs, plots, tasks, workdir
 from jaxloc.errors import UserError
 
 
@@ -160,3 +161,28 @@ def test_run_cases_set_errors(item, match):
 
   with pytest.raises(UserError, match=match):
     cli.override(multi.get_config(), [item])
+
+
+def test_a_spec_trained_again_in_one_process_is_not_traced_again(mnist_dir, tmp_path):
+  """`tasks.build` gives equal specs (the seed aside) one Task, whose functions are static
+  arguments of the jitted train steps and evaluation: a second run traces none of them."""
+  traced = []
+
+  def listen(event, seconds, **kwargs):
+    if event == "/jax/core/compile/jaxpr_trace_duration":
+      traced.append(kwargs.get("fun_name"))
+
+  config = lambda seed: small_config(mnist_dir, seed=seed, batch_size=2, num_val=12, epochs=1)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    train_run(config(0), tmp_path / "first")  # shapes no other test uses: traced here
+    first, traced[:] = list(traced), []
+    train_run(config(1), tmp_path / "second")
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  programs = {"_initial_state", "_jitted_train_steps", "eval_step"}
+  assert programs <= set(first), first
+  assert not programs & set(traced), traced
+  spec = configs.read(config(0))
+  assert tasks.build(spec) is tasks.build(configs.read(config(1)))
+  assert tasks.build(spec) is not tasks.build(configs.read(small_config(mnist_dir, batch_size=4)))
