@@ -45,12 +45,11 @@ def build(spec: Spec) -> Task:
 
 @functools.lru_cache(maxsize=64)
 def _build(spec: Spec, scene_val_chunk: int) -> Task:
-  del scene_val_chunk  # read by _scene_chunks; a key of the cache
   if isinstance(spec.head, DigitHead):
     return _digit_task(spec)
   if isinstance(spec.head, SlotHead):
-    return _slot_task(spec)
-  return _dense_task(spec)
+    return _slot_task(spec, scene_val_chunk)
+  return _dense_task(spec, scene_val_chunk)
 
 
 def _digit_task(spec: Spec) -> Task:
@@ -92,10 +91,11 @@ def _scene_sampler(spec: Spec):
   return lambda data_key, step, *digits: scene(jax.random.fold_in(data_key, step), *digits)
 
 
-def _scene_chunks(spec: Spec) -> tuple[int, Callable]:
-  """(chunk, make_chunk(val, i)): how the validation scenes are made, `chunk` at a time:
-  drawn from the test digits (`evaluation.sampled_chunk`) or read from a set on disk."""
-  chunk = min(evaluation.SCENE_VAL_CHUNK, spec.data.num_val)
+def _scene_chunks(spec: Spec, max_chunk: int) -> tuple[int, Callable]:
+  """(chunk, make_chunk(val, i)): how the validation scenes are made, `chunk` (at most
+  `max_chunk`) at a time: drawn from the test digits (`evaluation.sampled_chunk`) or read
+  from a set on disk."""
+  chunk = min(max_chunk, spec.data.num_val)
   if spec.data.val_path:
     return chunk, functools.partial(evaluation.stored_chunk, chunk=chunk)
   sample_args = spec.scene.sample_args(chunk, spec.data.canvas_size)
@@ -104,16 +104,16 @@ def _scene_chunks(spec: Spec) -> tuple[int, Callable]:
   )
 
 
-def _scene_evaluation(spec: Spec, score_chunk):
+def _scene_evaluation(spec: Spec, score_chunk, max_chunk: int):
   """make_evaluator, write_outputs and plot_predictions of a scene task, given how a chunk
-  is scored."""
+  is scored and its largest size."""
   scene, data = spec.scene, spec.data
   summarize = functools.partial(
     metrics.scene_summary,
     classify=scene.classify,
     digit_size=sum(scene.size_range) / 2 / data.canvas_size,
   )
-  chunk, make_chunk = _scene_chunks(spec)
+  chunk, make_chunk = _scene_chunks(spec, max_chunk)
 
   def make_evaluator(apply_fn, mesh=None, stacked=False):
     mesh = mesh if chunk % jax.device_count() == 0 else None
@@ -159,10 +159,10 @@ def _slot_loss_args(spec: Spec) -> dict:
   )
 
 
-def _slot_task(spec: Spec) -> Task:
+def _slot_task(spec: Spec, max_chunk: int) -> Task:
   head, loss_args = spec.head, _slot_loss_args(spec)
   score_chunk = functools.partial(answers.slot_chunk, **loss_args)
-  make_evaluator, write_outputs, plot_predictions = _scene_evaluation(spec, score_chunk)
+  make_evaluator, write_outputs, plot_predictions = _scene_evaluation(spec, score_chunk, max_chunk)
   return Task(
     model=model.Detector(
       max_objects=spec.scene.max_objects,
@@ -179,7 +179,7 @@ def _slot_task(spec: Spec) -> Task:
   )
 
 
-def _dense_task(spec: Spec) -> Task:
+def _dense_task(spec: Spec, max_chunk: int) -> Task:
   head: DenseHead = spec.head
   num_classes = 10 if spec.scene.classify else 1
   geometry = dict(canvas_size=spec.data.canvas_size, stride=head.stride)
@@ -190,7 +190,7 @@ def _dense_task(spec: Spec) -> Task:
   loss_fn = _weighted(loss, spec)
   answer = functools.partial(answers.dense_answers, decode=decode, threshold=head.score_threshold)
   score_chunk = functools.partial(answers.dense_chunk, answer=answer, loss_fn=loss_fn)
-  make_evaluator, write_outputs, plot_predictions = _scene_evaluation(spec, score_chunk)
+  make_evaluator, write_outputs, plot_predictions = _scene_evaluation(spec, score_chunk, max_chunk)
   net = model.DenseDetector(
     num_classes=num_classes,
     conv_features=head.conv_features,

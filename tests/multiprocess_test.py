@@ -43,11 +43,11 @@ def _finish(proc) -> str:
   return out.decode()
 
 
-def _pair(work_dir, mnist_dir, *extra):
+def _pair(work_dir, mnist_dir):
   """The two processes of one distributed run."""
   port = _free_port()
   flags = ["--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2"]
-  return [_train(work_dir, mnist_dir, *flags, *extra, f"--process_id={i}") for i in (0, 1)]
+  return [_train(work_dir, mnist_dir, *flags, f"--process_id={i}") for i in (0, 1)]
 
 
 def _outputs(path):

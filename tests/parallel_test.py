@@ -23,12 +23,11 @@ rng = np.random.default_rng(0)
 digits = jax.numpy.asarray(rng.integers(0, 256, (64, 28, 28)).astype(np.uint8))
 labels = jax.numpy.asarray(rng.integers(0, 10, 64), jax.numpy.int32)
 
-def check(name):  # a config file of experiments/configs
+def check(name):  # a scene config file of experiments/configs
   config = importlib.import_module("experiments.configs." + name).get_config()
   init_key, data_key = jax.random.split(jax.random.key(0))
   config.batch_size, config.eval_batch_size = 16, 16
-  if config.get("scene"):
-    config.canvas_size, config.num_val = 64, 48
+  config.canvas_size, config.num_val = 64, 48
   task = tasks.build(configs.read(config))
   sample_fn, loss_fn = task.sample_fn, task.loss_fn
   optimizer_fn = train_state.optimizer_fn(configs.read(config).opt)
@@ -54,13 +53,13 @@ def check(name):  # a config file of experiments/configs
   weights = lambda s: jax.tree_util.tree_leaves((s.params, s.batch_stats))
   for a, b in zip(weights(one), weights(eight), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
-  if config.get("scene"):  # the evaluation gives the same figures on 8 devices as on 1
-    val = {"digits": digits, "labels": labels}
-    place = lambda m: val if m is None else parallel.replicate(val, m)
-    score = lambda m: task.make_evaluator(one.apply_fn, m)(train_state.raw_variables(one), place(m))
-    a, b = score(None)[0], score(mesh)[0]
-    for key in ("count_accuracy", "mean_iou", "AP", "AP50"):
-      np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+  # the evaluation gives the same figures on 8 devices as on 1
+  val = {"digits": digits, "labels": labels}
+  place = lambda m: val if m is None else parallel.replicate(val, m)
+  score = lambda m: task.make_evaluator(one.apply_fn, m)(train_state.raw_variables(one), place(m))
+  a, b = score(None)[0], score(mesh)[0]
+  for key in ("count_accuracy", "mean_iou", "AP", "AP50"):
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
   print("OK", name, float(one_sums["loss"]), float(eight_sums["loss"]))
 
 for name in sys.argv[1:]:
