@@ -3,10 +3,8 @@
 import os
 import re
 import subprocess
-import sys
 import tomllib
 
-import numpy as np
 import pytest
 from conftest import ROOT, run_train_command, shared_commands
 
@@ -102,22 +100,3 @@ def test_accelerator_extras_are_declared():
     extras = tomllib.load(f)["project"]["optional-dependencies"]
   assert any(r.startswith("jax[cuda12]") for r in extras["cuda"])
   assert any(r.startswith("jax[tpu]") for r in extras["tpu"])
-
-
-def test_compilation_cache_is_on_by_default_and_a_flag_turns_it_off(tmp_path, smoke_run):
-  """Programs land in ~/.cache/jaxloc/xla unless --compilation_cache= ($HOME set apart):
-  the predict command on the smoke run compiles the model once."""
-  from PIL import Image
-
-  image = tmp_path / "digit.png"
-  Image.fromarray(np.zeros((75, 75), np.uint8)).save(image)
-  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  for name, extra in (("on", []), ("off", ["--compilation_cache="])):
-    env["HOME"] = str(tmp_path / name)
-    out = f"--out={tmp_path / name / 'predictions.png'}"
-    cmd = [sys.executable, "-m", "experiments.predict", f"--workdir={smoke_run[0]}", out, *extra]
-    proc = subprocess.run([*cmd, str(image)], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-  cache = tmp_path / "on" / ".cache" / "jaxloc" / "xla"
-  assert cache.is_dir() and len(os.listdir(cache)) >= 1  # the model's forward pass
-  assert not (tmp_path / "off" / ".cache" / "jaxloc").exists()

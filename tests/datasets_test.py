@@ -217,7 +217,7 @@ def test_bad_data_stops_train_with_one_error_and_writes_nothing(exported, mnist_
 
 def test_training_on_a_stored_set_resumes_exactly_after_sigkill(mnist_dir, exported, tmp_path):
   out, _ = exported
-  config = _config(mnist_dir, epochs=2, steps_per_epoch=6)
+  config = _config(mnist_dir, epochs=2, steps_per_epoch=4)
   config.data.train_path = config.data.val_path = out
   reference = train_run(config, str(tmp_path / "ref"))
   assert reference["num_val"] == 12  # the whole stored set (num_val 24 > 12)
@@ -227,7 +227,7 @@ def test_training_on_a_stored_set_resumes_exactly_after_sigkill(mnist_dir, expor
     f"--workdir={run}",
     f"--config.mnist_dir={mnist_dir}",
     "--config.epochs=2",
-    "--config.steps_per_epoch=6",
+    "--config.steps_per_epoch=4",
     "--config.batch_size=8",
     "--config.num_val=24",
     "--config.log_every=2",
@@ -244,7 +244,7 @@ def test_training_on_a_stored_set_resumes_exactly_after_sigkill(mnist_dir, expor
   cmd = [sys.executable, "-m", "experiments.train", *args]
   conftest.kill_after_first_checkpoint(cmd, run)
   resumed = train_run(config, str(run))
-  assert resumed["resumed_from_step"] is not None and resumed["resumed_from_step"] < 12
+  assert resumed["resumed_from_step"] is not None and resumed["resumed_from_step"] < 8
   assert (run / workdir.PARAMS).read_bytes() == (tmp_path / "ref" / workdir.PARAMS).read_bytes()
   assert strip(resumed) == strip(reference)
 

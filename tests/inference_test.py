@@ -1,6 +1,7 @@
 """The inference API, and the evaluate / predict / font_digits commands on a trained workdir."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -79,14 +80,14 @@ def test_from_workdir_errors(tmp_path):
     inference.Predictor.from_workdir(str(tmp_path))
 
 
-@pytest.mark.parametrize("command", ["experiments.evaluate", "experiments.predict"])
-def test_commands_on_a_damaged_params_file_say_so_in_one_line(trained, tmp_path, command):
+def test_a_damaged_params_file_is_one_line(trained, tmp_path):
+  """The predict command's; evaluate reads the workdir through the same
+  `Predictor.from_workdir` (test_from_workdir_errors), its one-line exit datasets_test's."""
   run = tmp_path / "run"
   shutil.copytree(trained[0], run)
   params = (run / workdir.PARAMS).read_bytes()
   (run / workdir.PARAMS).write_bytes(params[: len(params) // 2])  # a copy cut short
-  args = [f"--workdir={run}"] + ([str(run / "predictions.png")] if "predict" in command else [])
-  proc = run_command(command, *args)
+  proc = run_command("experiments.predict", f"--workdir={run}", str(run / "predictions.png"))
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert proc.stderr.strip().startswith("error: ") and "cannot be read" in proc.stderr
 
@@ -115,27 +116,26 @@ def _handwritten_png(path, digit, size=(60, 90)):
   Image.fromarray(arr).convert("RGB").save(path)
 
 
-def test_predict_writes_an_image(trained, mnist_dir, tmp_path):
+def test_predict_writes_an_image_and_keeps_its_programs(trained, mnist_dir, tmp_path):
+  """The predict command on a handwritten PNG. Its compiled programs land in
+  ~/.cache/jaxloc/xla ($HOME set apart) unless --compilation_cache= turns the cache off."""
   x, _ = mnist.load("test", mnist_dir=mnist_dir)
   png = tmp_path / "mine.png"
   _handwritten_png(png, x[0])
-  out = tmp_path / "out.png"
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.predict",
-      f"--workdir={trained[0]}",
-      str(png),
-      f"--out={out}",
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-  )
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "mine.png: digit" in proc.stdout
-  assert Image.open(out).size[0] > 100
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  for name, extra in (("on", []), ("off", ["--compilation_cache="])):
+    env["HOME"] = str(tmp_path / name)
+    out = tmp_path / name / "out.png"
+    cmd = ["-m", "experiments.predict", f"--workdir={trained[0]}", str(png), f"--out={out}"]
+    proc = subprocess.run(
+      [sys.executable, *cmd, *extra], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mine.png: digit" in proc.stdout
+    assert Image.open(out).size[0] > 100
+  cache = tmp_path / "on" / ".cache" / "jaxloc" / "xla"
+  assert cache.is_dir() and len(os.listdir(cache)) >= 1  # the model's forward pass
+  assert not (tmp_path / "off" / ".cache" / "jaxloc").exists()
   with pytest.raises(UserError, match="image 'nope.png' not found"):  # what predict reads with
     images.canvas_from_file("nope.png", 75)
 
