@@ -106,8 +106,10 @@ def plot_heatmaps(image_NxHxW: np.ndarray, per: dict, path: str, cols: int = 4):
 
 
 def _grid(image_NxHxW: np.ndarray, cols: int, cell_inches: tuple[float, float]):
-  """A figure with one axis per canvas (grey, [0, 1]), axes off; returns (fig, used axes)."""
+  """A figure with one axis per canvas (grey, [0, 1]), axes off, at most `cols` a row and no
+  empty columns (an empty axis still costs drawing time); returns (fig, used axes)."""
   n = image_NxHxW.shape[0]
+  cols = min(cols, n)
   rows = -(-n // cols)
   w, h = cell_inches
   fig, axes = _subplots(rows, cols, (w * cols, h * rows))
@@ -179,7 +181,7 @@ def plot_detections(
     pred_box, pred_label, score = pred_box[:, None], pred_label[:, None], score[:, None]
   keep = np.ones(score.shape, bool) if keep is None else keep
   size = image_NxHxW.shape[1]
-  fig, axes = _grid(image_NxHxW, min(cols, len(image_NxHxW)), (2.6, 2.8))
+  fig, axes = _grid(image_NxHxW, cols, (2.6, 2.8))
   for i, ax in enumerate(axes):
     for t in np.nonzero(keep[i])[0]:
       x0, y0 = pred_box[i, t, :2] * size
