@@ -1,6 +1,5 @@
 """Multi-digit scenes: masks and counts, boxes, overlap, empty canvases, config errors."""
 
-
 import conftest
 import jax
 import jax.numpy as jnp
