@@ -1,6 +1,7 @@
 """Runs an experiment script's `main` so that mistakes end in one clear line, exit status 2.
 
-Library INFO logs (Orbax, jax, TensorFlow) are off unless `--verbose` is given. XLA's
+Library INFO logs (Orbax, jax, TensorFlow) are off unless `--verbose` is given, and so are
+Orbax's late tracebacks of a checkpoint read or write that already failed. XLA's
 persistent compilation cache is on (`--compilation_cache`, default ~/.cache/jaxloc/xla):
 a program compiled once, by any script, is read back instead of compiled again.
 Flag and config-override errors (an unknown field, a misspelt override, a bad
@@ -10,12 +11,14 @@ SIGINT, its checkpoint saved) prints its line and exits 143 or 130.
 """
 
 import ast
+import logging as std_logging
 import os
 import re
 import sys
+import traceback
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
 from jaxloc import console
 from jaxloc.errors import Stopped, UserError
@@ -56,11 +59,39 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+def log_late_checkpoint_reports() -> None:
+  """Orbax's late reports of a checkpoint operation that already failed (a damaged
+  checkpoint passed over on resume: `checkpoint.late_report`) are logged at INFO instead of
+  printed as tracebacks after the one line that said what happened: the exceptions Python
+  could not raise (`sys.unraisablehook`) and the asyncio tasks whose exception nobody
+  retrieved (the asyncio logger). Every other one is printed as before."""
+  printed = sys.unraisablehook
+
+  def logged(e) -> bool:
+    from jaxloc import checkpoint  # Orbax is imported by what checkpoints, not by every command
+
+    if e is None or not checkpoint.late_report(e):
+      return False
+    text = "".join(traceback.format_exception(e))
+    logging.info("a failed checkpoint operation's late report:\n%s", text)
+    return True
+
+  def hook(unraisable):
+    if not logged(unraisable.exc_value):
+      printed(unraisable)
+
+  sys.unraisablehook = hook
+  std_logging.getLogger("asyncio").addFilter(
+    lambda record: not (record.exc_info and logged(record.exc_info[1]))
+  )
+
+
 def _with_log_level(main):
   """`main`, with library logs set after app.run has set up absl logging."""
 
   def run_main(argv):
     console.quiet_library_logs(_VERBOSE.value)
+    log_late_checkpoint_reports()
     use_compilation_cache(_CACHE.value)
     return main(argv)
 

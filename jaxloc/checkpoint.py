@@ -99,6 +99,25 @@ def _move_damaged(mngr: ocp.CheckpointManager, step: int) -> str:
   return path
 
 
+def late_report(e: BaseException) -> bool:
+  """Whether `e` is Orbax's late report of a checkpoint read or write that already failed and
+  was dealt with, which Python prints when nobody retrieves it: an abandoned read collected
+  after `restore_readable` moved on to an older checkpoint (raised in Orbax's code), or a
+  TensorStore callback into the event loop Orbax closed ("Event loop is closed")."""
+  if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+    return True
+  seen = set()
+  while e is not None and id(e) not in seen:  # e and the exceptions it was raised from
+    seen.add(id(e))
+    tb = e.__traceback__
+    while tb is not None:
+      if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+        return True
+      tb = tb.tb_next
+    e = e.__cause__ or e.__context__
+  return False
+
+
 def reason(e: BaseException) -> str:
   """What failed, on one short line: the innermost error's type and first line."""
   cause = e.__cause__ or e
