@@ -70,7 +70,7 @@ def log_late_checkpoint_reports() -> None:
   def logged(e) -> bool:
     from jaxloc import checkpoint  # Orbax is imported by what checkpoints, not by every command
 
-    if e is None or not checkpoint.late_report(e):
+    if not checkpoint.late_report(e):
       return False
     text = "".join(traceback.format_exception(e))
     logging.info("a failed checkpoint operation's late report:\n%s", text)

@@ -99,7 +99,7 @@ def _move_damaged(mngr: ocp.CheckpointManager, step: int) -> str:
   return path
 
 
-def late_report(e: BaseException) -> bool:
+def late_report(e: BaseException | None) -> bool:
   """Whether `e` is Orbax's late report of a checkpoint read or write that already failed and
   was dealt with, which Python prints when nobody retrieves it: an abandoned read collected
   after `restore_readable` moved on to an older checkpoint (raised in Orbax's code), or a

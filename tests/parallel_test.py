@@ -28,13 +28,14 @@ def check(name):  # a scene config file of experiments/configs
   init_key, data_key = jax.random.split(jax.random.key(0))
   config.batch_size, config.eval_batch_size = 16, 16
   config.canvas_size, config.num_val = 64, 48
-  task = tasks.build(configs.read(config))
+  spec = configs.read(config)
+  task = tasks.build(spec)
   sample_fn, loss_fn = task.sample_fn, task.loss_fn
-  optimizer_fn = train_state.optimizer_fn(configs.read(config).opt)
+  optimizer_fn = train_state.optimizer_fn(spec.opt)
 
   def run(mesh):
-    state = train_state.create_train_state(init_key, configs.read(config))
-    data = (digits, labels, data_key, train_state.step_hyperparameters(configs.read(config)))
+    state = train_state.create_train_state(init_key, spec)
+    data = (digits, labels, data_key, train_state.step_hyperparameters(spec))
     if mesh is not None:
       state, data = parallel.replicate((state, data), mesh)
     sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
@@ -104,14 +105,15 @@ def test_steps_per_call_does_not_change_the_result():
   digits, labels = random_digits()
   config = digit.get_config()
   config.batch_size = 8
-  task = tasks.build(configs.read(config))
+  spec = configs.read(config)
+  task = tasks.build(spec)
   sample_fn, loss_fn = task.sample_fn, task.loss_fn
   init_key, data_key = jax.random.split(jax.random.key(0))
   results = []
   for chunk in (1, 2, 4):
-    state = train_state.create_train_state(init_key, configs.read(config))
+    state = train_state.create_train_state(init_key, spec)
     sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample_fn, loss_fn=loss_fn)
-    data = (digits, labels, data_key, train_state.step_hyperparameters(configs.read(config)))
+    data = (digits, labels, data_key, train_state.step_hyperparameters(spec))
     fn = train_state.compile_train_steps(
       state,
       sums,
@@ -119,7 +121,7 @@ def test_steps_per_call_does_not_change_the_result():
       num_steps=chunk,
       sample_fn=sample_fn,
       loss_fn=loss_fn,
-      optimizer_fn=train_state.optimizer_fn(configs.read(config).opt),
+      optimizer_fn=train_state.optimizer_fn(spec.opt),
     )
     for _ in range(4 // chunk):
       state, sums = fn(state, sums, *data)

@@ -189,7 +189,8 @@ def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head
   assert final["AP50"] == pytest.approx(ev.stats[1], abs=1e-6)
   assert metrics.IOU_THRESHOLD == 0.6
   # The inference API returns detections (top-k, or K slots) and the cases' answers.
-  out = inference.Predictor.from_workdir(str(run))(np.zeros((2, 64, 64), np.uint8))
+  predictor = inference.Predictor.from_workdir(str(run))
+  out = predictor(np.zeros((2, 64, 64), np.uint8))
   t = config.dense.top_k if head == "dense" else 2
   assert out["count"].shape == (2,) and out["box"].shape == (2, t, 4)
   assert out["box_px"].shape == (2, t, 4) and out["keep"].shape == (2, t)
@@ -198,10 +199,10 @@ def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head
   assert (run / "heatmap.png").exists() == (head == "dense")
   # evaluate's figures are the run's (the command: inference_test's on a seed run,
   # datasets_test's with --data on a dense run); the other commands once, on the dense run
-  spec = inference.load_spec(str(run))
-  task = tasks.build(spec)
-  weights = inference.load_variables(str(run), spec, task.model)
-  scored, _ = task.make_evaluator(task.model.apply)(weights, loaders.load(spec)[2])
+  task = tasks.build(predictor.spec)
+  scored, _ = task.make_evaluator(task.model.apply)(
+    predictor.variables, loaders.load(predictor.spec)[2]
+  )
   for key in ("count_accuracy", "presence_accuracy", "mean_iou", "class_accuracy", "AP", "AP50"):
     assert scored[key] == final[key], key
   if head == "slots":

@@ -14,11 +14,12 @@ from jaxloc import canvas, configs, parallel, tasks, train_state
 
 def _step_fn(config):
   """train_step(state, batch) of the config: its loss, optimizer and hyperparameters."""
+  spec = configs.read(config)
   return functools.partial(
     train_state.train_step,
-    hp=train_state.step_hyperparameters(configs.read(config)),
-    loss_fn=tasks.build(configs.read(config)).loss_fn,
-    optimizer_fn=train_state.optimizer_fn(configs.read(config).opt),
+    hp=train_state.step_hyperparameters(spec),
+    loss_fn=tasks.build(spec).loss_fn,
+    optimizer_fn=train_state.optimizer_fn(spec.opt),
   )
 
 
@@ -66,9 +67,10 @@ def test_moving_average_does_not_change_training():
   for decay in (0.0, 0.9):
     config = digit.get_config()
     config.ema_decay = decay
-    state = train_state.create_train_state(key, configs.read(config))
+    spec = configs.read(config)
+    state = train_state.create_train_state(key, spec)
     assert (state.ema_params is None) == (decay == 0.0)
-    loss_fn = tasks.build(configs.read(config)).loss_fn
+    loss_fn = tasks.build(spec).loss_fn
     sums = train_state.zero_metrics(state, digits, labels, sample_fn=sample, loss_fn=loss_fn)
     out[decay] = train_state.train_steps(
       state,
@@ -76,11 +78,11 @@ def test_moving_average_does_not_change_training():
       digits,
       labels,
       data_key,
-      train_state.step_hyperparameters(configs.read(config)),
+      train_state.step_hyperparameters(spec),
       num_steps=4,
       sample_fn=sample,
       loss_fn=loss_fn,
-      optimizer_fn=train_state.optimizer_fn(configs.read(config).opt),
+      optimizer_fn=train_state.optimizer_fn(spec.opt),
     )[0]
   same = jax.tree_util.tree_map(np.array_equal, out[0.0].params, out[0.9].params)
   assert all(jax.tree_util.tree_leaves(same))
