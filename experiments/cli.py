@@ -64,7 +64,7 @@ def log_late_checkpoint_reports() -> None:
   checkpoint passed over on resume: `checkpoint.late_report`) are logged at INFO instead of
   printed as tracebacks after the one line that said what happened: the exceptions Python
   could not raise (`sys.unraisablehook`) and the asyncio tasks whose exception nobody
-  retrieved (the asyncio logger). Every other one is printed as before."""
+  retrieved (the asyncio logger). Every other one is printed as Python prints it."""
   printed = sys.unraisablehook
 
   def logged(e) -> bool:

@@ -157,7 +157,7 @@ def test_orbax_late_reports_are_logged_and_other_ones_printed(monkeypatch, caplo
   """An abandoned read that Orbax's code raised in, collected after a damaged checkpoint was
   passed over, and a TensorStore callback into Orbax's closed event loop reach the commands'
   log at INFO, not the console, whether Python reports them as unraisable or asyncio as a
-  task's exception nobody retrieved; any other is printed as before."""
+  task's exception nobody retrieved; any other is printed as Python prints it."""
   from experiments import cli
 
   namespace = {}
