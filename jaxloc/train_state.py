@@ -149,13 +149,17 @@ def train_step(
 
 def zero_metrics(state, digits, labels, *, sample_fn, loss_fn) -> dict[str, jax.Array]:
   """Zeros shaped like the metrics of one step (found by tracing, nothing is computed)."""
-
-  def metrics():
-    batch = sample_fn(jax.random.key(0), state.step, digits, labels)
-    return loss_fn(state.apply_fn(raw_variables(state), batch["image"]), batch)[1]
-
-  shapes = jax.eval_shape(metrics)
+  static = dict(apply_fn=state.apply_fn, sample_fn=sample_fn, loss_fn=loss_fn)
+  shapes = _step_metrics.eval_shape(raw_variables(state), state.step, digits, labels, **static)
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "sample_fn", "loss_fn"))
+def _step_metrics(variables, step, digits, labels, *, apply_fn, sample_fn, loss_fn):
+  """The metrics of a step on the first batch, without the gradient: jitted so that a
+  second run of one Task (equal static arguments) finds their shapes without tracing."""
+  batch = sample_fn(jax.random.key(0), step, digits, labels)
+  return loss_fn(apply_fn(variables, batch["image"]), batch)[1]
 
 
 def train_steps(
