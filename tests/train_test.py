@@ -182,8 +182,8 @@ def test_a_spec_trained_again_in_one_process_is_not_traced_again(mnist_dir, tmp_
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
   # Batches of 2 and 12 validation canvases: shapes no other test uses, so the first run
-  # traced its steps and evaluation here (its initial state has the smoke model's shapes,
-  # which a test run before it in this process may have traced).
+  # traced its metric shapes, steps and evaluation here (its initial state has the smoke
+  # model's shapes, which a test run before it in this process may have traced).
   assert {"_step_metrics", "_jitted_train_steps", "eval_step"} <= set(first), first
   assert traced == []
   spec = configs.read(config(0))
