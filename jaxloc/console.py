@@ -84,14 +84,15 @@ def epoch_line(record: dict, epochs: int, images_per_s: float, seconds: float) -
   )
 
 
-def end_lines(out_dir: str, final: dict) -> list[str]:
+def end_lines(out_dir: str, final: dict, drawn: bool) -> list[str]:
+  """The end of a run; `drawn`: whether it drew predictions.png (`config.num_plot` > 0)."""
   return [
     f"done: {final['steps']:,} steps in {final['wall_s']:.1f} s: {final['train_s']:.1f} s "
     f"training ({final['train_images_per_s']:,.0f} images/s), {final['compile_s']:.1f} s "
     f"compiling the train step, {final['eval_s']:.1f} s evaluating, {final['save_s']:.1f} s "
     "writing checkpoints",
     f"outputs in {out_dir}: metrics.json (final figures), metrics.jsonl, params.msgpack, "
-    "predictions.png, curves.png, tensorboard/ (tensorboard --logdir "
+    f"{'predictions.png, ' if drawn else ''}curves.png, tensorboard/ (tensorboard --logdir "
     f"{os.path.dirname(os.path.normpath(out_dir)) or os.curdir})",
   ]
 

@@ -203,9 +203,11 @@ def _now(draw) -> None:
 def plot_digit_predictions(
   out_dir: str, val: dict, per: dict, *, canvas_size: int, num_plot: int, draw=_now
 ):
-  """predictions.png: the first `num_plot` validation canvases, true and predicted boxes.
-  The device work happens here; `draw(fn)` runs the drawing `fn()`: now by default, or later
-  on another thread (`records.Log`)."""
+  """predictions.png: the first `num_plot` validation canvases, true and predicted boxes
+  (none when `num_plot` is 0). The device work happens here; `draw(fn)` runs the drawing
+  `fn()`: now by default, or later on another thread (`records.Log`)."""
+  if num_plot == 0:
+    return
   k = min(num_plot, len(per["iou"]))
   images = parallel.to_host(_canvases(val, np.arange(k), canvas_size=canvas_size))
   draw(
@@ -234,8 +236,8 @@ def write_scene_outputs(
   make_chunk,
 ) -> None:
   """curves.png, the COCO JSON files of the validation detections, pr.png and, for the
-  dense detector, heatmap.png (its class-max heatmap beside the first validation scenes;
-  predictions.png: `plot_scene_predictions`)."""
+  dense detector, heatmap.png (its class-max heatmap beside the first `num_plot` validation
+  scenes, when `num_plot` > 0; predictions.png: `plot_scene_predictions`)."""
   plots.plot_curves(history, os.path.join(out_dir, "curves.png"))
   classify = len(categories) > 1
   dets, gts = metrics.scene_detections(per, classify)
@@ -246,7 +248,7 @@ def write_scene_outputs(
   plots.plot_pr(
     metrics.RECALL_POINTS, np.asarray(curve["pr50"]), curve["AP50"], os.path.join(out_dir, "pr.png")
   )
-  if "heatmap" in per:
+  if "heatmap" in per and num_plot > 0:
     image, first_per = _first_scenes(val, per, num_plot, make_chunk)
     plots.plot_heatmaps(image, first_per, os.path.join(out_dir, "heatmap.png"))
 
@@ -254,8 +256,10 @@ def write_scene_outputs(
 def plot_scene_predictions(
   out_dir: str, val: dict, per: dict, *, num_plot: int, classify: bool, make_chunk, draw=_now
 ) -> None:
-  """predictions.png: kept detections on the first `num_plot` validation scenes (`draw`: as
-  for `plot_digit_predictions`)."""
+  """predictions.png: kept detections on the first `num_plot` validation scenes (none when
+  `num_plot` is 0; `draw`: as for `plot_digit_predictions`)."""
+  if num_plot == 0:
+    return
   image, first_per = _first_scenes(val, per, num_plot, make_chunk)
   path = os.path.join(out_dir, "predictions.png")
   draw(functools.partial(plots.plot_scenes, image, first_per, classify, path))

@@ -282,7 +282,7 @@ def _export(out_dir, task, state, val, result, history) -> dict:
 def _finish(spec: Spec, work_dir: str, loop: _Loop, finals: list[dict], echo) -> dict:
   """The run's end lines; a replica run's summary.json. Returns the run's figures."""
   if not loop.stacked:
-    for line in console.end_lines(work_dir, finals[0]):
+    for line in console.end_lines(work_dir, finals[0], spec.data.num_plot > 0):
       echo(line)
     return finals[0]
   images_per_s = loop.steps.images_per_s(spec.data.batch_size) * len(finals)

@@ -6,7 +6,8 @@ params.msgpack   the trained parameters (flax.serialization; the moving average 
 batch_stats.msgpack  the BatchNorm running statistics (models with BatchNorm only)
 metrics.json     the final validation metrics and run statistics
 curves.png       train / validation losses per epoch
-predictions.png  validation canvases, true boxes green, predicted boxes red
+predictions.png  validation canvases, true boxes green, predicted boxes red (the first
+                 `config.num_plot`; none, and no heatmap.png, when it is 0)
 pr.png, detections.json, ground_truth.json
                  scene cases: precision-recall at IoU 0.5, COCO files of the validation set
 heatmap.png      dense detector: validation scenes beside its heatmap

@@ -52,6 +52,7 @@ def test_every_config_file_reads():
     ("digit", {"ema_decay": 1.0}, r"config.ema_decay=1.0 must lie in \[0, 1\)"),
     ("digit", {"lr_schedule": "linear"}, "lr_schedule='linear': use 'constant' or 'cosine'"),
     ("digit", {"warmup_steps": -5}, "config.warmup_steps=-5 must be an integer >= 0"),
+    ("digit", {"num_plot": -1}, r"config.num_plot=-1 must be an integer >= 0 \(0: draw none\)"),
     ("digit", {"replicas": 0}, "config.replicas=0 must be a positive integer"),
     ("digit", {"replica_mode": "pmap"}, "replica_mode='pmap': use 'auto', 'vmap' or 'map'"),
     ("multi", {"dense.stride": 6}, "config.dense.stride=6: the output stride is 2 \\*\\* "),

@@ -149,9 +149,12 @@ def newest_checkpoint(run_dir) -> int:
 
 
 def small_config(mnist_dir: str, **overrides):
-  """experiments/configs/smoke.py (the seed's task in seconds), MNIST from `mnist_dir`."""
+  """experiments/configs/smoke.py (the seed's task in seconds), MNIST from `mnist_dir`,
+  drawing no validation canvases (`num_plot=0`): a test that looks at predictions.png asks
+  for them."""
   config = smoke.get_config()
   config.mnist_dir = mnist_dir
+  config.num_plot = 0
   config.update(overrides)
   return config
 
@@ -225,7 +228,9 @@ def strip(metrics: dict) -> dict:
 
 
 def case_config(mnist_dir, name, **scene):
-  """A scene case (experiments/configs/NAME.py) in seconds: 64x64, 3 steps of batch 8."""
+  """A scene case (experiments/configs/NAME.py) in seconds: 64x64, 3 steps of batch 8, no
+  validation scenes drawn (`num_plot=0`; a test that looks at predictions.png or heatmap.png
+  asks for them)."""
   config = importlib.import_module(f"experiments.configs.{name}").get_config()
   config.update(
     dict(
@@ -235,7 +240,7 @@ def case_config(mnist_dir, name, **scene):
       batch_size=8,
       num_val=24,
       log_every=3,
-      num_plot=4,
+      num_plot=0,
       canvas_size=64,
     )
   )
@@ -286,9 +291,9 @@ def shared_commands(shared_dir, name: str, *commands) -> tuple:
 
 @pytest.fixture(scope="session")
 def smoke_run(mnist_dir, shared_dir):
-  """(workdir, final figures) of the smoke config, trained once for every test that only
-  reads a finished run."""
-  return shared_run(shared_dir, "smoke", small_config(mnist_dir))
+  """(workdir, final figures) of the smoke config (its predictions.png drawn), trained once
+  for every test that only reads a finished run."""
+  return shared_run(shared_dir, "smoke", small_config(mnist_dir, num_plot=4))
 
 
 @pytest.fixture(scope="session")
@@ -314,5 +319,13 @@ def long_run(mnist_dir, shared_dir):
 
 @pytest.fixture(scope="session")
 def dense_run(mnist_dir, shared_dir):
-  """(workdir, final figures) of case 4 (`multi`) with the dense detector (`case_config`)."""
-  return shared_run(shared_dir, "dense", case_config(mnist_dir, "multi"))
+  """(workdir, final figures) of case 4 (`multi`) with the dense detector (`case_config`,
+  its predictions.png and heatmap.png drawn)."""
+  return shared_run(shared_dir, "dense", dense_config(mnist_dir))
+
+
+def dense_config(mnist_dir):
+  """`dense_run`'s config: `case_config` of `multi`, drawing 4 validation scenes."""
+  config = case_config(mnist_dir, "multi")
+  config.num_plot = 4
+  return config

@@ -8,7 +8,7 @@ import tomllib
 import pytest
 from conftest import ROOT, run_train_command, shared_commands
 
-from jaxloc import workdir
+from jaxloc import console, workdir
 
 # smoke.py with a record every 2 of an epoch's 3 steps: records at log_every and at epoch ends
 SMOKE = ("--config=experiments/configs/smoke.py", "--config.log_every=2")
@@ -45,6 +45,9 @@ def test_console_of_a_run_is_a_few_readable_lines(run):
       line,
     ), line
   assert lines[6].startswith("done: 6 steps in ") and f"outputs in {path}" in lines[7]
+  assert "params.msgpack, predictions.png, curves.png" in lines[7]
+  final = workdir.read_json(str(path / workdir.METRICS))
+  assert "params.msgpack, curves.png" in console.end_lines(str(path), final, drawn=False)[1]
   assert lines[7].endswith(f"(tensorboard --logdir {path.parent})")  # the path as given
   assert proc.stderr == ""  # no library INFO logs, no progress bar off a terminal
 

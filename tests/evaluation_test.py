@@ -60,7 +60,7 @@ def test_scene_validation_set_is_fixed_and_cut_to_num_val(mnist_dir, monkeypatch
 def test_models_scored_in_one_call_get_their_own_figures(mnist_dir, scene):
   """`members`: stacked models (a run's averaged and raw weights, replicas) in one compiled
   call per batch get the figures each gets alone."""
-  config = _scene_config(mnist_dir) if scene else small_config(mnist_dir)
+  config = _scene_config(mnist_dir) if scene else small_config(mnist_dir, num_plot=4)
   task = tasks.build(configs.read(config))
   _, _, val = loaders.load(configs.read(config))
   models = [
@@ -83,7 +83,7 @@ def test_models_scored_in_one_call_get_their_own_figures(mnist_dir, scene):
 
 @pytest.mark.parametrize("scene", [False, True])
 def test_plot_predictions_draws_the_first_validation_canvases(mnist_dir, tmp_path, scene):
-  config = _scene_config(mnist_dir) if scene else small_config(mnist_dir)
+  config = _scene_config(mnist_dir) if scene else small_config(mnist_dir, num_plot=4)
   task = tasks.build(configs.read(config))
   _, _, val = loaders.load(configs.read(config))
   state = train_state.create_train_state(jax.random.key(0), configs.read(config))

@@ -4,6 +4,7 @@ summary over them. Their exact resume after SIGKILL is batch_norm_test's (member
 BatchNorm statistics)."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -107,6 +108,8 @@ def test_dense_members_vary_their_values_and_are_scored_as_their_own_runs(mnist_
   vary = "learning_rate=3e-3,1e-3 dense.box_loss_weight=1,2"
   config.update(dict(seed=5, replicas=2, replica_mode="vmap", vary=vary))
   summary = train_run(config, str(tmp_path / "sweep"))
+  drawn = {"predictions.png", "heatmap.png"} & set(os.listdir(tmp_path / "sweep" / "member-1"))
+  assert not drawn and (tmp_path / "sweep" / "member-1" / "pr.png").exists()  # num_plot 0
   member = spec.members(configs.read(config))[1]  # seed 6 and the second values
   own = train.train_and_evaluate(member, str(tmp_path / "own"))
   finals = [

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import case_config, train_run
+from conftest import dense_config, train_run
 from PIL import Image
 
 from jaxloc import boxes, canvas, configs, inference, loaders, mnist, scenes, tasks
@@ -144,7 +144,7 @@ def test_layout_that_cannot_fit_is_rejected():
 def test_scene_run_writes_outputs_and_coco_files_agree(mnist_dir, tmp_path, head, dense_run):
   from jaxloc import metrics, workdir
 
-  config = case_config(mnist_dir, "multi")
+  config = dense_config(mnist_dir)
   config.head = head
   if head == "dense":  # the session's dense run is this config's
     run, final = dense_run

@@ -13,8 +13,11 @@ from jaxloc.errors import UserError
 
 
 def test_same_seed_same_parameters(mnist_dir, tmp_path, smoke_run, seed1_run):
+  """The same seed gives the same parameters, whether the run draws its validation canvases
+  (the smoke run, num_plot 4) or not (num_plot 0: no predictions.png)."""
   a_dir, a = smoke_run
   b = train_run(small_config(mnist_dir), str(tmp_path / "b"))
+  assert (a_dir / "predictions.png").exists() and not (tmp_path / "b" / "predictions.png").exists()
   pa = (a_dir / workdir.PARAMS).read_bytes()
   assert (tmp_path / "b" / workdir.PARAMS).read_bytes() == pa
   assert a["accuracy"] == b["accuracy"] and a["mean_iou"] == b["mean_iou"]
@@ -73,7 +76,7 @@ def test_predictions_are_drawn_off_the_training_thread(mnist_dir, tmp_path, monk
 
   monkeypatch.setattr(plots, "plot_predictions", full_disk)
   with pytest.raises(UserError, match=r"cannot write .*predictions.png \(No space left"):
-    train_run(small_config(mnist_dir), str(tmp_path / "full"))
+    train_run(small_config(mnist_dir, num_plot=4), str(tmp_path / "full"))
   assert threads and all(t.startswith("jaxloc-draw") for t in threads), threads
   assert os.listdir(tmp_path / "full" / "checkpoints") == ["6"]
 

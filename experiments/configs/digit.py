@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 500  # canvases per evaluation batch (bounds memory)
   config.num_val = -1  # validation canvases: the first N test digits (-1 = all)
   config.log_every = 100  # steps between metrics.jsonl records
-  config.num_plot = 16  # validation canvases drawn in predictions.png
+  config.num_plot = 16  # validation canvases drawn in predictions.png (0: none)
   config.checkpoint_every = 500  # steps between Orbax checkpoints (one more at the end)
   config.keep_checkpoints = 3  # most recent checkpoints kept in workdir/checkpoints
   # Replicas: N members (seeds seed, seed + 1, ...) trained in one compiled program, each
