@@ -17,7 +17,8 @@ cut short keeps what it finished), with the backend, device kind, jax version an
 
 Each part has a time estimate; one that no longer fits in --budget_s is skipped, and the
 JSON says so. DIR/gpu_figures.md renders the figures as tables beside the published ones.
---tiny runs every part at toy sizes (a few minutes on a 2-core CPU): the same code.
+--tiny runs every part at toy sizes (under a minute on a 2-core CPU), drawing no canvases:
+the same code and figures.
 Runs go to DIR/runs/<part>; MNIST from $JAXLOC_MNIST_DIR (or --mnist_dir), else TFDS.
 """
 
@@ -58,7 +59,7 @@ TINY = {
   "estimate_s": dict(benchmark_fresh=40, benchmark_fixed=45, one_run=40, replicas=20, conv_impl=20),
   "detection": dict(steps=4, batch_size=4, num_val=8, num_train=16, canvas_size=64),
   "seed_config": "experiments/configs/smoke.py",
-  "seed_args": ("--config.epochs=1",),
+  "seed_args": ("--config.epochs=1", "--config.num_plot=0"),  # toy runs draw no canvases
   "members": 2,
   "conv_steps": 5,
 }
@@ -80,7 +81,7 @@ def _detection_spec(sizes: dict, **data):
     config.scene.max_objects = 5
     config.scene.count_probs = (0.5, 0.1, 0.1, 0.1, 0.1, 0.1)
     config.eval_batch_size = sizes["num_val"]
-    config.num_plot = 2
+    config.num_plot = 0
   config.data.update(data)
   return configs.read(config)
 
