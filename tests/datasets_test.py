@@ -18,12 +18,13 @@ from jaxloc.errors import UserError
 
 
 def _config(mnist_dir, name="detect", **fields):
-  """A small scene config: 64x64 canvases, up to 5 digits of 12-24 px, ink boxes."""
+  """A small scene config: 64x64 canvases, up to 5 digits of 12-24 px, ink boxes, no
+  validation scenes drawn unless `fields` ask."""
   config = importlib.import_module(f"experiments.configs.{name}").get_config()
   config.update(
     dict(mnist_dir=mnist_dir, epochs=1, steps_per_epoch=4, batch_size=8, num_val=24),
     log_every=2,
-    num_plot=4,
+    num_plot=0,
     canvas_size=64,
     checkpoint_every=2,
   )
@@ -231,7 +232,7 @@ def test_training_on_a_stored_set_resumes_exactly_after_sigkill(mnist_dir, expor
     "--config.batch_size=8",
     "--config.num_val=24",
     "--config.log_every=2",
-    "--config.num_plot=4",
+    "--config.num_plot=0",
     "--config.canvas_size=64",
     "--config.checkpoint_every=2",
     "--config.scene.size_range=(12,24)",
@@ -250,7 +251,7 @@ def test_training_on_a_stored_set_resumes_exactly_after_sigkill(mnist_dir, expor
 
 
 def test_evaluate_on_exported_validation_scenes_reproduces_the_run(mnist_dir, tmp_path):
-  config = _config(mnist_dir)
+  config = _config(mnist_dir, num_plot=4)  # evaluate draws the run's num_plot scenes
   run = tmp_path / "run"
   final = train_run(config, str(run))
   own = sorted(os.listdir(run))
