@@ -60,7 +60,7 @@ def test_scene_validation_set_is_fixed_and_cut_to_num_val(mnist_dir, monkeypatch
 def test_models_scored_in_one_call_get_their_own_figures(mnist_dir, scene):
   """`members`: stacked models (a run's averaged and raw weights, replicas) in one compiled
   call per batch get the figures each gets alone."""
-  config = _scene_config(mnist_dir) if scene else small_config(mnist_dir, num_plot=4)
+  config = _scene_config(mnist_dir) if scene else small_config(mnist_dir)
   task = tasks.build(configs.read(config))
   _, _, val = loaders.load(configs.read(config))
   models = [
