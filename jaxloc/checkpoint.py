@@ -66,19 +66,23 @@ def restore_readable(mngr: ocp.CheckpointManager, like, newest: int, warn):
   Each unreadable one newer than it is moved aside with one `warn(line)`; when none can
   be read nothing is moved and `Unreadable` says which steps failed and why.
   """
-  failed = []
-  for step in sorted((s for s in mngr.all_steps() if s <= newest), reverse=True):
-    try:
-      with _library_stderr_held():
-        state = restore(mngr, like, step)
-    except Exception as e:  # damaged files surface as ValueError, UnicodeDecodeError, OSError...
-      failed.append((step, reason(e)))
-      continue
+  failed, found = [], None
+  with _library_stderr_held() as held:  # one window (one grace wait) for every read tried
+    for step in sorted((s for s in mngr.all_steps() if s <= newest), reverse=True):
+      try:
+        found = step, restore(mngr, like, step)
+        break
+      except Exception as e:  # damaged files surface as ValueError, UnicodeDecodeError, OSError...
+        failed.append((step, reason(e)))
+        held["failed"] = True
+  if found is not None:
     for bad, why in failed:
       path = _move_damaged(mngr, bad)
-      warn(f"checkpoint of step {bad} cannot be read ({why}); moved to {path}, using step {step}")
+      warn(
+        f"checkpoint of step {bad} cannot be read ({why}); moved to {path}, using step {found[0]}"
+      )
     mngr.reload()
-    return step, state
+    return found
   raise Unreadable(
     f"no checkpoint in {mngr.directory} can be read ("
     + "; ".join(f"step {s}: {why}" for s, why in failed)
@@ -129,19 +133,21 @@ def reason(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def _library_stderr_held(grace_s: float = 1.0):
-  """Holds back what Orbax and TensorStore print to stderr (file descriptor 2) while a save
-  or restore runs. When it fails, their worker threads print tracebacks of the same error,
-  some shortly after (callbacks into a closed event loop): those are waited for and logged
-  at INFO (`--verbose` shows them) instead of reaching the user; on success the text is
-  passed through."""
+  """Holds back what Orbax and TensorStore print to stderr (file descriptor 2) while saves
+  or restores run. When one fails (an exception, or the body sets the yielded dict's
+  "failed"), their worker threads print tracebacks of the same error, some shortly after
+  (callbacks into a closed event loop): those are waited for and logged at INFO
+  (`--verbose` shows them) instead of reaching the user; on success the text is passed
+  through."""
   sys.stderr.flush()
   saved = os.dup(2)
+  status = {"failed": False}
   with tempfile.TemporaryFile() as held:
     os.dup2(held.fileno(), 2)
     failed = True
     try:
-      yield
-      failed = False
+      yield status
+      failed = status["failed"]
     finally:
       if failed:
         time.sleep(grace_s)
