@@ -74,7 +74,7 @@ def restore_readable(mngr: ocp.CheckpointManager, like, newest: int, warn):
         break
       except Exception as e:  # damaged files surface as ValueError, UnicodeDecodeError, OSError...
         failed.append((step, reason(e)))
-        held["failed"] = True
+    held["failed"] = bool(failed)
   if found is not None:
     for bad, why in failed:
       path = _move_damaged(mngr, bad)

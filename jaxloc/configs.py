@@ -179,7 +179,7 @@ def _check_run(c: dict) -> None:
     raise UserError(f"config.lr_schedule={c['lr_schedule']!r}: use 'constant' or 'cosine'")
   if not isinstance(c["warmup_steps"], int) or c["warmup_steps"] < 0:
     raise UserError(f"config.warmup_steps={c['warmup_steps']!r} must be an integer >= 0")
-  if not _positive_int(c["num_plot"]) and c["num_plot"] != 0:
+  if not isinstance(c["num_plot"], int) or c["num_plot"] < 0:
     raise UserError(f"config.num_plot={c['num_plot']!r} must be an integer >= 0 (0: draw none)")
   if c["replica_mode"] not in ("auto", *REPLICA_MODES):
     raise UserError(f"config.replica_mode={c['replica_mode']!r}: use 'auto', 'vmap' or 'map'")

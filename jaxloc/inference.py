@@ -19,7 +19,6 @@ The answers come from `jaxloc.metrics` (`digit_answers`, `dense_answers`,
 `slot_answers`), the same functions the evaluator uses.
 """
 
-import functools
 import os
 
 import jax
@@ -37,8 +36,8 @@ def load_variables(work_dir: str, spec: Spec, net=None) -> dict:
   batch_stats.msgpack for a model with BatchNorm), checked against its spec's model (`net`,
   when the caller has built it)."""
   net = tasks.build(spec).model if net is None else net
-  init = functools.partial(model.init_variables, model=net, canvas_size=spec.data.canvas_size)
-  like = jax.eval_shape(init, jax.random.key(0))  # shapes only: nothing is compiled or run
+  # shapes only: nothing is compiled or run
+  like = model.init_variables.eval_shape(jax.random.key(0), net, spec.data.canvas_size)
   files = {"params": workdir.PARAMS, "batch_stats": workdir.BATCH_STATS}
   return {name: _load(work_dir, files[name], tree) for name, tree in like.items()}
 

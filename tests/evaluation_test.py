@@ -84,9 +84,10 @@ def test_models_scored_in_one_call_get_their_own_figures(mnist_dir, scene):
 @pytest.mark.parametrize("scene", [False, True])
 def test_plot_predictions_draws_the_first_validation_canvases(mnist_dir, tmp_path, scene):
   config = _scene_config(mnist_dir) if scene else small_config(mnist_dir, num_plot=4)
-  task = tasks.build(configs.read(config))
-  _, _, val = loaders.load(configs.read(config))
-  state = train_state.create_train_state(jax.random.key(0), configs.read(config))
+  spec = configs.read(config)
+  task = tasks.build(spec)
+  _, _, val = loaders.load(spec)
+  state = train_state.create_train_state(jax.random.key(0), spec)
   _, per = task.make_evaluator(state.apply_fn)(train_state.raw_variables(state), val)
   task.plot_predictions(str(tmp_path), val, per)
   assert (tmp_path / "predictions.png").read_bytes().startswith(b"\x89PNG")
