@@ -120,8 +120,9 @@ class RunEvaluation:
 SCENE_VAL_CHUNK = 500  # scene validation canvases per key: chunk i uses fold_in(val_key, i)
 
 
-def sampled_chunk(val: dict, i, *, sample_args: dict, val_seed: int):
-  """Chunk i of the validation scenes drawn from the test digits (val: digits, labels)."""
+def sampled_chunk(val: dict, i, *, val_seed: int, **sample_args):
+  """Chunk i of the validation scenes drawn from the test digits (val: digits, labels);
+  `sample_args`: those of `scenes.sample_scene`."""
   key = jax.random.fold_in(jax.random.key(val_seed), i)
   return scenes.sample_scene(key, val["digits"], val["labels"], **sample_args)
 

@@ -77,7 +77,7 @@ def export_scenes(spec: Spec, num: int, split: str, seed: int) -> datasets.Datas
   parts = []
   for i in range(-(-num // chunk)):
     val = {"digits": digits, "labels": labels}
-    scene = jax.device_get(evaluation.sampled_chunk(val, i, sample_args=sample_args, val_seed=seed))
+    scene = jax.device_get(evaluation.sampled_chunk(val, i, val_seed=seed, **sample_args))
     scene["image"] = np.round(scene["image"][..., 0] * 255).astype(np.uint8)  # 1/4 the memory
     parts.append(scene)
   cat = lambda name: np.concatenate([p[name] for p in parts])[:num]

@@ -35,8 +35,10 @@ class Task(NamedTuple):
 
 def build(spec: Spec) -> Task:
   """The model, data, loss, evaluation and answers of the spec's task. Equal specs get the
-  same Task object, so the jitted functions that take its functions as static arguments
-  (the compiled train steps, the evaluation) trace them once per process."""
+  same Task object, and specs that differ only in what a program does not read (the
+  validation size, the paths, the drawings) get the same model and functions (`_shared`):
+  the jitted functions that take them as static arguments (the compiled train steps, the
+  evaluation) trace them once per process."""
   # a task reads neither the seed, the schedule nor the replicas: runs that differ only there
   # share it
   shared = dataclasses.replace(spec, seed=0, schedule=None, replicas=None)
@@ -52,14 +54,30 @@ def _build(spec: Spec, scene_val_chunk: int) -> Task:
   return _dense_task(spec, scene_val_chunk)
 
 
+@functools.lru_cache(maxsize=256)
+def _shared(fn, *args, **kwargs):
+  """`functools.partial(fn, *args, **kwargs)`, one object for equal arguments: jit compares
+  static arguments by equality, and a partial (or a closure) is equal only to itself."""
+  return functools.partial(fn, *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def _module(net: nn.Module) -> nn.Module:
+  """The first module equal to `net`: `net.apply` (a bound method, in every train state and
+  evaluation step) is equal only to the apply of the same module object."""
+  return net
+
+
 def _digit_task(spec: Spec) -> Task:
   head, data = spec.head, spec.data
   digit_args = dict(canvas_size=data.canvas_size)
   return Task(
-    model=model.Localizer(
-      num_classes=10, conv_features=head.conv_features, dense_features=head.dense_features
+    model=_module(
+      model.Localizer(
+        num_classes=10, conv_features=head.conv_features, dense_features=head.dense_features
+      )
     ),
-    sample_fn=functools.partial(canvas.training_batch, batch_size=data.batch_size, **digit_args),
+    sample_fn=_shared(canvas.training_batch, batch_size=data.batch_size, **digit_args),
     loss_fn=_weighted(losses.total_loss, spec),
     make_evaluator=lambda apply_fn, mesh=None, stacked=False: functools.partial(
       evaluation.evaluate,
@@ -83,12 +101,16 @@ def _scene_sampler(spec: Spec):
   (`scenes.stored_training_batch`; `loaders.load` gives the set as `digits`, None as labels)."""
   data = spec.data
   if data.train_path:
-    stored = functools.partial(scenes.stored_training_batch, batch_size=data.batch_size)
-    return lambda data_key, step, stored_set, _: stored(data_key, step, stored_set)
-  scene = functools.partial(
-    scenes.sample_scene, **spec.scene.sample_args(data.batch_size, data.canvas_size)
-  )
-  return lambda data_key, step, *digits: scene(jax.random.fold_in(data_key, step), *digits)
+    return _shared(_stored_batch, batch_size=data.batch_size)
+  return _shared(_sampled_batch, **spec.scene.sample_args(data.batch_size, data.canvas_size))
+
+
+def _stored_batch(data_key, step, stored_set, _, *, batch_size: int):
+  return scenes.stored_training_batch(data_key, step, stored_set, batch_size=batch_size)
+
+
+def _sampled_batch(data_key, step, digits, labels, **sample_args):
+  return scenes.sample_scene(jax.random.fold_in(data_key, step), digits, labels, **sample_args)
 
 
 def _scene_chunks(spec: Spec, max_chunk: int) -> tuple[int, Callable]:
@@ -97,11 +119,9 @@ def _scene_chunks(spec: Spec, max_chunk: int) -> tuple[int, Callable]:
   from a set on disk."""
   chunk = min(max_chunk, spec.data.num_val)
   if spec.data.val_path:
-    return chunk, functools.partial(evaluation.stored_chunk, chunk=chunk)
+    return chunk, _shared(evaluation.stored_chunk, chunk=chunk)
   sample_args = spec.scene.sample_args(chunk, spec.data.canvas_size)
-  return chunk, functools.partial(
-    evaluation.sampled_chunk, sample_args=sample_args, val_seed=spec.data.val_seed
-  )
+  return chunk, _shared(evaluation.sampled_chunk, val_seed=spec.data.val_seed, **sample_args)
 
 
 def _scene_evaluation(spec: Spec, score_chunk, max_chunk: int):
@@ -161,17 +181,19 @@ def _slot_loss_args(spec: Spec) -> dict:
 
 def _slot_task(spec: Spec, max_chunk: int) -> Task:
   head, loss_args = spec.head, _slot_loss_args(spec)
-  score_chunk = functools.partial(answers.slot_chunk, **loss_args)
+  score_chunk = _shared(answers.slot_chunk, **loss_args)
   make_evaluator, write_outputs, plot_predictions = _scene_evaluation(spec, score_chunk, max_chunk)
   return Task(
-    model=model.Detector(
-      max_objects=spec.scene.max_objects,
-      num_classes=10,
-      conv_features=head.conv_features,
-      dense_features=head.dense_features,
+    model=_module(
+      model.Detector(
+        max_objects=spec.scene.max_objects,
+        num_classes=10,
+        conv_features=head.conv_features,
+        dense_features=head.dense_features,
+      )
     ),
     sample_fn=_scene_sampler(spec),
-    loss_fn=_weighted(functools.partial(losses.scene_loss, **loss_args), spec),
+    loss_fn=_weighted(_shared(losses.scene_loss, **loss_args), spec),
     make_evaluator=make_evaluator,
     write_outputs=write_outputs,
     plot_predictions=plot_predictions,
@@ -183,13 +205,13 @@ def _dense_task(spec: Spec, max_chunk: int) -> Task:
   head: DenseHead = spec.head
   num_classes = 10 if spec.scene.classify else 1
   geometry = dict(canvas_size=spec.data.canvas_size, stride=head.stride)
-  decode = functools.partial(dense.decode, k=head.top_k, **geometry)
-  loss = functools.partial(
+  decode = _shared(dense.decode, k=head.top_k, **geometry)
+  loss = _shared(
     dense.scene_loss, num_classes=num_classes, giou_weight=head.giou_loss_weight, **geometry
   )
   loss_fn = _weighted(loss, spec)
-  answer = functools.partial(answers.dense_answers, decode=decode, threshold=head.score_threshold)
-  score_chunk = functools.partial(answers.dense_chunk, answer=answer, loss_fn=loss_fn)
+  answer = _shared(answers.dense_answers, decode=decode, threshold=head.score_threshold)
+  score_chunk = _shared(answers.dense_chunk, answer=answer, loss_fn=loss_fn)
   make_evaluator, write_outputs, plot_predictions = _scene_evaluation(spec, score_chunk, max_chunk)
   net = model.DenseDetector(
     num_classes=num_classes,
@@ -203,7 +225,7 @@ def _dense_task(spec: Spec, max_chunk: int) -> Task:
     norm=head.norm,
   )
   return Task(
-    model=net,
+    model=_module(net),
     sample_fn=_scene_sampler(spec),
     loss_fn=loss_fn,
     make_evaluator=make_evaluator,
@@ -216,10 +238,12 @@ def _dense_task(spec: Spec, max_chunk: int) -> Task:
 def _weighted(loss, spec: Spec) -> Callable:
   """`loss(outputs, batch, **weights)` as a Task's loss_fn: the head's weights that members
   may vary (`VARIED`: loss argument -> config field), the spec's own or those of `hp`."""
-  weights, own = spec.head.VARIED, spec.hyperparameters()
+  varied = tuple(spec.head.VARIED.items())
+  own = spec.hyperparameters()
+  return _shared(_weighted_loss, loss, varied, tuple((f, own[f]) for _, f in varied))
 
-  def loss_fn(outputs, batch, hp=None):
-    hp = own if hp is None else hp
-    return loss(outputs, batch, **{arg: hp[field] for arg, field in weights.items()})
 
-  return loss_fn
+def _weighted_loss(loss, varied: tuple, own: tuple, outputs, batch, hp=None):
+  """`_weighted`'s loss_fn: `varied` (loss argument, field) pairs, `own` (field, value)."""
+  hp = dict(own) if hp is None else hp
+  return loss(outputs, batch, **{arg: hp[field] for arg, field in varied})

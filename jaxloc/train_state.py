@@ -4,6 +4,7 @@ device (batch t depends only on (seed, t)); with replicas, several members in on
 The run around them (logs, checkpoints, evaluation) is `jaxloc.train`.
 """
 
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -74,11 +75,24 @@ def learning_rate(opt: Optimizer, peak=None) -> optax.ScalarOrSchedule:
   )
 
 
-@functools.cache
 def optimizer_fn(opt: Optimizer):
-  """`peak -> optimizer(opt, peak)`, the train step's `optimizer_fn`: one object per
-  optimizer spec, so the compiled steps of equal specs share their trace."""
+  """`peak -> optimizer(opt, peak)`, the train step's `optimizer_fn`: one object for the
+  optimizers that differ only in what it does not read (`_adam`; the peak is the argument),
+  so their compiled steps share one trace."""
+  return _optimizer_fn(dataclasses.replace(_adam(opt), learning_rate=0.0))
+
+
+@functools.cache
+def _optimizer_fn(opt: Optimizer):
   return functools.partial(optimizer, opt)
+
+
+def _adam(opt: Optimizer) -> Optimizer:
+  """`opt` without what `optimizer(opt)` does not read: the moving average's decay, and a
+  constant step size's warm-up and length (zeros)."""
+  if opt.lr_schedule == "constant":
+    opt = dataclasses.replace(opt, warmup_steps=0, total_steps=0)
+  return dataclasses.replace(opt, ema_decay=0.0)
 
 
 def optimizer(opt: Optimizer, peak=None) -> optax.GradientTransformation:
@@ -91,16 +105,20 @@ def optimizer(opt: Optimizer, peak=None) -> optax.GradientTransformation:
 def create_train_state(key: jax.Array, spec: Spec, net: nn.Module | None = None) -> TrainState:
   """The state before step 1: `net` (default: the spec's model) initialised from `key`."""
   net = tasks.build(spec).model if net is None else net
-  return _initial_state(key, net=net, canvas_size=spec.data.canvas_size, opt=spec.opt)
+  ema = spec.opt.ema_decay > 0
+  return _initial_state(
+    key, net=net, canvas_size=spec.data.canvas_size, opt=_adam(spec.opt), ema=ema
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("net", "canvas_size", "opt"))
-def _initial_state(key: jax.Array, *, net: nn.Module, canvas_size: int, opt: Optimizer):
-  """`create_train_state` as one program, traced once per model and optimizer: run eagerly,
-  each optimizer zero and parameter copy would be compiled on its own."""
+@functools.partial(jax.jit, static_argnames=("net", "canvas_size", "opt", "ema"))
+def _initial_state(key: jax.Array, *, net: nn.Module, canvas_size: int, opt: Optimizer, ema: bool):
+  """`create_train_state` as one program, traced once per model, optimizer (`_adam`) and
+  whether a moving average is kept: run eagerly, each optimizer zero and parameter copy
+  would be compiled on its own."""
   variables = model.init_variables(key, net, canvas_size)
   params, stats = variables["params"], variables.get("batch_stats")
-  ema = jax.tree_util.tree_map(jnp.copy, params) if opt.ema_decay > 0 else None
+  ema = jax.tree_util.tree_map(jnp.copy, params) if ema else None
   state = TrainState.create(
     apply_fn=net.apply, params=params, tx=optimizer(opt), ema_params=ema, batch_stats=stats
   )

@@ -96,7 +96,7 @@ def test_predictor_answers_as_the_run_scored(reference):
   for key in ("AP", "AP50", "count_accuracy", "class_accuracy", "heatmap_loss"):
     assert scored[key] == final[key], key
   sample_args = spec.scene.sample_args(spec.data.num_val, spec.data.canvas_size)
-  scene = evaluation.sampled_chunk(val, 0, sample_args=sample_args, val_seed=spec.data.val_seed)
+  scene = evaluation.sampled_chunk(val, 0, val_seed=spec.data.val_seed, **sample_args)
   out = predictor(np.asarray(scene["image"]))
   np.testing.assert_array_equal(out["count"], per["pred_count"])
 

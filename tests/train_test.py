@@ -167,21 +167,23 @@ def test_run_cases_set_errors(item, match):
 
 
 def test_a_spec_trained_again_in_one_process_is_not_traced_again(mnist_dir, tmp_path):
-  """`tasks.build` gives equal specs (the seed aside) one Task, whose functions are static
-  arguments of the jitted train steps, metric shapes and evaluation: a second run traces
-  nothing."""
+  """`tasks.build` gives specs that differ only in what the programs do not read (the seed,
+  the run's length, the moving average's decay, the validation count) one model and the
+  same functions, static arguments of the jitted train steps, metric shapes and
+  evaluation: a second such run traces nothing."""
   traced = []
 
   def listen(event, seconds, **kwargs):
     if event == "/jax/core/compile/jaxpr_trace_duration":
       traced.append(kwargs.get("fun_name"))
 
-  config = lambda seed: small_config(mnist_dir, seed=seed, batch_size=2, num_val=12, epochs=1)
+  first_config = small_config(mnist_dir, batch_size=2, num_val=12, epochs=1)
+  second_config = small_config(mnist_dir, batch_size=2, num_val=12, seed=1, ema_decay=0.99)
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
-    train_run(config(0), tmp_path / "first")
+    train_run(first_config, tmp_path / "first")
     first, traced[:] = list(traced), []
-    train_run(config(1), tmp_path / "second")
+    train_run(second_config, tmp_path / "second")
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
   # Batches of 2 and 12 validation canvases: shapes no other test uses, so the first run
@@ -189,6 +191,9 @@ def test_a_spec_trained_again_in_one_process_is_not_traced_again(mnist_dir, tmp_
   # model's shapes, which a test run before it in this process may have traced).
   assert {"_step_metrics", "_jitted_train_steps", "eval_step"} <= set(first), first
   assert traced == []
-  spec = configs.read(config(0))
-  assert tasks.build(spec) is tasks.build(configs.read(config(1)))
+  spec = configs.read(first_config)
+  assert tasks.build(spec) is tasks.build(configs.read(first_config))
+  other = tasks.build(configs.read(small_config(mnist_dir, batch_size=2, num_val=40)))
+  for part in ("model", "sample_fn", "loss_fn"):
+    assert getattr(other, part) is getattr(tasks.build(spec), part), part
   assert tasks.build(spec) is not tasks.build(configs.read(small_config(mnist_dir, batch_size=4)))
