@@ -7,14 +7,17 @@ a program compiled once, by any script, is read back instead of compiled again.
 Flag and config-override errors (an unknown field, a misspelt override, a bad
 value, a missing config file) and `jaxloc.errors.UserError` are printed as
 `error: ...` without a traceback; `jaxloc.errors.Stopped` (training stopped by SIGTERM or
-SIGINT, its checkpoint saved) prints its line and exits 143 or 130.
+SIGINT, its checkpoint saved) prints its line and exits 143 or 130. A script ends without
+the interpreter's teardown of every library object (`_exit`), about a second sooner.
 """
 
 import ast
+import atexit
 import logging as std_logging
 import os
 import re
 import sys
+import threading
 import traceback
 
 import jax
@@ -121,7 +124,32 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
 
 
 def run(main) -> None:
-  """Parses flags, then calls `main(argv)`; user errors exit with status 2."""
+  """Parses flags, then calls `main(argv)`; user errors exit with status 2. The process ends
+  as `sys.exit` would, without the interpreter's teardown (`_exit`)."""
+  try:
+    _run(main)
+  except SystemExit as e:
+    _exit(e.code)
+  _exit(0)
+
+
+def _exit(code) -> None:
+  """`sys.exit(code)` less the interpreter's teardown, which frees every object of jax, XLA
+  and the libraries one by one (about 0.9 s of CPU after a short training run, each command
+  of the test suite paying it). The steps of the interpreter's exit before that teardown, in
+  its order: the threads' exit (thread pools told to stop, the other threads joined), the
+  exit handlers (TensorBoard's writer, logging); then stdout and stderr flushed, `os._exit`."""
+  threading._shutdown()
+  atexit._run_exitfuncs()
+  if code is not None and not isinstance(code, int):
+    print(code, file=sys.stderr)
+    code = 1
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code or 0)
+
+
+def _run(main) -> None:
   try:
     argv = parse_flags(sys.argv)
   except UserError as e:
