@@ -164,7 +164,7 @@ def _place(key, size, wanted, canvas_size: int, max_overlap: float, tries: int, 
   stays empty). A digit placed before counts as its patch, or, given `ext` [B, K+1, 4] (ink
   extents from the offset, pixels), as its ink box. Returns offsets xy [B, K+1, 2] and
   placed [B, K+1]. The slots are a `fori_loop` over offsets drawn before it: one loop body
-  to compile, not one per slot (a 20-slot scene compiled in seconds)."""
+  to compile, whatever the number of slots."""
   batch_size, k_slots = size.shape
   uniform = lambda k: jax.random.uniform(k, (batch_size, tries, 2))
   u = jax.vmap(uniform)(jax.random.split(key, k_slots))  # [K+1, B, T, 2]: slot j's key j
