@@ -178,7 +178,7 @@ def _place(key, size, wanted, canvas_size: int, max_overlap: float, tries: int, 
     prev = jnp.repeat(earlier_box[:, None, :, :], tries, axis=1)  # [B, T, K, 4]
     ious = boxes.iou(jnp.repeat(cand_box[:, :, None, :], k_slots, axis=2), prev)
     ok = jnp.all((ious <= max_overlap) | ~placed[:, None, :], axis=-1)  # [B, T]
-    first = jnp.argmax(ok, axis=1)  # nothing placed yet: the first try
+    first = jnp.argmax(ok, axis=1)  # slot 0 (nothing placed yet): every try fits, the first
     found = jnp.any(ok, axis=1) & wanted[:, j]
     xy = jnp.take_along_axis(cand, first[:, None, None], axis=1)[:, 0]
     if ext is None:
