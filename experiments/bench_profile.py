@@ -41,7 +41,7 @@ def step_profile(steps, config=None):
   for e in events:
     if e.get("ph") == "X" and "hlo_op" in e.get("args", {}):
       us[e["args"]["hlo_op"]] += e["dur"]
-  hlo = fn.as_text()
+  hlo = fn.compiled.as_text()
   ops = []
   for name, total in us.most_common(15):
     m = re.search(rf"%{re.escape(name)} = (\S+) .*?op_name=\"([^\"]*)\"", hlo)

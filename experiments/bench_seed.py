@@ -176,7 +176,7 @@ def train_jaxloc(steps, steps_per_call=None, config=None, members=1, mode=None):
 
   config = config or digit.get_config()
   fn, (state, sums, *data), n, compile_s = compiled_steps(config, steps_per_call, members, mode)
-  memory = fn.memory_analysis()
+  memory = fn.compiled.memory_analysis()
   state, sums = fn(state, sums, *data)  # warm-up
   jax.block_until_ready(sums)
   calls = max(1, steps // n)

@@ -187,70 +187,102 @@ def train_steps(
   labels: jax.Array,
   data_key: jax.Array,
   hp: dict[str, jax.Array],
+  num_steps: int | jax.Array | None,
   *,
-  num_steps: int,
   sample_fn,
   loss_fn,
   optimizer_fn,
   mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """`num_steps` steps of `train_step`, each on a fresh batch drawn on the device; adds the
-  metrics to `sums`.
+  metrics to `sums`. `num_steps`: an int or an int32 scalar, a loop of that many steps (traced,
+  the count is an argument of the program: one program for every count); None, one step
+  without a loop (an accelerator would wait for a loop's condition on the host each step).
 
   Batch t is `sample_fn(data_key, t, digits, labels)`. With a `mesh`, every
   batch is sharded over its `data` axis (data parallelism).
   """
 
-  def one(carry, _):
+  def one(_, carry):
     state, sums = carry
     batch = sample_fn(data_key, state.step, digits, labels)
     batch = parallel.shard_batch(batch, mesh)
     state, m = train_step(state, batch, hp, loss_fn=loss_fn, optimizer_fn=optimizer_fn)
-    return (state, jax.tree_util.tree_map(jnp.add, sums, m)), None
+    return state, jax.tree_util.tree_map(jnp.add, sums, m)
 
-  if num_steps == 1:
-    return one((state, sums), None)[0]
-  return jax.lax.scan(one, (state, sums), None, length=num_steps)[0]
+  if num_steps is None:
+    return one(0, (state, sums))
+  return jax.lax.fori_loop(0, num_steps, one, (state, sums))
 
 
 def compile_train_steps(
-  state: TrainState, sums, digits, labels, data_key, hp, *, replicas: str | None = None, **static
+  state: TrainState,
+  sums,
+  digits,
+  labels,
+  data_key,
+  hp,
+  *,
+  num_steps: int,
+  replicas: str | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  **static,
 ):
-  """`train_steps` jitted and compiled for these arguments; `static` are its keyword
-  arguments (`num_steps`, `sample_fn`, `loss_fn`, `optimizer_fn`, ...). Returns
-  `fn(state, sums, digits, labels, data_key, hp) -> (state, sums)`, which donates `state` and
-  `sums` (`zero_metrics` gives the first sums).
+  """`num_steps` steps of `train_steps`, jitted and compiled for these arguments; `static` are
+  its other keyword arguments (`sample_fn`, `loss_fn`, `optimizer_fn`). Returns a
+  `CompiledSteps`, `fn(state, sums, digits, labels, data_key, hp) -> (state, sums)`, which
+  donates `state` and `sums` (`zero_metrics` gives the first sums).
 
   With `replicas` ("vmap" or "map"), `state`, `sums`, `data_key` and `hp` are stacked members
   (`parallel.stack`; leading axis N) trained in one program on the same `digits` and `labels`:
   `jax.vmap` batches the members' steps into one, `lax.map` loops over them.
 
   The static arguments are compared by equality: equal ones (the functions of one
-  `tasks.build` Task, one `optimizer_fn` object) reuse the program traced before.
+  `tasks.build` Task, one `optimizer_fn` object) reuse the program traced before. One step is
+  a program of its own; every larger `num_steps` shares one, whose loop count is an argument
+  (a run whose epoch or records cut a call short compiles its steps once).
   """
-  args = (state, sums, digits, labels, data_key, hp)
-  return _jitted_train_steps.lower(*args, replicas=replicas, **static).compile()
+  count = None
+  if num_steps > 1:
+    count = np.int32(num_steps)
+    count = count if mesh is None else parallel.replicate(count, mesh)
+  args = (state, sums, digits, labels, data_key, hp, count)
+  fn = _jitted_train_steps.lower(*args, replicas=replicas, mesh=mesh, **static).compile()
+  return CompiledSteps(fn, count)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+  """`compiled` (a `jax.stages.Compiled` of `train_steps`) with its step count bound: called
+  as `fn(state, sums, digits, labels, data_key, hp)`."""
+
+  compiled: Any
+  count: Any  # None (one step) or an int32 scalar
+
+  def __call__(self, state, sums, *data):
+    return self.compiled(state, sums, *data, self.count)
 
 
 @functools.partial(
   jax.jit,
-  static_argnames=("replicas", "num_steps", "sample_fn", "loss_fn", "optimizer_fn", "mesh"),
+  static_argnames=("replicas", "sample_fn", "loss_fn", "optimizer_fn", "mesh"),
   donate_argnums=(0, 1),
 )
-def _jitted_train_steps(state, sums, digits, labels, data_key, hp, *, replicas, **static):
+def _jitted_train_steps(state, sums, digits, labels, data_key, hp, count, *, replicas, **static):
   fn = functools.partial(train_steps, **static)
   if replicas == "vmap":
-    fn = jax.vmap(fn, in_axes=(0, 0, None, None, 0, 0))
+    fn = jax.vmap(fn, in_axes=(0, 0, None, None, 0, 0, None))
   elif replicas == "map":
     one = fn
-    fn = lambda s, m, d, lab, k, h: jax.lax.map(
-      lambda a: one(a[0], a[1], d, lab, a[2], a[3]), (s, m, k, h)
+    fn = lambda s, m, d, lab, k, h, n: jax.lax.map(
+      lambda a: one(a[0], a[1], d, lab, a[2], a[3], n), (s, m, k, h)
     )
-  return fn(state, sums, digits, labels, data_key, hp)
+  return fn(state, sums, digits, labels, data_key, hp, count)
 
 
 class Steps:
-  """Calls compiled `train_steps`, compiling each number of steps once; times both."""
+  """Calls compiled `train_steps`, compiled once for each number of steps (every number above
+  one shares a program); times both."""
 
   def __init__(self, state, data, **static):
     self.data, self.static = data, static  # data: (digits, labels, data_key, hp)
