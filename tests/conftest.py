@@ -17,12 +17,18 @@ import sys
 import tempfile
 import time
 
+# The sources' bytecode written once, into their __pycache__ folders (which git ignores), and
+# read by every process after, even where PYTHONDONTWRITEBYTECODE is set: the suite starts
+# some forty Python processes, each of which would compile jaxloc's sources again.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+
 # Tests check behaviour, not speed: XLA's quickest compilation (the suite spends most of
 # its time compiling; XLA:CPU's loop emitters compile faster than its fusion emitters), and
 # one compilation cache shared by the session's processes (the command-line tests compile
 # what the in-process tests compiled). Set before jax is imported so that the commands the
 # tests start inherit them.
-from jaxloc import xla_flags  # imports no jax
+from jaxloc import xla_flags  # noqa: E402 (imports no jax)
 
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ["XLA_FLAGS"] = xla_flags.with_cpu_flags(
