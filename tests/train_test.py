@@ -168,9 +168,9 @@ def test_run_cases_set_errors(item, match):
 
 def test_a_spec_trained_again_in_one_process_is_not_traced_again(mnist_dir, tmp_path):
   """`tasks.build` gives specs that differ only in what the programs do not read (the seed,
-  the run's length, the moving average's decay, the validation count) one model and the
-  same functions, static arguments of the jitted train steps, metric shapes and
-  evaluation: a second such run traces nothing."""
+  the run's length, the steps a call runs (above one), the moving average's decay, the
+  validation count) one model and the same functions, static arguments of the jitted train
+  steps, metric shapes and evaluation: a second such run traces nothing."""
   traced = []
 
   def listen(event, seconds, **kwargs):
@@ -178,7 +178,9 @@ def test_a_spec_trained_again_in_one_process_is_not_traced_again(mnist_dir, tmp_
       traced.append(kwargs.get("fun_name"))
 
   first_config = small_config(mnist_dir, batch_size=2, num_val=12, epochs=1)
-  second_config = small_config(mnist_dir, batch_size=2, num_val=12, seed=1, ema_decay=0.99)
+  second_config = small_config(
+    mnist_dir, batch_size=2, num_val=12, seed=1, ema_decay=0.99, steps_per_epoch=4, log_every=2
+  )  # calls of 2 steps, the first run's of 3
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
     train_run(first_config, tmp_path / "first")
