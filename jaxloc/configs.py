@@ -37,10 +37,9 @@ REPLICA_MODES = ("vmap", "map")
 VARY_EXAMPLE = '--config.vary="learning_rate=1e-3,3e-3 ema_decay=0.99,0.999"'
 SCENE_VAL_DEFAULT = 10_000  # validation scenes when config.num_val <= 0
 
-# Steps per compiled call when config.steps_per_call = -1. The CPU runs a lax.scan of 10
-# steps faster than one step per call (docs/speed.md); on an accelerator every other chunk
-# length (the steps left before a log or an epoch end) is one more compilation, and one step
-# per call compiles once.
+# Steps per compiled call when config.steps_per_call = -1. The CPU runs a loop of 10 steps
+# faster than one step per call (docs/speed.md); an accelerator ran one step per call about
+# as fast as 50 (docs/speed.md), and a step without a loop waits for no loop condition.
 STEPS_PER_CALL = {"cpu": 10}
 STEPS_PER_CALL_ACCELERATOR = 1
 # How replica members share one program when config.replica_mode = "auto" (docs/speed.md):

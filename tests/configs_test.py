@@ -144,7 +144,7 @@ def test_derived_values_are_computed_once():
   assert scene.data.num_val == configs.SCENE_VAL_DEFAULT
   read = lambda n: configs.read(small_config("", steps_per_call=n)).schedule.steps_per_call
   assert read(7) == 7
-  assert read(-1) == (10 if jax.default_backend() == "cpu" else 1)  # a scan of 10 on the CPU
+  assert read(-1) == (10 if jax.default_backend() == "cpu" else 1)  # a loop of 10 on the CPU
   assert configs.read(small_config("")).replicas.mode == "vmap"
 
 

@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 64  # canvases per training step
   config.epochs = 10  # evaluations happen at the end of each epoch
   config.steps_per_epoch = 60000 // 64  # the seed's epoch: 60,000 canvases
-  config.steps_per_call = -1  # steps per compiled call: N > 1 scans N steps; -1 = per backend
+  config.steps_per_call = -1  # steps per compiled call: N > 1 loops over N steps; -1 = per backend
   config.learning_rate = 1e-3  # Adam step size (the peak of a schedule)
   config.lr_schedule = "constant"  # "constant" (the seed), or "cosine": warm-up, decay to 0
   config.warmup_steps = 0  # cosine only: steps of linear warm-up from 0
