@@ -243,9 +243,9 @@ def compile_train_steps(
   (a run whose epoch or records cut a call short compiles its steps once).
   """
   count = None
-  if num_steps > 1:
+  if num_steps > 1:  # on the devices once, not sent with every call
     count = np.int32(num_steps)
-    count = count if mesh is None else parallel.replicate(count, mesh)
+    count = jax.device_put(count) if mesh is None else parallel.replicate(count, mesh)
   args = (state, sums, digits, labels, data_key, hp, count)
   fn = _jitted_train_steps.lower(*args, replicas=replicas, mesh=mesh, **static).compile()
   return CompiledSteps(fn, count)

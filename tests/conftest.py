@@ -53,8 +53,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 def _end_worker() -> None:
   """A pytest-xdist worker, its results sent, ends without JAX's clean-up at exit and the
-  interpreter's teardown (about 2 s of CPU a worker after a session), as the commands do
-  (`experiments.cli._exit`). Registered after jax, so it runs before JAX's exit handler."""
+  interpreter's teardown (about 2 s of CPU a worker after a session; the commands skip the
+  teardown too, `experiments.cli._exit`). Registered after jax, so it runs before JAX's exit
+  handler."""
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(0)
