@@ -4,6 +4,8 @@ Figures are matplotlib `Figure` objects rendered to PNG by Agg, without pyplot: 
 jaxloc leaves the user's matplotlib backend (a notebook's, say) and pyplot's figures alone.
 matplotlib is imported by the first figure, not by this module: a command that draws
 nothing (an error, a stopped run) does not pay its import. Files are written atomically.
+Each figure is laid out in inches (its axes' size, the margins and gaps around them), so it
+is drawn once: `bbox_inches="tight"` would draw it twice, once to find its box.
 """
 
 import io
@@ -14,17 +16,30 @@ from jaxloc import workdir
 from jaxloc.metrics import IOU_THRESHOLD
 
 
-def _subplots(rows: int, cols: int, figsize: tuple[float, float]):
-  """(figure, axes [rows, cols]) of a new figure."""
+def _subplots(rows: int, cols: int, axes: tuple[float, float], pad: tuple, gap: tuple):
+  """(figure, axes [rows, cols]) of a new figure: each axes `axes` (width, height) inches,
+  `pad` (left, right, bottom, top) inches around them and `gap` (between columns, between
+  rows) inches between them, for the tick labels, titles and texts beside the axes."""
   from matplotlib.figure import Figure
 
-  fig = Figure(figsize=figsize)
+  w, h = axes
+  width = pad[0] + pad[1] + cols * w + (cols - 1) * gap[0]
+  height = pad[2] + pad[3] + rows * h + (rows - 1) * gap[1]
+  fig = Figure(figsize=(width, height))
+  fig.subplots_adjust(
+    left=pad[0] / width,
+    right=1 - pad[1] / width,
+    bottom=pad[2] / height,
+    top=1 - pad[3] / height,
+    wspace=gap[0] / w,
+    hspace=gap[1] / h,
+  )
   return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def _save(fig, path: str) -> None:
   buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+  fig.savefig(buf, format="png", dpi=100)
   workdir.write_bytes_atomic(path, buf.getvalue())
 
 
@@ -36,7 +51,7 @@ def plot_curves(history: list[dict], path: str) -> None:
   moving average, validation of both the averaged and the raw weights."""
   epochs = [r["epoch"] for r in history]
   parts = [p for p in PLOTTED_LOSSES if f"val/{p}" in history[-1]]
-  fig, axes = _subplots(1, len(parts), (5 * len(parts), 3.8))
+  fig, axes = _subplots(1, len(parts), (3.4, 2.9), pad=(0.6, 0.15, 0.5, 0.3), gap=(0.6, 0))
   for ax, part in zip(axes[0], parts, strict=True):
     ax.plot(epochs, [r.get(f"train/{part}") for r in history], "o-", label="train")
     raw = f"val_raw/{part}" in history[-1]  # a run with a moving average: val/ is the average
@@ -53,7 +68,7 @@ def plot_curves(history: list[dict], path: str) -> None:
 
 def plot_pr(recall: np.ndarray, precision: np.ndarray, ap50: float, path: str) -> None:
   """Interpolated precision-recall curve at IoU 0.5 (mean over classes)."""
-  fig, axes = _subplots(1, 1, (4.5, 4))
+  fig, axes = _subplots(1, 1, (3.5, 3.1), pad=(0.6, 0.2, 0.5, 0.3), gap=(0, 0))
   ax = axes[0, 0]
   ax.plot(recall, precision)
   ax.set(
@@ -69,7 +84,7 @@ def plot_pr(recall: np.ndarray, precision: np.ndarray, ap50: float, path: str) -
 def plot_scenes(image_NxHxW: np.ndarray, per: dict, classify: bool, path: str, cols: int = 8):
   """Scenes with true boxes green and the kept detections red (class and score)."""
   size = image_NxHxW.shape[1]
-  fig, axes = _grid(image_NxHxW, cols, (1.9, 2.0))
+  fig, axes = _grid(image_NxHxW, cols, 1.25, below=0.35, above=0.15)  # scores over boxes
   for i, ax in enumerate(axes):
     for box in per["box"][i][per["valid"][i]]:
       _rect(ax, box * size, "lime")
@@ -88,7 +103,7 @@ def plot_heatmaps(image_NxHxW: np.ndarray, per: dict, path: str, cols: int = 4):
   cell), true boxes green on both: where it sees digit centres."""
   n, size = image_NxHxW.shape[0], image_NxHxW.shape[1]
   rows = -(-n // cols)
-  fig, axes = _subplots(rows, 2 * cols, (3.6 * cols, 1.9 * rows))
+  fig, axes = _subplots(rows, 2 * cols, (1.2, 1.2), pad=(0.05, 0.05, 0.35, 0.05), gap=(0.2, 0.4))
   for ax in axes.flat:
     ax.axis("off")
   for i in range(n):
@@ -105,14 +120,16 @@ def plot_heatmaps(image_NxHxW: np.ndarray, per: dict, path: str, cols: int = 4):
   _save(fig, path)
 
 
-def _grid(image_NxHxW: np.ndarray, cols: int, cell_inches: tuple[float, float]):
-  """A figure with one axis per canvas (grey, [0, 1]), axes off, at most `cols` a row and no
-  empty columns (an empty axis still costs drawing time); returns (fig, used axes)."""
+def _grid(image_NxHxW: np.ndarray, cols: int, side: float, *, below=0.05, above=0.05):
+  """A figure with one axis per canvas (grey, [0, 1]) of `side` inches, axes off, at most
+  `cols` a row and no empty columns (an empty axis still costs drawing time), `below` and
+  `above` inches of room for the texts under and over each canvas; returns (fig, used
+  axes)."""
   n = image_NxHxW.shape[0]
   cols = min(cols, n)
   rows = -(-n // cols)
-  w, h = cell_inches
-  fig, axes = _subplots(rows, cols, (w * cols, h * rows))
+  pad = (0.05, 0.05, below, above)
+  fig, axes = _subplots(rows, cols, (side, side), pad=pad, gap=(0.25, below + above))
   for ax in axes.flat:
     ax.axis("off")
   for ax, image in zip(axes.flat, image_NxHxW, strict=False):
@@ -143,7 +160,7 @@ def plot_predictions(
   The IoU is written in red when below the seed's 0.6 threshold.
   """
   size = image_NxHxW.shape[1]
-  fig, axes = _grid(image_NxHxW, cols, (1.6, 1.9))
+  fig, axes = _grid(image_NxHxW, cols, 1.05, below=0.4)
   for i, ax in enumerate(axes):
     _rect(ax, true_box_Nx4[i] * size, "lime")
     _rect(ax, pred_box_Nx4[i] * size, "red")
@@ -181,7 +198,7 @@ def plot_detections(
     pred_box, pred_label, score = pred_box[:, None], pred_label[:, None], score[:, None]
   keep = np.ones(score.shape, bool) if keep is None else keep
   size = image_NxHxW.shape[1]
-  fig, axes = _grid(image_NxHxW, cols, (2.6, 2.8))
+  fig, axes = _grid(image_NxHxW, cols, 1.75, above=0.35)
   for i, ax in enumerate(axes):
     for t in np.nonzero(keep[i])[0]:
       x0, y0 = pred_box[i, t, :2] * size
