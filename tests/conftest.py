@@ -69,9 +69,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # pytest-xdist workers then share out the short tests at the end, instead of one worker
 # finishing a long test alone. worksteal queues them for one worker, and the other takes the
 # end of that queue when its own runs out: the last modules here are the ones the two may
-# run at once, so they are ones whose shared runs are made by their first tests. (Last,
-# console_test's two tests, reading one run of two commands, ran on both workers at once,
-# and one waited 16 s for the other.)
+# run at once, so they are ones whose shared runs are made by their first tests
+# (console_test's two tests read one run of two commands: on both workers at once, one would
+# wait for the other).
 LONGEST_FIRST = (
   "gpu_figures_test",
   "multiprocess_test",
