@@ -25,15 +25,18 @@ os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.dont_write_bytecode = False
 
 # Tests check behaviour, not speed: XLA's quickest compilation (the suite spends most of
-# its time compiling; XLA:CPU's loop emitters compile faster than its fusion emitters), and
-# one compilation cache shared by the session's processes (the command-line tests compile
-# what the in-process tests compiled). Set before jax is imported so that the commands the
-# tests start inherit them.
+# its time compiling; XLA:CPU's loop emitters compile faster than its fusion emitters, and
+# a program's machine code made in one piece costs less CPU than in the parts XLA hands to
+# its threads, which a suite that keeps every core busy does not have spare), and one
+# compilation cache shared by the session's processes (the command-line tests compile what
+# the in-process tests compiled). Set before jax is imported so that the commands the tests
+# start inherit them.
 from jaxloc import xla_flags  # noqa: E402 (imports no jax)
 
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ["XLA_FLAGS"] = xla_flags.with_cpu_flags(
-  os.environ.get("XLA_FLAGS", ""), ("--xla_cpu_use_fusion_emitters=false",)
+  os.environ.get("XLA_FLAGS", ""),
+  ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1"),
 )
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE = tempfile.mkdtemp(prefix="jaxloc-test-xla-cache-")
@@ -122,12 +125,22 @@ def fake_mnist(directory: str, n_train: int = 60, n_test: int = 40, seed: int = 
 
 
 @pytest.fixture(scope="session")
-def mnist_dir(tmp_path_factory) -> str:
-  """Real MNIST when JAXLOC_MNIST_DIR is set (CI: ../shared/data/mnist), else small fakes."""
+def mnist_dir(tmp_path_factory, shared_dir) -> str:
+  """Real MNIST when JAXLOC_MNIST_DIR is set (CI: ../shared/data/mnist), else small fakes.
+  The real files are stored uncompressed once a session (the loader reads raw IDX as well as
+  gzip): the suite loads MNIST about a hundred times, and inflating the 2.4 MB of gzip each
+  time costs some 3 s of CPU. mnist_test reads gzip files of its own."""
   env = os.environ.get("JAXLOC_MNIST_DIR")
-  if env and os.path.isdir(env):
-    return env
-  return fake_mnist(str(tmp_path_factory.mktemp("mnist")))
+  if not (env and os.path.isdir(env)):
+    return fake_mnist(str(tmp_path_factory.mktemp("mnist")))
+
+  def inflate(folder):
+    for name in os.listdir(env):
+      opener = gzip.open if name.endswith(".gz") else open
+      with opener(os.path.join(env, name), "rb") as f:
+        (folder / name.removesuffix(".gz")).write_bytes(f.read())
+
+  return str(shared_once(shared_dir, "mnist", inflate)[0])
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,7 +3,9 @@
 import os
 import re
 import subprocess
+import sys
 import tomllib
+import types
 
 import pytest
 from conftest import ROOT, run_train_command, shared_commands
@@ -61,7 +63,10 @@ def test_verbose_shows_library_logs(run):
   assert not LIBRARY_LOG.search(quiet.stderr + quiet.stdout)
 
 
-def test_tensorboard_events_hold_the_logged_figures(run):
+def test_tensorboard_events_hold_the_logged_figures(run, monkeypatch):
+  # TensorBoard's reader without TensorFlow (its own stub, as a TensorBoard installed alone
+  # reads): TensorFlow, here for TFDS, would cost this process about 4 s of CPU to import.
+  monkeypatch.setitem(sys.modules, "tensorboard.compat.notf", types.ModuleType("notf"))
   event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
   path, _, _ = run
   events = event_accumulator.EventAccumulator(
