@@ -70,7 +70,7 @@ def test_patch_at_box_equals_digit_and_ink_inside(digits):
   d, y = digits
   idx = jnp.arange(20) % 50
   xy = canvas.sample_offsets(jax.random.key(3), 20, 75)
-  b = canvas.render(d[idx], y[idx], xy, canvas_size=75)
+  b = jax.jit(canvas.render, static_argnames="canvas_size")(d[idx], y[idx], xy, canvas_size=75)
   for i in range(20):
     x0, y0, x1, y1 = np.rint(np.asarray(b["box"][i]) * 75).astype(int)
     assert (x1 - x0, y1 - y0) == (28, 28)
@@ -115,10 +115,10 @@ def test_paste_unscaled_equals_matrix_paste(digits):
   xy = jax.random.randint(k[1], (6, 3, 2), 0, 40 - 28 + 1)  # overlapping digits: maximum
   valid = jnp.array([[True, True, False]] * 3 + [[False, False, False]] * 3)
   size = jnp.full((6, 3), 28)
-  fast = canvas.paste_unscaled(chosen, xy, valid, canvas_size=40)
-  np.testing.assert_array_equal(
-    fast, canvas.combine(canvas.place_digits(chosen, xy, size, valid, canvas_size=40))
-  )
+  fast = jax.jit(canvas.paste_unscaled, static_argnames="canvas_size")
+  fast = fast(chosen, xy, valid, canvas_size=40)
+  slow = jax.jit(lambda *a: canvas.combine(canvas.place_digits(*a, canvas_size=40)))
+  np.testing.assert_array_equal(fast, slow(chosen, xy, size, valid))
   assert float(fast[3:].max()) == 0.0  # no valid slot: an empty canvas
 
 

@@ -161,10 +161,15 @@ def test_shifting_the_canvas_by_the_coarsest_stride_shifts_the_fpn_outputs(norm)
   image = jnp.zeros((1, size, size, 1))
   image = image.at[:, 128:192, 128:192].set(jax.random.uniform(jax.random.key(0), (1, 64, 64, 1)))
   params = model.init_params(jax.random.key(1), net, size)
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  noise = [0.05 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)]
-  params = jax.tree_util.tree_unflatten(tree, [p + n for p, n in zip(leaves, noise, strict=True)])
+
+  @jax.jit  # one program, not three operations a leaf run one by one
+  def jitter(params, key):
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [p + 0.05 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)]
+    return jax.tree_util.tree_unflatten(tree, noisy)
+
+  params = jitter(params, jax.random.key(2))
   apply = jax.jit(net.apply)
   out = apply({"params": params}, image)
   moved = apply({"params": params}, jnp.roll(image, (32, 32), axis=(1, 2)))

@@ -19,7 +19,7 @@ def test_parameter_count_matches_keras_summary():
 def test_output_shapes():
   net = model.Localizer()
   params = model.init_params(jax.random.key(0), net, 75)
-  out = net.apply({"params": params}, jnp.zeros((3, 75, 75, 1)))
+  out = jax.jit(net.apply)({"params": params}, jnp.zeros((3, 75, 75, 1)))
   assert out["logits"].shape == (3, 10) and out["box"].shape == (3, 4)
 
 
@@ -47,11 +47,13 @@ def test_conv3x3_matches_lax_conv_and_its_gradient(impl, channels):
   assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(jnp.shape, ref_params)
   ours = lambda p, x: layer.apply({"params": p}, x)
   theirs = lambda p, x: _reference_conv(x, p["kernel"], p["bias"])
-  np.testing.assert_allclose(ours(params, x), theirs(params, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    jax.jit(ours)(params, x), jax.jit(theirs)(params, x), rtol=1e-5, atol=1e-5
+  )
   g = jax.random.normal(jax.random.key(2), (2, 9, 7, 5))
   loss = lambda f: lambda p, x: jnp.sum(f(p, x) * g)
-  ours_g = jax.grad(loss(ours), argnums=(0, 1))(params, x)
-  theirs_g = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
+  ours_g = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(params, x)
+  theirs_g = jax.jit(jax.grad(loss(theirs), argnums=(0, 1)))(params, x)
   for a, b in zip(
     jax.tree_util.tree_leaves(ours_g), jax.tree_util.tree_leaves(theirs_g), strict=True
   ):
@@ -83,13 +85,15 @@ def test_conv3x3_gradient_under_vmap_matches_each_member(channels):
   layer = conv.Conv3x3(4, impl="matmul")
   x = jax.random.normal(jax.random.key(0), (3, 2, 7, 6, channels))  # [members, B, H, W, C]
   keys = jax.random.split(jax.random.key(1), 3)
-  params = jax.vmap(lambda k, x: layer.init(k, x)["params"])(keys, x)
+  params = jax.jit(jax.vmap(lambda k, x: layer.init(k, x)["params"]))(keys, x)
   loss = lambda p, x: jnp.sum(jnp.sin(layer.apply({"params": p}, x)))
-  grad = jax.grad(loss, argnums=(0, 1))
-  shared = parallel.member(params, 0)
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  members = [parallel.member(params, i) for i in range(3)]
+  xs = list(np.asarray(x))
+  shared = members[0]
   for stacked, per_member in (
-    (jax.vmap(grad)(params, x), [grad(parallel.member(params, i), x[i]) for i in range(3)]),
-    (jax.vmap(grad, in_axes=(None, 0))(shared, x), [grad(shared, x[i]) for i in range(3)]),
+    (jax.jit(jax.vmap(grad))(params, x), [grad(members[i], xs[i]) for i in range(3)]),
+    (jax.jit(jax.vmap(grad, in_axes=(None, 0)))(shared, x), [grad(shared, xi) for xi in xs]),
   ):
     for i in range(3):
       for a, b in zip(

@@ -1,5 +1,7 @@
 """Multi-digit scenes: masks and counts, boxes, overlap, empty canvases, config errors."""
 
+import functools
+
 import conftest
 import jax
 import jax.numpy as jnp
@@ -81,17 +83,16 @@ def test_ink_boxes_are_the_resized_digits_pixels(digits):
 def test_additive_paste_sums_overlapping_digits_and_clips_at_one():
   digit = jnp.full((1, 2, 28, 28), 100, jnp.uint8)
   xy, size, valid = jnp.array([[[0, 0], [10, 10]]]), jnp.full((1, 2), 28), jnp.ones((1, 2), bool)
-  add = canvas.combine(canvas.place_digits(digit, xy, size, valid, canvas_size=40), "add")[
-    0, :, :, 0
-  ]
-  top = canvas.combine(canvas.place_digits(digit, xy, size, valid, canvas_size=40), "max")[
-    0, :, :, 0
-  ]
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def paste(digit, mode):  # the first canvas
+    return canvas.combine(canvas.place_digits(digit, xy, size, valid, canvas_size=40), mode)[0]
+
+  add, top = paste(digit, "add")[:, :, 0], paste(digit, "max")[:, :, 0]
   np.testing.assert_allclose(add[15, 15], 200 / 255, rtol=1e-6)  # both digits: the sum
   np.testing.assert_allclose(add[5, 5], 100 / 255, rtol=1e-6)  # one digit: unchanged
   assert float(top[15, 15]) == pytest.approx(100 / 255)
-  placed = canvas.place_digits(digit * 2, xy, size, valid, canvas_size=40)
-  bright = canvas.combine(placed, "add")[0, :, :, 0]
+  bright = paste(digit * 2, "add")[:, :, 0]
   assert float(bright[15, 15]) == 1.0 and float(bright.max()) == 1.0  # 400 / 255 clipped
 
 
