@@ -115,10 +115,10 @@ def test_paste_unscaled_equals_matrix_paste(digits):
   xy = jax.random.randint(k[1], (6, 3, 2), 0, 40 - 28 + 1)  # overlapping digits: maximum
   valid = jnp.array([[True, True, False]] * 3 + [[False, False, False]] * 3)
   size = jnp.full((6, 3), 28)
-  fast = jax.jit(canvas.paste_unscaled, static_argnames="canvas_size")
-  fast = fast(chosen, xy, valid, canvas_size=40)
-  slow = jax.jit(lambda *a: canvas.combine(canvas.place_digits(*a, canvas_size=40)))
-  np.testing.assert_array_equal(fast, slow(chosen, xy, size, valid))
+  paste = jax.jit(canvas.paste_unscaled, static_argnames="canvas_size")
+  fast = paste(chosen, xy, valid, canvas_size=40)
+  place = jax.jit(lambda *a: canvas.combine(canvas.place_digits(*a, canvas_size=40)))
+  np.testing.assert_array_equal(fast, place(chosen, xy, size, valid))
   assert float(fast[3:].max()) == 0.0  # no valid slot: an empty canvas
 
 
