@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from experiments.configs import smoke  # noqa: E402
+from jaxloc import mnist  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -110,18 +111,28 @@ def write_idx(path: str, array: np.ndarray, *, magic: int | None = None, gz: boo
     f.write(data)
 
 
+def write_mnist(directory: str, splits: dict, *, gz: bool = True) -> str:
+  """MNIST's four IDX files in `directory`; `splits` maps the file prefixes "train" and
+  "t10k" to (images, labels)."""
+  os.makedirs(directory, exist_ok=True)
+  suffix = ".gz" if gz else ""
+  for prefix, (images, labels) in splits.items():
+    write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte{suffix}"), images, gz=gz)
+    write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte{suffix}"), labels, gz=gz)
+  return directory
+
+
 def fake_mnist(directory: str, n_train: int = 60, n_test: int = 40, seed: int = 0) -> str:
   """Digit-like IDX files: a bright blob per image whose position encodes nothing."""
   rng = np.random.default_rng(seed)
-  os.makedirs(directory, exist_ok=True)
+  splits = {}
   for prefix, n in (("train", n_train), ("t10k", n_test)):
     images = np.zeros((n, 28, 28), np.uint8)
     labels = rng.integers(0, 10, n).astype(np.uint8)
     for i, label in enumerate(labels):
       images[i, 4 + label : 20 + label // 2, 6:22] = rng.integers(100, 256)
-    write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"), images)
-    write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), labels)
-  return directory
+    splits[prefix] = images, labels
+  return write_mnist(directory, splits)
 
 
 @pytest.fixture(scope="session")
@@ -134,13 +145,14 @@ def mnist_dir(tmp_path_factory, shared_dir) -> str:
   if not (env and os.path.isdir(env)):
     return fake_mnist(str(tmp_path_factory.mktemp("mnist")))
 
-  def inflate(folder):
-    for name in os.listdir(env):
-      opener = gzip.open if name.endswith(".gz") else open
-      with opener(os.path.join(env, name), "rb") as f:
-        (folder / name.removesuffix(".gz")).write_bytes(f.read())
+  def uncompressed(folder):
+    splits = {
+      "train": mnist.load("train", mnist_dir=env),
+      "t10k": mnist.load("test", mnist_dir=env),
+    }
+    return write_mnist(str(folder), splits, gz=False)
 
-  return str(shared_once(shared_dir, "mnist", inflate)[0])
+  return str(shared_once(shared_dir, "mnist", uncompressed)[0])
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,4 @@
 import gzip
-import os
 import sys
 import time
 import urllib.error
@@ -7,16 +6,14 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import write_idx
+from conftest import write_idx, write_mnist
 
 from jaxloc import mnist
 from jaxloc.errors import UserError
 
 
 def _write_split(d, images, labels, gz=True, prefix="train"):
-  ext = ".gz" if gz else ""
-  write_idx(os.path.join(d, f"{prefix}-images-idx3-ubyte{ext}"), images, gz=gz)
-  write_idx(os.path.join(d, f"{prefix}-labels-idx1-ubyte{ext}"), labels, gz=gz)
+  write_mnist(str(d), {prefix: (images, labels)}, gz=gz)
 
 
 @pytest.mark.parametrize("gz", [True, False])
