@@ -12,7 +12,7 @@ so `xmax` is exclusive in pixel terms (pixel columns xmin_px .. xmin_px+27 are
 covered). Other formats exist only at the edges (plots, COCO JSON) and are
 reached through the explicit functions below, each with a round-trip test.
 
-Shape letters: B batch, K object slots, N boxes. `area`, `iou` and the format
+Shape letters: B batch, K object slots, N boxes. `area`, `iou`, `pairwise_iou` and the format
 conversions take numpy arrays too (and then compute in numpy, in the arrays' dtype):
 the host-side scoring (AP, COCO files) uses the same functions as the jitted code.
 """
@@ -88,9 +88,9 @@ def giou(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def pairwise_iou(a_Nx4: jax.Array, b_Mx4: jax.Array) -> jax.Array:
   """IoU of every box in `a` [..., N, 4] with every box in `b` [..., M, 4] -> [..., N, M]."""
-  n, m = a_Nx4.shape[-2], b_Mx4.shape[-2]
-  a = jnp.repeat(a_Nx4[..., :, None, :], m, axis=-2)
-  b = jnp.repeat(b_Mx4[..., None, :, :], n, axis=-3)
+  xp, n, m = _xp(a_Nx4, b_Mx4), a_Nx4.shape[-2], b_Mx4.shape[-2]
+  a = xp.repeat(a_Nx4[..., :, None, :], m, axis=-2)
+  b = xp.repeat(b_Mx4[..., None, :, :], n, axis=-3)
   return iou(a, b)
 
 

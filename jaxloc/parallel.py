@@ -81,10 +81,26 @@ def stack(trees):
   """Members' pytrees (train states, keys, metrics) as one with a leading member axis; the
   first member's static fields (apply_fn, tx) serve all."""
   leaves = [jax.tree_util.tree_leaves(t) for t in trees]
-  stacked = [jax.numpy.stack(xs) for xs in zip(*leaves, strict=True)]
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(trees[0]), stacked)
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(trees[0]), _stack(leaves))
 
 
 def member(tree, i: int):
-  """Member `i` of a stacked pytree (`stack`)."""
-  return jax.tree_util.tree_map(lambda x: x[i], tree)
+  """Member `i` of a stacked pytree (`stack`); numpy leaves stay numpy."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  arrays = [j for j, x in enumerate(leaves) if isinstance(x, jax.Array)]
+  out = [None if isinstance(x, jax.Array) else x[i] for x in leaves]
+  for j, x in zip(arrays, _take([leaves[j] for j in arrays], i) if arrays else [], strict=True):
+    out[j] = x
+  return treedef.unflatten(out)
+
+
+# Each one compiled program over a list of leaves, not one eager operation per leaf shape: the
+# list (not the pytree, whose static fields differ from run to run) keys jit's cache.
+@jax.jit
+def _stack(leaves):
+  return [jax.numpy.stack(xs) for xs in zip(*leaves, strict=True)]
+
+
+@jax.jit
+def _take(leaves, i):
+  return [x[i] for x in leaves]

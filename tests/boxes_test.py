@@ -43,6 +43,9 @@ def test_pairwise_iou():
   m = boxes.pairwise_iou(a, b)
   assert m.shape == (2, 3)
   np.testing.assert_allclose(m, [[1, 0, 0], [0.25, 1 / 7, 0]], rtol=1e-6)
+  host = boxes.pairwise_iou(np.asarray(a), np.asarray(b))  # numpy in, numpy out
+  assert isinstance(host, np.ndarray) and host.dtype == np.float32
+  np.testing.assert_array_equal(host, m)
 
 
 def test_patch_box_convention():

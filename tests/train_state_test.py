@@ -109,9 +109,12 @@ def test_stack_and_member_are_inverse():
   states = [
     train_state.create_train_state(jax.random.key(i), configs.read(config)) for i in range(3)
   ]
-  stacked = jax.jit(parallel.stack)(states)
+  stacked = parallel.stack(states)
   assert stacked.params["Dense_0"]["kernel"].shape == (3, 3136, 128)
-  member = jax.jit(parallel.member, static_argnums=1)
   for i, state in enumerate(states):
-    leaves = jax.tree_util.tree_leaves(member(stacked, i))
+    leaves = jax.tree_util.tree_leaves(parallel.member(stacked, i))
     assert all(map(np.array_equal, leaves, jax.tree_util.tree_leaves(state)))
+  host = {"n": np.arange(6).reshape(3, 2), "x": stacked.step}  # numpy leaves stay numpy
+  taken = parallel.member(host, 2)
+  assert isinstance(taken["n"], np.ndarray) and list(taken["n"]) == [4, 5]
+  assert isinstance(taken["x"], jax.Array) and int(taken["x"]) == int(states[2].step)
