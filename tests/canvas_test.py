@@ -37,9 +37,8 @@ def test_same_key_same_batch_different_key_different_batch(digits):
 def test_stream_reads_every_example_once_per_pass(batch_size, num):
   key = jax.random.key(4)
   steps = 3 * num // batch_size + 2  # crosses several pass ends, mid-batch
-  idx = np.concatenate(
-    [stream.stream_index(key, jnp.int32(t), batch_size, num) for t in range(steps)]
-  )
+  index = jax.jit(stream.stream_index, static_argnums=(2, 3))
+  idx = np.concatenate([index(key, jnp.int32(t), batch_size, num) for t in range(steps)])
   for p in range(len(idx) // num):
     chunk = idx[p * num : (p + 1) * num]
     np.testing.assert_array_equal(np.sort(chunk), np.arange(num))
@@ -68,15 +67,16 @@ def test_training_batch_depends_on_key_and_step_only(digits):
 
 def test_patch_at_box_equals_digit_and_ink_inside(digits):
   d, y = digits
-  idx = jnp.arange(20) % 50
-  xy = canvas.sample_offsets(jax.random.key(3), 20, 75)
+  idx = np.arange(20) % 50
+  xy = jax.jit(canvas.sample_offsets, static_argnums=(1, 2))(jax.random.key(3), 20, 75)
   b = jax.jit(canvas.render, static_argnames="canvas_size")(d[idx], y[idx], xy, canvas_size=75)
+  box, images = np.asarray(b["box"]), np.asarray(b["image"])  # indexed below on the host
   for i in range(20):
-    x0, y0, x1, y1 = np.rint(np.asarray(b["box"][i]) * 75).astype(int)
+    x0, y0, x1, y1 = np.rint(box[i] * 75).astype(int)
     assert (x1 - x0, y1 - y0) == (28, 28)
-    image = np.asarray(b["image"][i, :, :, 0])
+    image = images[i, :, :, 0]
     # The patch at the box is the digit: every pixel maps back to its uint8 value.
-    np.testing.assert_allclose(image[y0:y1, x0:x1] * 255, np.asarray(d[idx[i]]), atol=1e-4)
+    np.testing.assert_allclose(image[y0:y1, x0:x1] * 255, np.asarray(d)[idx[i]], atol=1e-4)
     outside = image.copy()
     outside[y0:y1, x0:x1] = 0
     assert not outside.any(), "ink outside the box"
@@ -99,22 +99,20 @@ def test_canvas_smaller_than_digit_is_rejected():
 
 
 def test_scaled_paste_stays_in_its_square():
-  digit = jnp.full((1, 1, 28, 28), 255, jnp.uint8)
-  placed = canvas.place_digits(
-    digit, jnp.array([[[5, 7]]]), jnp.array([[14]]), jnp.array([[True]]), canvas_size=40
-  )
-  image = canvas.combine(placed)[0, :, :, 0]
+  digit = np.full((1, 1, 28, 28), 255, np.uint8)
+  place = jax.jit(lambda *a: canvas.combine(canvas.place_digits(*a, canvas_size=40)))
+  image = place(digit, np.array([[[5, 7]]]), np.array([[14]]), np.array([[True]]))[0, :, :, 0]
   ink = np.argwhere(np.asarray(image) > 0)
   assert ink.min(0).tolist() == [7, 5] and ink.max(0).tolist() == [20, 18]
 
 
 def test_paste_unscaled_equals_matrix_paste(digits):
   d, _ = digits
-  k = jax.random.split(jax.random.key(5), 2)
-  chosen = d[jax.random.randint(k[0], (6, 3), 0, 50)]
-  xy = jax.random.randint(k[1], (6, 3, 2), 0, 40 - 28 + 1)  # overlapping digits: maximum
-  valid = jnp.array([[True, True, False]] * 3 + [[False, False, False]] * 3)
-  size = jnp.full((6, 3), 28)
+  rng = np.random.default_rng(5)
+  chosen = np.asarray(d)[rng.integers(0, 50, (6, 3))]
+  xy = rng.integers(0, 40 - 28 + 1, (6, 3, 2), dtype=np.int32)  # overlapping digits: maximum
+  valid = np.array([[True, True, False]] * 3 + [[False, False, False]] * 3)
+  size = np.full((6, 3), 28, np.int32)
   paste = jax.jit(canvas.paste_unscaled, static_argnames="canvas_size")
   fast = paste(chosen, xy, valid, canvas_size=40)
   place = jax.jit(lambda *a: canvas.combine(canvas.place_digits(*a, canvas_size=40)))
