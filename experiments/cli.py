@@ -13,6 +13,7 @@ the interpreter's teardown of every library object (`_exit`), about a second soo
 
 import ast
 import atexit
+import gc
 import logging as std_logging
 import os
 import re
@@ -23,6 +24,7 @@ import traceback
 import jax
 from absl import app, flags, logging
 
+import experiments
 from jaxloc import console
 from jaxloc.errors import Stopped, UserError
 
@@ -126,6 +128,9 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
 def run(main) -> None:
   """Parses flags, then calls `main(argv)`; user errors exit with status 2. The process ends
   as `sys.exit` would, without the interpreter's teardown (`_exit`)."""
+  if experiments.GC_PAUSED:  # paused for the command's imports (experiments/__init__.py)
+    gc.freeze()
+    gc.enable()
   try:
     _run(main)
   except SystemExit as e:

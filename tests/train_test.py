@@ -1,6 +1,9 @@
+import gc
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 
 import conftest
@@ -8,6 +11,7 @@ import jax
 import pytest
 from conftest import small_config, train_run
 
+import experiments
 from jaxloc import configs, plots, tasks, workdir
 from jaxloc.errors import UserError
 
@@ -91,6 +95,24 @@ def test_cosine_run_refuses_more_epochs(mnist_dir, tmp_path):
   config.epochs = 1
   with pytest.raises(UserError, match="its cosine learning-rate schedule has ended"):
     train_run(config, str(tmp_path / "run"))
+
+
+def test_a_command_pauses_the_garbage_collector_only_while_it_imports():
+  """`python -m experiments.<command>` imports the package with sys.argv[0] "-m": the
+  collector waits during the imports; `cli.run` freezes their objects and turns it back on.
+  Imported any other way (this process), the package leaves the collector alone."""
+  assert gc.isenabled() and not experiments.GC_PAUSED
+  code = (
+    "import gc, sys\n"
+    "sys.argv = ['-m']\n"  # as Python sets it while it finds a command's module
+    "import experiments\n"
+    "paused = not gc.isenabled()\n"
+    "from experiments import cli\n"
+    "sys.argv = ['command']\n"
+    "cli.run(lambda argv: print(paused, gc.isenabled(), gc.get_freeze_count() > 0))\n"
+  )
+  proc = subprocess.run([sys.executable, "-c", code], cwd=conftest.ROOT, capture_output=True)
+  assert proc.returncode == 0 and proc.stdout.decode().split() == ["True"] * 3, proc.stderr
 
 
 @pytest.mark.parametrize(
