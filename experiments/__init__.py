@@ -3,8 +3,8 @@
 A command's start: Python sets `sys.argv[0]` to "-m" while it finds the command's module,
 which is when this package is imported. The garbage collector then waits while jax, flax
 and orbax load (each of their many objects would be scanned again and again), and `cli.run`
-moves what they made out of its view (`gc.freeze`) and turns it back on: about 0.3 s of CPU
-less in a short training command. Imported any other way, this package changes nothing.
+moves what they made out of its view (`gc.freeze`) and turns it back on (docs/speed.md, "The
+run around the steps", has the figure). Imported any other way, this package changes nothing.
 """
 
 import gc
