@@ -115,6 +115,25 @@ def test_a_command_pauses_the_garbage_collector_only_while_it_imports():
   assert proc.returncode == 0 and proc.stdout.decode().split() == ["True"] * 3, proc.stderr
 
 
+def test_a_signal_while_a_command_exits_ends_it_with_its_status_and_no_traceback():
+  """A stopped run's second Ctrl-C can land in the exit handlers (`cli._exit`): the process
+  ends at once with the stop's status (130), not with a traceback of the handler it hit."""
+  code = (
+    "import atexit, os, signal, sys, time\n"
+    "from experiments import cli\n"
+    "from jaxloc.errors import Stopped\n"
+    "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))\n"
+    "sys.argv = ['command']\n"
+    "def main(argv):\n"
+    "  raise Stopped('stopped by SIGINT at step 3 of 9', 130)\n"
+    "cli.run(main)\n"
+  )
+  proc = subprocess.run([sys.executable, "-c", code], cwd=conftest.ROOT, capture_output=True)
+  err = proc.stderr.decode()
+  assert proc.returncode == 130 and "Traceback" not in err, err
+  assert err.startswith("stopped by SIGINT at step 3 of 9"), err
+
+
 @pytest.mark.parametrize(
   "override,match",
   [
