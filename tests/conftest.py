@@ -18,6 +18,12 @@ import sys
 import tempfile
 import time
 
+# A pytest-xdist worker imports jax, the libraries and every test module with the garbage
+# collector paused (as the commands do, experiments/__init__.py); `pytest_collection_finish`
+# freezes what they made and turns it back on.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+  gc.disable()
+
 # The sources' bytecode written once, into their __pycache__ folders (which git ignores), and
 # read by every process after, even where PYTHONDONTWRITEBYTECODE is set: the suite starts
 # some forty Python processes, each of which would compile jaxloc's sources again.
@@ -96,8 +102,10 @@ def pytest_collection_modifyitems(items):
 def pytest_collection_finish(session):
   """The objects made so far (the imported modules: they live to the end) moved out of the
   garbage collector's view (`gc.freeze`), which the full collections during the tests would
-  otherwise scan each time (about 1 s of CPU a worker in a third of the suite)."""
+  otherwise scan each time (about 1 s of CPU a worker in a third of the suite); the collector
+  back on in a worker, which imported with it paused."""
   gc.freeze()
+  gc.enable()
 
 
 def write_idx(path: str, array: np.ndarray, *, magic: int | None = None, gz: bool = True) -> None:
