@@ -147,7 +147,8 @@ def _exit(code) -> None:
   exit handlers (TensorBoard's writer, logging); then stdout and stderr flushed, `os._exit`.
   A SIGINT or SIGTERM during these steps (a second Ctrl-C after a stop, say) ends the process
   at once with the same status, instead of a traceback from the exit handler it interrupts."""
-  status = 1 if code is not None and not isinstance(code, int) else code or 0
+  message = None if code is None or isinstance(code, int) else code  # sys.exit("text")
+  status = 1 if message is not None else code or 0
 
   def now(signum, frame):
     sys.stdout.flush()
@@ -159,8 +160,8 @@ def _exit(code) -> None:
       signal.signal(s, now)
   threading._shutdown()
   atexit._run_exitfuncs()
-  if status != (code or 0):
-    print(code, file=sys.stderr)
+  if message is not None:
+    print(message, file=sys.stderr)
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(status)

@@ -87,11 +87,9 @@ def stack(trees):
 def member(tree, i: int):
   """Member `i` of a stacked pytree (`stack`); numpy leaves stay numpy."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
-  arrays = [j for j, x in enumerate(leaves) if isinstance(x, jax.Array)]
-  out = [None if isinstance(x, jax.Array) else x[i] for x in leaves]
-  for j, x in zip(arrays, _take([leaves[j] for j in arrays], i) if arrays else [], strict=True):
-    out[j] = x
-  return treedef.unflatten(out)
+  on_device = [x for x in leaves if isinstance(x, jax.Array)]
+  taken = iter(_take(on_device, i) if on_device else ())
+  return treedef.unflatten([next(taken) if isinstance(x, jax.Array) else x[i] for x in leaves])
 
 
 # Each one compiled program over a list of leaves, not one eager operation per leaf shape: the
